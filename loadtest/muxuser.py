@@ -1,0 +1,275 @@
+"""MuxUser: a Locust user that speaks muxsrv's framing over one TCP connection.
+
+Each user owns a `MuxClient`: one gevent socket (cooperative whether or not
+the process is monkey-patched), opened on first use.  A request is a frame
+out and a frame back; every reply is timed from the moment its batch was sent
+and reported through Locust's request event, so it lands in the console
+table, the web UI, `--csv` and `--html` like any HTTP request would.
+
+A request fails, with the reason as its exception, when
+  - its check rejects the reply (the check raised, or returned False),
+  - the server answered with an error frame (`ServerError` with its text),
+  - the connection could not be made, broke, or stayed silent past the timeout.
+The last kind also fails every request still in flight on that connection,
+closes it, and the next request reconnects (after a short, growing pause if
+connecting itself failed, so a dead server is not hammered in a busy loop).
+
+A plugin author's locustfile is a few lines (see loadtest/examples/)::
+
+    from locust import task
+    from loadtest.muxuser import MuxUser
+
+    class ReverseUser(MuxUser):
+        handler = "reverse"  # Locust's request type; name the handler under test
+
+        @task
+        def reverse(self) -> None:
+            self.client.request(b"stressed", name="word",
+                                check=lambda sent, got: got == sent[::-1])
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+from urllib.parse import urlsplit
+
+import gevent
+from gevent import socket
+from locust import User, constant
+from locust.env import Environment
+from locust.exception import LocustError
+
+from loadtest.wire import (
+    Frame,
+    FrameDecoder,
+    ProtocolError,
+    ServerError,
+    WrongReply,
+    encode_frame,
+)
+
+__all__ = ["Check", "MuxClient", "MuxUser", "ServerError", "WrongReply", "parse_host"]
+
+# check(sent_payload, reply_payload): raise (any Exception) or return False to fail.
+Check = Callable[[bytes, bytes], object]
+
+RECV_SIZE = 256 * 1024
+# Batches up to this size are sent before reading: far below any kernel socket
+# buffer, so the send cannot stall behind replies we have not read yet.  A
+# bigger batch is sent from a second greenlet while this one reads replies.
+INLINE_SEND_LIMIT = 64 * 1024
+# Pause after a failed connect: doubles from the first value up to the last.
+CONNECT_BACKOFF = (0.05, 2.0)
+
+log = logging.getLogger(__name__)
+
+
+def parse_host(host: str) -> tuple[str, int]:
+    """`tcp://HOST:PORT` (also bare `HOST:PORT`; IPv6 as `[::1]:PORT`) to (host, port)."""
+    url = urlsplit(host if "://" in host else f"tcp://{host}")
+    try:
+        port = url.port
+    except ValueError:
+        port = None
+    if url.scheme != "tcp" or not url.hostname or port is None or url.path not in ("", "/"):
+        raise ValueError(f"host {host!r} is not of the form tcp://HOST:PORT")
+    return url.hostname, port
+
+
+class MuxClient:
+    """One connection to muxsrv; reconnects on the next request after any failure ends it."""
+
+    def __init__(
+        self,
+        environment: Environment,
+        address: tuple[str, int],
+        *,
+        request_type: str,
+        timeout: float = 30.0,
+        context: Callable[[], dict[str, Any]] = dict,
+    ) -> None:
+        self.environment = environment
+        self.address = address
+        self.request_type = request_type
+        self.timeout = timeout
+        self.connects = 0  # successful connects; more than one means the user reconnected
+        self._context = context
+        self._sock: socket.socket | None = None
+        self._decoder = FrameDecoder()
+        self._backoff = 0.0
+
+    def request(self, payload: bytes, *, name: str = "request", check: Check | None = None) -> bytes | None:
+        """Send one message; return its reply, or None if the request failed."""
+        return self.pipeline([payload], name=name, check=check)[0]
+
+    def pipeline(
+        self, payloads: Sequence[bytes], *, name: str = "request", check: Check | None = None
+    ) -> list[bytes | None]:
+        """Send all messages at once, then read their replies in order.
+
+        Each reply is checked and reported as its own request; the list holds
+        the replies of the requests that succeeded and None for the others.
+        """
+        replies: list[bytes | None] = []
+        start = time.perf_counter()
+        start_wall = time.time()
+        sender: gevent.Greenlet | None = None
+        try:
+            sock = self._connected()
+            data = b"".join(encode_frame(p) for p in payloads)
+            sock.settimeout(self.timeout)
+            if len(data) <= INLINE_SEND_LIMIT:
+                sock.sendall(data)
+            else:
+                sender = gevent.spawn(sock.sendall, data)
+            for payload in payloads:
+                frame = self._read_frame(sock, start + self.timeout)
+                elapsed = (time.perf_counter() - start) * 1000
+                if frame.is_error:
+                    text = frame.payload.decode("utf-8", "replace")
+                    self._fire(name, start_wall, elapsed, len(frame.payload), ServerError(text))
+                    replies.append(None)
+                    continue
+                failure = _judge(check, payload, frame.payload)
+                self._fire(name, start_wall, elapsed, len(frame.payload), failure)
+                replies.append(frame.payload if failure is None else None)
+            if sender is not None:
+                sender.get()  # every reply is in, so the send has finished
+        except (OSError, ProtocolError) as exc:
+            if sender is not None:
+                sender.kill()
+            connected = self._sock is not None
+            self.close()
+            elapsed = (time.perf_counter() - start) * 1000
+            for _ in payloads[len(replies) :]:
+                self._fire(name, start_wall, elapsed, 0, exc)
+                replies.append(None)
+            if connected:
+                log.debug("%s: connection to %s:%d ended: %r", name, *self.address, exc)
+            else:
+                self._pause_before_reconnect()
+        except BaseException:
+            # Interrupted (the user is being stopped): replies may still be in
+            # flight, so this connection can never be trusted again.
+            if sender is not None:
+                sender.kill()
+            self.close()
+            raise
+        return replies
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        self._decoder = FrameDecoder()
+
+    def _connected(self) -> socket.socket:
+        if self._sock is None:
+            sock = socket.create_connection(self.address, timeout=self.timeout)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._sock = sock
+            self._backoff = 0.0
+            self.connects += 1
+        return self._sock
+
+    def _pause_before_reconnect(self) -> None:
+        first, most = CONNECT_BACKOFF
+        self._backoff = min(most, self._backoff * 2 or first)
+        gevent.sleep(self._backoff)
+
+    def _read_frame(self, sock: socket.socket, deadline: float) -> Frame:
+        while (frame := self._decoder.maybe_next_frame()) is None:
+            remaining = deadline - time.perf_counter()
+            if remaining <= 0:
+                raise TimeoutError(f"no reply within {self.timeout:g} s")
+            sock.settimeout(remaining)
+            try:
+                data = sock.recv(RECV_SIZE)
+            except TimeoutError:
+                raise TimeoutError(f"no reply within {self.timeout:g} s") from None
+            if not data:
+                raise ConnectionResetError("server closed the connection")
+            self._decoder.receive_data(data)
+        return frame
+
+    def _fire(
+        self, name: str, start_wall: float, elapsed_ms: float, length: int, exc: Exception | None
+    ) -> None:
+        self.environment.events.request.fire(
+            request_type=self.request_type,
+            name=name,
+            response_time=elapsed_ms,
+            response_length=length,
+            exception=exc,
+            context=self._context(),
+            start_time=start_wall,
+        )
+
+
+def _judge(check: Check | None, payload: bytes, reply: bytes) -> Exception | None:
+    """The failure a check found in `reply`, or None if it passed."""
+    if check is None:
+        return None
+    try:
+        verdict = check(payload, reply)
+    except Exception as exc:  # whatever a check raises is that request's failure
+        return exc
+    if verdict is False:
+        return WrongReply(f"{getattr(check, '__name__', 'check')} rejected the reply")
+    return None
+
+
+class MuxUser(User):
+    """A Locust user with a `MuxClient` as `self.client`; subclass it and add tasks.
+
+    Class attributes to set: `host` (or pass --host tcp://HOST:PORT), `handler`
+    (shown as the request type), `timeout` (seconds per request or batch).
+    Users send back to back unless the subclass sets a `wait_time`.
+    """
+
+    abstract = True
+    wait_time = constant(0)
+    handler = "mux"
+    timeout = 30.0
+
+    def __init__(self, environment: Environment) -> None:
+        super().__init__(environment)
+        if not self.host:
+            raise LocustError(f"{type(self).__name__} needs --host tcp://HOST:PORT")
+        try:
+            address = parse_host(self.host)
+        except ValueError as exc:
+            raise LocustError(str(exc)) from None
+        self.client = MuxClient(
+            environment,
+            address,
+            request_type=self.handler,
+            timeout=self.timeout,
+            context=self.context,
+        )
+
+    def on_stop(self) -> None:
+        self.client.close()
+
+
+def raise_open_file_limit() -> int | None:
+    """Raise this process's soft open-files limit to its hard limit; return the soft limit.
+
+    Every simulated user holds one socket, so a Locust process needs a little
+    more than one descriptor per user it runs.  None where there is no such limit.
+    """
+    if sys.platform == "win32":
+        return None
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):  # e.g. macOS refuses an unlimited soft limit
+            pass
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]

@@ -1,0 +1,193 @@
+"""The command line: ``python -m muxsrv [options]`` (also the ``muxsrv`` script).
+
+Parsing runs in two steps so that a handler can declare its own options:
+first ``--handler`` alone is read and the plugin found and loaded, then the
+full parser, with the plugin's options added, reads everything.  Every
+mistake a user can make (bad value, unknown handler, broken plugin, refused
+configuration) ends with one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from typing import NoReturn
+
+from . import __version__, plugins
+from .framing import FRAMINGS, MAX_FRAME_LIMIT
+from .handler import ConfigError, HandlerFactory, HandlerFunction
+from .loop import EventLoop
+from .server import Server, Settings, raise_open_files_limit
+
+__all__ = ["main", "parse_size"]
+
+log = logging.getLogger("muxsrv")
+
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def parse_size(text: str) -> int:
+    """Bytes, with an optional K, M or G suffix (powers of 1024): ``16M``."""
+    t = text.strip().lower().removesuffix("ib").removesuffix("b")
+    unit = t[-1:] if t[-1:] in ("k", "m", "g") else ""
+    try:
+        value = int(t[: len(t) - len(unit)]) * _UNITS[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size in bytes: {text!r}") from None
+    return value
+
+
+def _max_frame(text: str) -> int:
+    value = parse_size(text)
+    if not 1 <= value <= MAX_FRAME_LIMIT:
+        raise argparse.ArgumentTypeError(f"must be from 1 to {MAX_FRAME_LIMIT} (2^31-1) bytes")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError("must be from 0 to 65535 (0: any free port)")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError("must be a finite number of seconds, 0 or more")
+    return value
+
+
+def build_parser(handler: plugins.LoadedPlugin | None = None) -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="muxsrv",
+        description="A single-threaded multiplexing TCP server with handler plugins.",
+    )
+    add = parser.add_argument
+    add("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    add("--port", type=_port, default=9999, help="port (default: 9999; 0: any free port)")
+    add("--handler", default="echo",
+        help="built-in (echo, upper, exec), entry-point name, or package.module:attribute "
+             "(default: echo)")
+    add("--framing", choices=FRAMINGS, default="length",
+        help="length: 4-byte big-endian length prefix (default); line: newline-terminated; "
+             "raw: every recv is a message")
+    add("--max-frame", type=_max_frame, default=16 << 20, metavar="BYTES",
+        help="largest message (and line) accepted (default: 16M; at most 2^31-1)")
+    add("--max-conns", type=_positive_int, default=10000, metavar="N",
+        help="connections served at once; more get an error frame and are closed "
+             "(default: 10000)")
+    add("--idle-timeout", type=_seconds, default=300.0, metavar="SECONDS",
+        help="close connections idle this long (default: 300; 0: never)")
+    add("--drain-timeout", type=_seconds, default=5.0, metavar="SECONDS",
+        help="on SIGINT/SIGTERM, how long to deliver owed replies (default: 5)")
+    add("--log-level", default="info", type=str.lower,
+        choices=("debug", "info", "warning", "error"), help="(default: info)")
+    add("--version", action="version", version=f"muxsrv {__version__}")
+    if handler is not None and handler.form == "class":
+        handler.handler_class.add_arguments(parser)
+    return parser
+
+
+def _fail(message: str) -> NoReturn:
+    sys.stderr.write(f"muxsrv: error: {message}\n")
+    raise SystemExit(2)
+
+
+def load_handler(name: str) -> plugins.LoadedPlugin:
+    try:
+        return plugins.load(plugins.find(name))
+    except plugins.PluginError as exc:
+        _fail(str(exc))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    pre = _Parser(prog="muxsrv", add_help=False)
+    pre.add_argument("--handler", default="echo")
+    known, _rest = pre.parse_known_args(args)
+    loaded = load_handler(known.handler)
+    options = build_parser(loaded).parse_args(args)
+
+    logging.basicConfig(
+        level=options.log_level.upper(),
+        format="%(asctime)s muxsrv %(levelname)s: %(message)s",
+        stream=sys.stderr,
+    )
+    function: HandlerFunction | None = None
+    factory: HandlerFactory | None = None
+    if loaded.form == "function":
+        function = loaded.obj  # type: ignore[assignment]
+    else:
+        try:
+            factory = loaded.handler_class.configure(options)
+        except ConfigError as exc:
+            _fail(str(exc))
+    settings = Settings(
+        host=options.host,
+        port=options.port,
+        framing=options.framing,
+        max_frame=options.max_frame,
+        max_conns=options.max_conns,
+        idle_timeout=options.idle_timeout,
+        drain_timeout=options.drain_timeout,
+        handler_name=known.handler,
+    )
+    return serve(settings, function=function, factory=factory)
+
+
+def serve(
+    settings: Settings,
+    *,
+    function: HandlerFunction | None = None,
+    factory: HandlerFactory | None = None,
+) -> int:
+    soft, _hard = raise_open_files_limit()
+    loop = EventLoop()
+    server = Server(loop, settings, function=function, factory=factory)
+    try:
+        addresses = server.listen()
+    except OSError as exc:
+        sys.stderr.write(
+            f"muxsrv: error: cannot listen on {settings.host}:{settings.port}: {exc.strerror}\n"
+        )
+        return 1
+    where = ", ".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in addresses)
+    sys.stderr.write(
+        f"muxsrv: listening on {where} "
+        f"(handler {settings.handler_name}, framing {settings.framing})\n"
+    )
+    sys.stderr.flush()
+    log.debug("open files limit: %d", soft)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, server.shutdown)
+    try:
+        server.run()
+    finally:
+        loop.close()
+    log.info("stopped")
+    return 0

@@ -1,0 +1,478 @@
+"""One client connection: its socket, its decoder, its output buffer, its handler.
+
+Reading: one ``recv_into`` per readiness event (so one busy client cannot
+starve the others), into the loop's shared scratch buffer or the decoder's own
+body buffer; every message it completes goes to the handler, and the replies
+of that whole batch leave in one ``send``.
+
+Writing, the asyncio way: try ``send`` at once; keep exactly what it did not
+take; ask the selector for ``EVENT_WRITE`` only while output is pending.
+
+State decides the event mask: ``_update_mask`` computes READ (unless paused,
+at EOF or closed) | WRITE (if output is pending) and touches the selector only
+when that changes.  Reading pauses while pending output is above the
+high-water mark and resumes below the low-water mark.
+
+Closing on purpose never loses queued output: stop handing input to the
+handler, flush, ``shutdown(SHUT_WR)``, then read and discard until the peer's
+EOF or a short timeout (the "lingering close"; a plain ``close()`` with unread
+input would make the kernel send a reset and drop the unsent tail).  Every
+socket or handler error ends the connection through ``_fatal``: one path, one
+log line, and the server goes on.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+from typing import TYPE_CHECKING, Any, Final
+
+from .framing import ENCODERS, Buffer, encode_error, make_decoder
+from .loop import EVENT_READ, EVENT_WRITE, Timer
+
+if TYPE_CHECKING:
+    from .handler import Handler, HandlerFunction
+    from .loop import EventLoop
+    from .server import Server
+
+__all__ = ["Connection"]
+
+log = logging.getLogger("muxsrv")
+
+#: Pause reading above this much pending output (per connection) ...
+HIGH_WATER: Final = 1024 * 1024
+#: ... and resume below this, so pausing does not flap on every send.
+LOW_WATER: Final = 256 * 1024
+#: Output above this size is sent with sendmsg (no join copy); below, joined.
+JOIN_MAX: Final = 64 * 1024
+#: sendmsg takes at most IOV_MAX (1024 on Linux) buffers.
+MAX_IOV: Final = 1024
+#: How long a closing connection may take to flush its queued output.
+FLUSH_TIMEOUT: Final = 30.0
+#: How long a lingering close waits for the peer's EOF before closing anyway.
+LINGER_TIMEOUT: Final = 2.0
+
+# States.  OPEN: messages go to the handler.  CLOSING: flushing queued output,
+# input discarded.  LINGER: write side shut, discarding input until EOF.
+OPEN: Final = 0
+CLOSING: Final = 1
+LINGER: Final = 2
+CLOSED: Final = 3
+
+_QUIET_ERRNOS: Final = frozenset(
+    {errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED, errno.ETIMEDOUT, errno.ESHUTDOWN}
+)
+
+
+class Connection:
+    """A client connection; handlers see it through the :class:`~muxsrv.handler.Conn` API."""
+
+    __slots__ = (
+        "_batching",
+        "_decoder",
+        "_encode",
+        "_eof",
+        "_fn",
+        "_handler",
+        "_mask",
+        "_out",
+        "_paused",
+        "_paused_out",
+        "_server",
+        "_sock",
+        "_state",
+        "_timer",
+        "_work",
+        "last_active",
+        "peer",
+    )
+
+    def __init__(
+        self,
+        server: Server,
+        sock: socket.socket,
+        peer: Any,
+        function: HandlerFunction | None,
+        handler: Handler | None,
+    ) -> None:
+        settings = server.settings
+        self._server = server
+        self._sock = sock
+        self.peer = peer
+        self._decoder = make_decoder(settings.framing, settings.max_frame)
+        self._encode = ENCODERS[settings.framing]
+        self._fn = function
+        self._handler = handler
+        self._out: list[Buffer] = []
+        self._mask = 0
+        self._state = OPEN
+        self._batching = False  # inside message_received: send() only queues
+        self._eof = False
+        self._paused = False  # by the handler, or by the server's drain
+        self._paused_out = False  # by flow control: too much pending output
+        self._work = 0
+        self._timer: Timer | None = None
+        self.last_active = server.loop.now
+
+    # -- the Conn API for handlers --------------------------------------------
+
+    @property
+    def loop(self) -> EventLoop:
+        return self._server.loop
+
+    @property
+    def framing(self) -> str:
+        return self._server.settings.framing
+
+    @property
+    def closing(self) -> bool:
+        return self._state != OPEN
+
+    def send(self, payload: Buffer) -> None:
+        if self._state != OPEN:
+            return
+        if not isinstance(payload, (bytes, bytearray, memoryview)):
+            raise TypeError(f"send() takes bytes, not {type(payload).__name__}")
+        self._encode(self._out, payload)
+        self._flush()
+
+    def send_error(self, text: str) -> None:
+        if self._state != OPEN:
+            return
+        if self.framing == "length":
+            self._out.append(encode_error(text))
+            self._flush()
+        else:
+            log.warning("error for %s (no error channel with %s framing): %s",
+                        self._peer_text(), self.framing, text)
+
+    def close(self) -> None:
+        """Deliver what is queued, then a lingering close."""
+        if self._state != OPEN:
+            return
+        self._state = CLOSING
+        self._timer = self.loop.call_later(FLUSH_TIMEOUT, self._flush_timed_out)
+        self._flush()
+
+    def abort(self) -> None:
+        self._close(None)
+
+    def pause_reading(self) -> None:
+        self._paused = True
+        self._update_mask()
+
+    def resume_reading(self) -> None:
+        if self._server.draining:
+            return
+        self._paused = False
+        self._update_mask()
+
+    def work_started(self) -> None:
+        self._work += 1
+
+    def work_done(self) -> None:
+        if self._work > 0:
+            self._work -= 1
+        self.last_active = self._server.loop.now
+        self._maybe_finish()
+
+    # -- events from the loop ---------------------------------------------
+
+    def start(self) -> None:
+        """Register with the selector and tell the handler."""
+        self._update_mask()
+        handler = self._handler
+        if handler is not None:
+            try:
+                handler.connection_made(self)
+            except Exception as exc:
+                self._fatal(exc, "handler connection_made")
+
+    def handle_event(self, mask: int) -> None:
+        if mask & EVENT_READ:
+            if self._state == OPEN:
+                self._on_readable()
+            else:
+                self._discard_input()
+        if mask & EVENT_WRITE and self._state != CLOSED:
+            self._flush()
+
+    def _on_readable(self) -> None:
+        decoder = self._decoder
+        try:
+            nbytes = self._sock.recv_into(decoder.get_buffer(self._server.loop.scratch))
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._fatal(exc, "recv")
+            return
+        self.last_active = self._server.loop.now
+        if nbytes == 0:
+            self._read_eof()
+            return
+        messages = decoder.buffer_updated(nbytes)
+        if messages:
+            self._deliver(messages)
+        if decoder.error is not None and self._state == OPEN:
+            self._violation(decoder.error)
+        if self._out or self._state != OPEN or self._mask != EVENT_READ:
+            self._flush()
+
+    def _deliver(self, messages: list[bytes]) -> None:
+        """Hand messages to the handler; replies collect in ``_out`` for one send."""
+        fn = self._fn
+        out = self._out
+        if fn is not None:
+            encode = self._encode
+            for payload in messages:
+                try:
+                    reply = fn(payload)
+                    if reply is None:
+                        continue
+                    if type(reply) is not bytes and not isinstance(reply, (bytearray, memoryview)):
+                        raise TypeError(
+                            f"handler returned {type(reply).__name__}; expected bytes or None"
+                        )
+                except Exception as exc:
+                    if not self._handler_failed(exc):
+                        return
+                    continue
+                encode(out, reply)
+            return
+        handler = self._handler
+        assert handler is not None
+        # Replies sent from message_received are batched: send() only queues and
+        # the caller flushes once after the batch.
+        self._batching = True
+        try:
+            for payload in messages:
+                if self._state != OPEN:
+                    return
+                try:
+                    handler.message_received(self, payload)
+                except Exception as exc:
+                    if not self._handler_failed(exc):
+                        return
+        finally:
+            self._batching = False
+
+    def _handler_failed(self, exc: Exception) -> bool:
+        """Log a failing handler; answer with an error frame.  False: connection ends."""
+        log.error("handler failed on a message from %s", self._peer_text(), exc_info=exc)
+        if self.framing != "length":
+            self.close()
+            return False
+        self._out.append(
+            encode_error(f"handler error ({type(exc).__name__}); details are in the server log")
+        )
+        return True
+
+    def _violation(self, reason: str) -> None:
+        log.warning("closing %s: %s", self._peer_text(), reason)
+        if self.framing == "length":
+            self._out.append(encode_error(reason))
+        self.close()
+
+    def _read_eof(self) -> None:
+        """The peer shut down its write side: final messages, then finish when owed nothing."""
+        self._eof = True
+        decoder = self._decoder
+        messages = decoder.eof()
+        if messages:
+            self._deliver(messages)
+        elif decoder.buffered:
+            log.info("%s closed mid-message; %d bytes dropped", self._peer_text(), decoder.buffered)
+        handler = self._handler
+        if handler is not None and self._state == OPEN:
+            try:
+                handler.eof_received(self)
+            except Exception as exc:
+                self._fatal(exc, "handler eof_received")
+                return
+        self._flush()
+
+    def _discard_input(self) -> None:
+        """Closing: read and drop input until EOF (the lingering close)."""
+        try:
+            nbytes = self._sock.recv_into(self._server.loop.scratch)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._close(None)
+            return
+        if nbytes == 0:
+            self._eof = True
+            if self._state == LINGER:
+                self._close(None)
+            else:
+                self._update_mask()
+
+    # -- output -----------------------------------------------------------
+
+    def _flush(self) -> None:
+        """Send what is queued, keep what the kernel did not take, fix the mask."""
+        if self._batching or self._state == CLOSED:
+            return
+        out = self._out
+        if out:
+            try:
+                if len(out) == 1:
+                    data = out[0]
+                    sent = self._sock.send(data)
+                    if sent == len(data):
+                        out.clear()
+                    else:
+                        out[0] = memoryview(data)[sent:]
+                else:
+                    total = sum(map(len, out))
+                    if total <= JOIN_MAX:
+                        data = b"".join(out)
+                        sent = self._sock.send(data)
+                        out.clear()
+                        if sent < total:
+                            out.append(memoryview(data)[sent:])
+                    else:
+                        sent = self._sock.sendmsg(out[:MAX_IOV])
+                        _consume(out, sent)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError as exc:
+                self._fatal(exc, "send")
+                return
+            if sent:
+                self.last_active = self._server.loop.now
+        if not out and self._state == CLOSING:
+            self._start_linger()
+            return
+        self._update_mask()
+        if not out:
+            self._maybe_finish()
+
+    def _update_mask(self) -> None:
+        """Compute the event mask from state; touch the selector only on change."""
+        state = self._state
+        if state == CLOSED:
+            return
+        out = self._out
+        if out:
+            pending = sum(map(len, out))
+            self._paused_out = pending > (LOW_WATER if self._paused_out else HIGH_WATER)
+        else:
+            self._paused_out = False
+        if state == OPEN:
+            reading = not (self._eof or self._paused or self._paused_out)
+        else:
+            reading = not self._eof
+        want = (EVENT_READ if reading else 0) | (EVENT_WRITE if out else 0)
+        if want == self._mask:
+            return
+        selector = self._server.loop.selector
+        if self._mask == 0:
+            selector.register(self._sock, want, self)
+        elif want == 0:
+            selector.unregister(self._sock)
+        else:
+            selector.modify(self._sock, want, self)
+        self._mask = want
+
+    def _maybe_finish(self) -> None:
+        """Close when nothing more is owed: after EOF, or while the server drains."""
+        if self._out or self._work or self._state != OPEN:
+            return
+        if self._eof:
+            self._close(None)
+        elif self._server.draining:
+            self.close()
+
+    # -- closing ----------------------------------------------------------
+
+    def begin_drain(self) -> None:
+        """Server shutdown: read no more; close once replies already owed are sent."""
+        self._paused = True
+        self._update_mask()
+        self._maybe_finish()
+
+    def check_idle(self, now: float, timeout: float) -> None:
+        if self._work == 0 and now - self.last_active >= timeout and self._state == OPEN:
+            log.info("closing %s: idle for %.3g s", self._peer_text(), timeout)
+            if self.framing == "length":
+                self._out.append(encode_error(f"idle timeout ({timeout:g} s)"))
+            self.close()
+
+    def refuse(self, reason: str) -> None:
+        """Turn a just-accepted connection away: an error frame, then a lingering close."""
+        if self.framing == "length":
+            self._out.append(encode_error(reason))
+        self.close()
+
+    def _start_linger(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        try:
+            self._sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self._close(None)
+            return
+        if self._eof:
+            self._close(None)
+            return
+        self._state = LINGER
+        self._timer = self.loop.call_later(LINGER_TIMEOUT, self._close, None)
+        self._update_mask()
+
+    def _flush_timed_out(self) -> None:
+        log.info("closing %s: output not drained in %g s", self._peer_text(), FLUSH_TIMEOUT)
+        self._close(None)
+
+    def _fatal(self, exc: BaseException, what: str) -> None:
+        """The one path for errors: log once, close, and let the server go on."""
+        if isinstance(exc, OSError) and exc.errno in _QUIET_ERRNOS:
+            log.info("%s: %s failed: %s", self._peer_text(), what, exc.strerror)
+        else:
+            log.error("%s: %s failed", self._peer_text(), what, exc_info=exc)
+        self._close(exc)
+
+    def _close(self, exc: BaseException | None) -> None:
+        if self._state == CLOSED:
+            return
+        self._state = CLOSED
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._mask:
+            self._server.loop.selector.unregister(self._sock)
+            self._mask = 0
+        self._out.clear()
+        self._sock.close()
+        self._server.connection_closed(self)
+        handler = self._handler
+        if handler is not None:
+            try:
+                handler.connection_lost(self, exc)
+            except Exception:
+                log.exception("%s: handler connection_lost failed", self._peer_text())
+
+    def _peer_text(self) -> str:
+        peer = self.peer
+        if isinstance(peer, tuple) and len(peer) >= 2:
+            host, port = peer[0], peer[1]
+            return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+        return str(peer)
+
+    def __repr__(self) -> str:
+        return f"<Connection {self._peer_text()} state={self._state}>"
+
+
+def _consume(out: list[Buffer], sent: int) -> None:
+    """Drop ``sent`` bytes from the front of ``out``, keeping the rest as views."""
+    i = 0
+    while sent:
+        size = len(out[i])
+        if sent >= size:
+            sent -= size
+            i += 1
+        else:
+            out[i] = memoryview(out[i])[sent:]
+            sent = 0
+    del out[:i]

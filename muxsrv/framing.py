@@ -1,0 +1,304 @@
+"""Framing: cutting messages out of a TCP byte stream, without any I/O.
+
+TCP delivers a stream of bytes, not messages: one ``recv`` may return half a
+message or three and a half ("sticky packets").  A codec turns the stream back
+into messages and turns replies into bytes.  Codecs here never touch a socket;
+they are fed bytes and return messages, so every property is testable alone.
+
+The receive side follows asyncio's ``BufferedProtocol`` shape so that bytes are
+copied as few times as possible:
+
+    buf = decoder.get_buffer(scratch)    # where the next recv_into may write
+    n = sock.recv_into(buf)              # the caller's I/O, not ours
+    messages = decoder.buffer_updated(n) # every message completed by those n bytes
+
+``scratch`` is one large buffer shared by every connection of a loop (the loop
+is single-threaded), so an idle connection owns no receive buffer at all.  A
+decoder keeps only the unfinished tail of the stream; a large frame whose
+length is known gets a buffer of its own, sized from its header, and the rest
+of its body is received straight into it, so a 64 MiB message arriving in 64
+KiB pieces costs linear time.  ``feed(data)`` is the same for tests and
+clients that already hold bytes.
+
+When the stream breaks the framing rules, ``buffer_updated`` returns the
+messages that were complete before the violation and sets ``error``; nothing
+after the violation is ever returned.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Final, TypeAlias
+
+#: What codecs accept as bytes: anything with the buffer protocol we use.
+Buffer: TypeAlias = bytes | bytearray | memoryview
+
+__all__ = [
+    "ERROR_FLAG",
+    "FRAMINGS",
+    "MAX_FRAME_LIMIT",
+    "Decoder",
+    "ErrorFrame",
+    "FramingError",
+    "LengthDecoder",
+    "LineDecoder",
+    "RawDecoder",
+    "encode_error",
+    "make_decoder",
+]
+
+_HEADER: Final = struct.Struct(">I")
+_unpack_header = _HEADER.unpack_from
+pack_header = _HEADER.pack
+
+#: The length word's top bit marks an error frame (server to client only).
+ERROR_FLAG: Final = 0x80000000
+#: The largest --max-frame: with the top bit reserved, a length word holds 2**31-1.
+MAX_FRAME_LIMIT: Final = 0x7FFFFFFF
+#: An unfinished frame at least this large gets a buffer of its own, so its body
+#: is received in place instead of being re-copied on every recv.
+BODY_BUFFER_MIN: Final = 4096
+
+FRAMINGS: Final = ("length", "line", "raw")
+
+
+class FramingError(Exception):
+    """The peer broke the framing rules; the message says how."""
+
+
+class ErrorFrame(bytes):
+    """An error frame's payload, as a client's decoder returns it (server text, UTF-8)."""
+
+    @property
+    def text(self) -> str:
+        return self.decode("utf-8", "replace")
+
+
+class Decoder:
+    """Base decoder: byte stream in, list of messages out.  Subclasses fill in."""
+
+    __slots__ = ("_scratch", "error", "max_frame")
+
+    def __init__(self, max_frame: int) -> None:
+        self.max_frame = max_frame
+        self.error: str | None = None
+        self._scratch: bytearray | None = None
+
+    def get_buffer(self, scratch: bytearray) -> Buffer:
+        """Return the writable buffer the next ``recv_into`` should fill."""
+        raise NotImplementedError
+
+    def buffer_updated(self, nbytes: int) -> list[bytes]:
+        """``nbytes`` were written at the start of the last ``get_buffer``; cut messages."""
+        raise NotImplementedError
+
+    def eof(self) -> list[bytes]:
+        """The peer sent EOF: return any final message (only ``line`` has one)."""
+        return []
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held for an unfinished message."""
+        return 0
+
+    def feed(self, data: Buffer) -> list[bytes]:
+        """Convenience for callers holding bytes: the same as a recv_into of ``data``."""
+        view = memoryview(data).cast("B")
+        out: list[bytes] = []
+        scratch = bytearray(max(len(view), 1))
+        while view and self.error is None:
+            buf = memoryview(self.get_buffer(scratch)).cast("B")
+            n = min(len(buf), len(view))
+            buf[:n] = view[:n]
+            view = view[n:]
+            out += self.buffer_updated(n)
+        return out
+
+
+class LengthDecoder(Decoder):
+    """4-byte big-endian length, then that many payload bytes.
+
+    With ``accept_errors`` (clients), a length word with the top bit set yields an
+    :class:`ErrorFrame`; without it (servers) such a word is simply too large.
+    """
+
+    __slots__ = ("_accept_errors", "_body", "_body_error", "_body_got", "_tail")
+
+    def __init__(self, max_frame: int, accept_errors: bool = False) -> None:
+        super().__init__(max_frame)
+        self._accept_errors = accept_errors
+        self._tail = b""
+        self._body: bytearray | None = None
+        self._body_got = 0
+        self._body_error = False
+
+    @property
+    def buffered(self) -> int:
+        return len(self._tail) + self._body_got
+
+    def get_buffer(self, scratch: bytearray) -> Buffer:
+        body = self._body
+        if body is not None:
+            return memoryview(body)[self._body_got :]
+        self._scratch = scratch
+        tail = self._tail
+        if not tail:
+            return scratch
+        t = len(tail)
+        scratch[:t] = tail
+        return memoryview(scratch)[t:]
+
+    def buffer_updated(self, nbytes: int) -> list[bytes]:
+        body = self._body
+        if body is not None:
+            self._body_got += nbytes
+            if self._body_got < len(body):
+                return []
+            self._body = None
+            self._body_got = 0
+            message = bytes(body)
+            return [ErrorFrame(message) if self._body_error else message]
+        assert self._scratch is not None
+        buf = memoryview(self._scratch)
+        end = len(self._tail) + nbytes
+        pos = 0
+        out: list[bytes] = []
+        limit = self.max_frame
+        while end - pos >= 4:
+            (n,) = _unpack_header(buf, pos)
+            is_error = False
+            if n > limit:
+                if not (self._accept_errors and n & ERROR_FLAG and n ^ ERROR_FLAG <= limit):
+                    self.error = f"frame of {n} bytes exceeds the limit of {limit} bytes"
+                    self._tail = b""
+                    return out
+                is_error = True
+                n ^= ERROR_FLAG
+            start = pos + 4
+            stop = start + n
+            if stop <= end:
+                message = buf[start:stop].tobytes()
+                out.append(ErrorFrame(message) if is_error else message)
+                pos = stop
+                continue
+            have = end - start
+            if n >= BODY_BUFFER_MIN:
+                body = bytearray(n)
+                body[:have] = buf[start:end]
+                self._body = body
+                self._body_got = have
+                self._body_error = is_error
+                pos = end
+            break
+        self._tail = buf[pos:end].tobytes() if pos < end else b""
+        return out
+
+
+def encode_length(out: list[Buffer], payload: Buffer) -> None:
+    """Append one length-prefixed frame to ``out`` (no copy of ``payload``)."""
+    out.append(pack_header(len(payload)))
+    out.append(payload)
+
+
+def encode_error(text: str, max_frame: int = MAX_FRAME_LIMIT) -> bytes:
+    """One error frame carrying ``text`` (cut to fit, UTF-8)."""
+    data = text.encode("utf-8", "replace")[: min(max_frame, 4096)]
+    return pack_header(ERROR_FLAG | len(data)) + data
+
+
+class LineDecoder(Decoder):
+    """Messages end with ``\\n`` or ``\\r\\n``; neither is part of the payload."""
+
+    __slots__ = ("_acc",)
+
+    def __init__(self, max_frame: int) -> None:
+        super().__init__(max_frame)
+        self._acc = bytearray()
+
+    @property
+    def buffered(self) -> int:
+        return len(self._acc)
+
+    def get_buffer(self, scratch: bytearray) -> Buffer:
+        self._scratch = scratch
+        return scratch
+
+    def buffer_updated(self, nbytes: int) -> list[bytes]:
+        buf = self._scratch
+        assert buf is not None
+        out: list[bytes] = []
+        pos = 0
+        find = buf.find
+        acc = self._acc
+        limit = self.max_frame
+        while True:
+            i = find(b"\n", pos, nbytes)
+            if i < 0:
+                break
+            if acc:
+                acc += buf[pos:i]
+                line = bytes(acc)
+                acc.clear()
+            else:
+                line = bytes(buf[pos:i])
+            if line.endswith(b"\r"):
+                line = line[:-1]
+            if len(line) > limit:
+                self.error = f"line of {len(line)} bytes exceeds the limit of {limit} bytes"
+                return out
+            out.append(line)
+            pos = i + 1
+        if pos < nbytes:
+            acc += buf[pos:nbytes]
+            # A trailing "\r" may still be followed by "\n": allow one byte over.
+            if len(acc) > limit + 1:
+                self.error = f"line of more than {limit} bytes exceeds the limit"
+                acc.clear()
+        return out
+
+    def eof(self) -> list[bytes]:
+        if not self._acc or self.error is not None:
+            return []
+        line = bytes(self._acc)
+        self._acc.clear()
+        if line.endswith(b"\r"):
+            line = line[:-1]
+        return [line]
+
+
+def encode_line(out: list[Buffer], payload: Buffer) -> None:
+    out.append(payload)
+    out.append(b"\n")
+
+
+class RawDecoder(Decoder):
+    """No framing: every chunk a ``recv`` returns is one message."""
+
+    __slots__ = ()
+
+    def get_buffer(self, scratch: bytearray) -> Buffer:
+        self._scratch = scratch
+        if len(scratch) > self.max_frame:
+            return memoryview(scratch)[: self.max_frame]
+        return scratch
+
+    def buffer_updated(self, nbytes: int) -> list[bytes]:
+        assert self._scratch is not None
+        return [bytes(memoryview(self._scratch)[:nbytes])]
+
+
+def encode_raw(out: list[Buffer], payload: Buffer) -> None:
+    out.append(payload)
+
+
+def make_decoder(framing: str, max_frame: int) -> Decoder:
+    if framing == "length":
+        return LengthDecoder(max_frame)
+    if framing == "line":
+        return LineDecoder(max_frame)
+    if framing == "raw":
+        return RawDecoder(max_frame)
+    raise ValueError(f"unknown framing {framing!r}; choose from {', '.join(FRAMINGS)}")
+
+
+ENCODERS: Final = {"length": encode_length, "line": encode_line, "raw": encode_raw}

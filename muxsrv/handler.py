@@ -1,0 +1,140 @@
+"""The handler interface: what a plugin sees of the server.
+
+A handler knows only messages and a small ``conn`` object; it never sees a
+socket, a selector or a codec.  There are two forms.
+
+The function form, for the common case of one reply per message::
+
+    def reverse(payload: bytes) -> bytes | None:
+        return payload[::-1]          # None: send no reply
+
+The class form, for everything else.  The server makes one instance per
+connection (like asyncio's protocol factories) and calls, in this order::
+
+    connection_made(conn)
+    message_received(conn, payload)   # zero or more times
+    eof_received(conn)                # at most once: the peer shut down its
+                                      # write side; replies are still owed
+    connection_lost(conn, exc)        # exactly once; exc is None on a clean close
+
+``conn`` (a :class:`Conn`) can send replies at any time (now or later),
+close, pause reading, mark work in progress (so idle timeouts and the
+shutdown drain wait for it), and reach the loop to register file descriptors
+and timers.  A class may also declare its own command-line options with
+``add_arguments`` and build its per-connection factory in ``configure``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from .framing import Buffer
+    from .loop import EventLoop
+
+__all__ = ["ConfigError", "Conn", "FunctionHandler", "Handler", "HandlerFactory"]
+
+
+class ConfigError(Exception):
+    """A handler refuses its configuration; the CLI prints the message and exits 2."""
+
+
+class Conn(Protocol):
+    """The connection as a handler sees it."""
+
+    #: The peer's address, as ``socket.getpeername()`` gives it.
+    peer: Any
+
+    @property
+    def loop(self) -> EventLoop:
+        """The server's event loop: ``call_later``, ``add_reader``, ``now`` ..."""
+        ...
+
+    @property
+    def framing(self) -> str:
+        """``"length"``, ``"line"`` or ``"raw"``."""
+        ...
+
+    @property
+    def closing(self) -> bool:
+        """True once the connection is closing or closed: sends are dropped."""
+        ...
+
+    def send(self, payload: Buffer) -> None:
+        """Queue one reply message (framed by the connection's codec)."""
+        ...
+
+    def send_error(self, text: str) -> None:
+        """Send an error frame (``length`` framing); with ``line``/``raw`` only logged."""
+        ...
+
+    def close(self) -> None:
+        """Deliver everything queued, then close (a lingering close, never a reset)."""
+        ...
+
+    def abort(self) -> None:
+        """Close at once, dropping queued output."""
+        ...
+
+    def pause_reading(self) -> None:
+        """Stop handing this connection's messages to the handler until resumed."""
+        ...
+
+    def resume_reading(self) -> None: ...
+
+    def work_started(self) -> None:
+        """A reply is being worked on: no idle timeout, and shutdown waits for it."""
+        ...
+
+    def work_done(self) -> None:
+        """Undo one ``work_started``."""
+        ...
+
+
+class Handler:
+    """Base class for the class form; every method has a do-nothing default.
+
+    Subclass it and override what you need.  ``configure`` returns the factory
+    the server calls once per connection: the class itself by default.
+    """
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        """Declare this handler's own command-line options (``--NAME-...``)."""
+
+    @classmethod
+    def configure(cls, options: argparse.Namespace) -> HandlerFactory:
+        """Check the parsed options (raise :class:`ConfigError`) and return a factory."""
+        return cls
+
+    def connection_made(self, conn: Conn) -> None:
+        """Called once, first."""
+
+    def message_received(self, conn: Conn, payload: bytes) -> None:
+        """Called for every complete message, in order."""
+
+    def eof_received(self, conn: Conn) -> None:
+        """The peer will send nothing more; queued replies are still delivered."""
+
+    def connection_lost(self, conn: Conn, exc: BaseException | None) -> None:
+        """Called once, last: release everything this connection owned."""
+
+
+#: The function form of a handler.
+HandlerFunction = Callable[[bytes], "bytes | bytearray | memoryview | None"]
+#: Makes the handler for one new connection.
+HandlerFactory = Callable[[], Handler]
+
+
+class FunctionHandler(Handler):
+    """The function form wrapped as a class (connections call functions directly)."""
+
+    def __init__(self, function: HandlerFunction) -> None:
+        self.function = function
+
+    def message_received(self, conn: Conn, payload: bytes) -> None:
+        reply = self.function(payload)
+        if reply is not None:
+            conn.send(reply)

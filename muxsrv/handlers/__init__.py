@@ -1,0 +1,1 @@
+"""Built-in handlers; each is registered in the ``muxsrv.handlers`` entry-point group."""

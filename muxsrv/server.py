@@ -1,0 +1,296 @@
+"""The server: listening sockets, accepting, limits, idle timeouts, shutdown.
+
+Accepting runs until ``EAGAIN``, at most ``ACCEPT_BATCH`` connections per
+wake-up so a connection storm cannot starve established clients.  When the
+process runs out of descriptors (``EMFILE``/``ENFILE``), the listener is
+taken out of the selector for a moment (a level-triggered listener with a
+pending connection would otherwise wake the loop forever at 100% CPU), the
+episode is logged once, and the connections already open keep being served.
+
+Shutdown (SIGINT/SIGTERM): close the listeners, stop reading, let every
+connection deliver the replies it owes, and close each one as soon as it owes
+nothing; after the drain timeout whatever is left is closed at once.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import resource
+import socket
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final
+
+from .connection import Connection
+from .loop import EVENT_READ, EventLoop
+
+if TYPE_CHECKING:
+    from .handler import HandlerFactory, HandlerFunction
+
+__all__ = ["Server", "Settings", "raise_open_files_limit"]
+
+log = logging.getLogger("muxsrv")
+
+#: Connections accepted per wake-up of the listener, at most.
+ACCEPT_BATCH: Final = 256
+#: How long accept stays paused after EMFILE before trying again.
+EMFILE_BACKOFF: Final = 0.1
+#: Refused connections allowed to linger at once (beyond: closed outright).
+MAX_REFUSED_LINGERING: Final = 1024
+#: After the drain, how long handlers may keep descriptors registered
+#: (to reap child processes, say) before the loop stops anyway.
+HANDLER_CLEANUP_TIMEOUT: Final = 2.0
+_FD_EXHAUSTED: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
+@dataclass
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 9999
+    framing: str = "length"
+    max_frame: int = 16 * 1024 * 1024
+    max_conns: int = 10000
+    idle_timeout: float = 300.0
+    drain_timeout: float = 5.0
+    reuse_port: bool = False
+    handler_name: str = "echo"
+
+
+class _RateLimitedLog:
+    """Log the first event of a kind at once, then at most one summary per second."""
+
+    def __init__(self, interval: float = 1.0) -> None:
+        self.interval = interval
+        self.last = -interval
+        self.suppressed = 0
+
+    def warning(self, msg: str, *args: object) -> None:
+        now = time.monotonic()
+        if now - self.last < self.interval:
+            self.suppressed += 1
+            return
+        if self.suppressed:
+            msg += f" ({self.suppressed} more like this not logged)"
+        self.suppressed = 0
+        self.last = now
+        log.warning(msg, *args)
+
+
+class _Listener:
+    __slots__ = ("server", "sock")
+
+    def __init__(self, server: Server, sock: socket.socket) -> None:
+        self.server = server
+        self.sock = sock
+
+    def handle_event(self, mask: int) -> None:
+        self.server._accept(self.sock)
+
+
+class Server:
+    """Accepts connections and owns them; the loop runs it."""
+
+    def __init__(
+        self,
+        loop: EventLoop,
+        settings: Settings,
+        *,
+        function: HandlerFunction | None = None,
+        factory: HandlerFactory | None = None,
+    ) -> None:
+        if (function is None) == (factory is None):
+            raise ValueError("give exactly one of function= and factory=")
+        self.loop = loop
+        self.settings = settings
+        self.draining = False
+        self._function = function
+        self._factory = factory
+        self._conns: set[Connection] = set()
+        self._refused: set[Connection] = set()
+        self._listeners: list[_Listener] = []
+        self._accept_paused = False
+        self._refuse_log = _RateLimitedLog()
+
+    # -- listening ----------------------------------------------------------
+
+    def listen(self, sock: socket.socket | None = None) -> list[tuple[str, int]]:
+        """Bind the listening sockets (or adopt ``sock``); return their addresses."""
+        socks = [sock] if sock is not None else _bind(self.settings)
+        for lsock in socks:
+            lsock.setblocking(False)
+            listener = _Listener(self, lsock)
+            self._listeners.append(listener)
+            self.loop.selector.register(lsock, EVENT_READ, listener)
+        if self.settings.idle_timeout > 0:
+            self._schedule_idle_sweep()
+        return [lsock.getsockname()[:2] for lsock in socks]
+
+    @property
+    def connections(self) -> int:
+        return len(self._conns)
+
+    def _accept(self, lsock: socket.socket) -> None:
+        settings = self.settings
+        for _ in range(ACCEPT_BATCH):
+            try:
+                sock, peer = lsock.accept()
+            except (BlockingIOError, InterruptedError):
+                break
+            except ConnectionAbortedError:
+                continue
+            except OSError as exc:
+                if exc.errno in _FD_EXHAUSTED:
+                    self._pause_accepting(exc)
+                    return
+                log.error("accept failed: %s", exc)
+                return
+            if self._accept_paused:
+                self._accept_paused = False
+                log.warning("accepting connections again (%d open)", len(self._conns))
+            sock.setblocking(False)
+            if sock.family != socket.AF_UNIX:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if len(self._conns) >= settings.max_conns:
+                self._refuse(sock, peer)
+                continue
+            self._open(sock, peer)
+
+    def _open(self, sock: socket.socket, peer: Any) -> None:
+        try:
+            handler = self._factory() if self._factory is not None else None
+        except Exception:
+            log.exception("handler factory failed for %s; connection closed", peer)
+            sock.close()
+            return
+        conn = Connection(self, sock, peer, self._function, handler)
+        self._conns.add(conn)
+        conn.start()
+
+    def _refuse(self, sock: socket.socket, peer: Any) -> None:
+        self._refuse_log.warning(
+            "refusing %s: too many connections (--max-conns %d)", peer, self.settings.max_conns
+        )
+        if len(self._refused) >= MAX_REFUSED_LINGERING:
+            sock.close()
+            return
+        conn = Connection(self, sock, peer, self._function, None)
+        self._refused.add(conn)
+        conn.refuse(f"too many connections (limit {self.settings.max_conns})")
+
+    def _pause_accepting(self, exc: OSError) -> None:
+        if not self._accept_paused:
+            self._accept_paused = True
+            log.warning(
+                "accept failed: %s; pausing accepts, still serving %d connections",
+                exc.strerror, len(self._conns),
+            )
+        for listener in self._listeners:
+            self.loop.selector.unregister(listener.sock)
+        self.loop.call_later(EMFILE_BACKOFF, self._resume_accepting)
+
+    def _resume_accepting(self) -> None:
+        if self.draining:
+            return
+        for listener in self._listeners:
+            self.loop.selector.register(listener.sock, EVENT_READ, listener)
+
+    def connection_closed(self, conn: Connection) -> None:
+        self._conns.discard(conn)
+        self._refused.discard(conn)
+        if self.draining and not self._conns:
+            self.loop.stop()
+
+    # -- idle timeouts --------------------------------------------------------
+
+    def _schedule_idle_sweep(self) -> None:
+        timeout = self.settings.idle_timeout
+        # Sweep often enough that a connection closes within ~1/8 of its timeout late.
+        self.loop.call_later(min(1.0, max(0.01, timeout / 8)), self._idle_sweep)
+
+    def _idle_sweep(self) -> None:
+        if self.draining:
+            return
+        now = self.loop.now
+        timeout = self.settings.idle_timeout
+        for conn in [c for c in self._conns if now - c.last_active >= timeout]:
+            conn.check_idle(now, timeout)
+        self._schedule_idle_sweep()
+
+    # -- shutdown ---------------------------------------------------------------
+
+    def shutdown(self) -> None:
+        """Stop accepting, deliver what is owed, close (see the module docstring)."""
+        if self.draining:
+            return
+        log.info("shutting down: draining %d connections (up to %g s)",
+                 len(self._conns), self.settings.drain_timeout)
+        self.draining = True
+        for listener in self._listeners:
+            if not self._accept_paused:
+                self.loop.selector.unregister(listener.sock)
+            listener.sock.close()
+        self._listeners.clear()
+        for conn in list(self._conns):
+            conn.begin_drain()
+        if not self._conns:
+            self.loop.stop()
+        else:
+            self.loop.call_later(self.settings.drain_timeout, self._drain_expired)
+
+    def _drain_expired(self) -> None:
+        if self._conns:
+            log.warning("drain timeout: closing %d connections still busy", len(self._conns))
+        for conn in list(self._conns) + list(self._refused):
+            conn.abort()
+        self.loop.stop()
+
+    def run(self) -> None:
+        """Run the loop until shutdown has drained, then let handlers clean up."""
+        self.loop.run_forever()
+        for conn in list(self._conns) + list(self._refused):
+            conn.abort()
+        self.loop.run_until(lambda: self.loop.watched_fds == 0, HANDLER_CLEANUP_TIMEOUT)
+
+
+def _bind(settings: Settings) -> list[socket.socket]:
+    """Listening sockets for every address ``host`` resolves to, on one port."""
+    infos = socket.getaddrinfo(
+        settings.host, settings.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )
+    socks: list[socket.socket] = []
+    port = settings.port
+    seen = set()
+    try:
+        for family, type_, proto, _name, addr in infos:
+            if (family, addr[0]) in seen:
+                continue
+            seen.add((family, addr[0]))
+            sock = socket.socket(family, type_, proto)
+            socks.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if settings.reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind((addr[0], port, *addr[2:]))
+            port = sock.getsockname()[1]  # port 0: the others share the first's port
+            sock.listen(socket.SOMAXCONN if socket.SOMAXCONN > 4096 else 4096)
+    except OSError:
+        for sock in socks:
+            sock.close()
+        raise
+    return socks
+
+
+def raise_open_files_limit() -> tuple[int, int]:
+    """Raise the soft RLIMIT_NOFILE to the hard limit; return (soft, hard) after."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    return soft, hard
