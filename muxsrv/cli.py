@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -21,6 +22,7 @@ from .framing import FRAMINGS, MAX_FRAME_LIMIT
 from .handler import ConfigError, HandlerFactory, HandlerFunction
 from .loop import EventLoop
 from .server import Server, Settings, raise_open_files_limit
+from .workers import supervise
 
 __all__ = ["main", "parse_size"]
 
@@ -72,6 +74,16 @@ def _port(text: str) -> int:
     return value
 
 
+def _workers(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be 0 (one per CPU) or more")
+    return value
+
+
 def _seconds(text: str) -> float:
     try:
         value = float(text)
@@ -105,6 +117,9 @@ def build_parser(handler: plugins.LoadedPlugin | None = None) -> argparse.Argume
         help="close connections idle this long (default: 300; 0: never)")
     add("--drain-timeout", type=_seconds, default=5.0, metavar="SECONDS",
         help="on SIGINT/SIGTERM, how long to deliver owed replies (default: 5)")
+    add("--workers", type=_workers, default=1, metavar="N",
+        help="run N server processes sharing the port with SO_REUSEPORT, under a parent that "
+             "restarts them (default: 1, no parent; 0: one per CPU)")
     add("--log-level", default="info", type=str.lower,
         choices=("debug", "info", "warning", "error"), help="(default: info)")
     add("--version", action="version", version=f"muxsrv {__version__}")
@@ -157,7 +172,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         drain_timeout=options.drain_timeout,
         handler_name=known.handler,
     )
-    return serve(settings, function=function, factory=factory)
+    if options.workers == 1:
+        return serve(settings, function=function, factory=factory)
+    count = options.workers or os.cpu_count() or 1
+    return supervise(
+        settings, count, lambda worker: serve(worker, function=function, factory=factory)
+    )
 
 
 def serve(
@@ -177,9 +197,10 @@ def serve(
         )
         return 1
     where = ", ".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in addresses)
+    worker = f", worker pid {os.getpid()}" if settings.reuse_port else ""
     sys.stderr.write(
         f"muxsrv: listening on {where} "
-        f"(handler {settings.handler_name}, framing {settings.framing})\n"
+        f"(handler {settings.handler_name}, framing {settings.framing}{worker})\n"
     )
     sys.stderr.flush()
     log.debug("open files limit: %d", soft)
