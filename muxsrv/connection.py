@@ -23,6 +23,8 @@ log line, and the server goes on.
 
 from __future__ import annotations
 
+import _socket
+import contextlib
 import errno
 import logging
 import socket
@@ -79,19 +81,19 @@ class Connection:
         "_out",
         "_paused",
         "_paused_out",
+        "_peer",
         "_server",
         "_sock",
         "_state",
         "_timer",
         "_work",
         "last_active",
-        "peer",
     )
 
     def __init__(
         self,
         server: Server,
-        sock: socket.socket,
+        sock: _socket.socket,
         peer: Any,
         function: HandlerFunction | None,
         handler: Handler | None,
@@ -99,12 +101,13 @@ class Connection:
         settings = server.settings
         self._server = server
         self._sock = sock
-        self.peer = peer
+        self._peer = peer  # None: asked of the socket when first needed (saves memory)
         self._decoder = make_decoder(settings.framing, settings.max_frame)
         self._encode = ENCODERS[settings.framing]
         self._fn = function
         self._handler = handler
-        self._out: list[Buffer] = []
+        # Pending output; None when there is none (an idle connection owns no list).
+        self._out: list[Buffer] | None = None
         self._mask = 0
         self._state = OPEN
         self._batching = False  # inside message_received: send() only queues
@@ -116,6 +119,14 @@ class Connection:
         self.last_active = server.loop.now
 
     # -- the Conn API for handlers --------------------------------------------
+
+    @property
+    def peer(self) -> Any:
+        """The peer's address (None once the socket can no longer tell)."""
+        if self._peer is None and self._state != CLOSED:
+            with contextlib.suppress(OSError):
+                self._peer = self._sock.getpeername()
+        return self._peer
 
     @property
     def loop(self) -> EventLoop:
@@ -134,14 +145,14 @@ class Connection:
             return
         if not isinstance(payload, (bytes, bytearray, memoryview)):
             raise TypeError(f"send() takes bytes, not {type(payload).__name__}")
-        self._encode(self._out, payload)
+        self._encode(self._queue(), payload)
         self._flush()
 
     def send_error(self, text: str) -> None:
         if self._state != OPEN:
             return
         if self.framing == "length":
-            self._out.append(encode_error(text))
+            self._queue().append(encode_error(text))
             self._flush()
         else:
             log.warning("error for %s (no error channel with %s framing): %s",
@@ -222,7 +233,7 @@ class Connection:
     def _deliver(self, messages: list[bytes]) -> None:
         """Hand messages to the handler; replies collect in ``_out`` for one send."""
         fn = self._fn
-        out = self._out
+        out = self._queue()
         if fn is not None:
             encode = self._encode
             for payload in messages:
@@ -263,7 +274,7 @@ class Connection:
         if self.framing != "length":
             self.close()
             return False
-        self._out.append(
+        self._queue().append(
             encode_error(f"handler error ({type(exc).__name__}); details are in the server log")
         )
         return True
@@ -271,7 +282,7 @@ class Connection:
     def _violation(self, reason: str) -> None:
         log.warning("closing %s: %s", self._peer_text(), reason)
         if self.framing == "length":
-            self._out.append(encode_error(reason))
+            self._queue().append(encode_error(reason))
         self.close()
 
     def _read_eof(self) -> None:
@@ -310,6 +321,12 @@ class Connection:
 
     # -- output -----------------------------------------------------------
 
+    def _queue(self) -> list[Buffer]:
+        out = self._out
+        if out is None:
+            out = self._out = []
+        return out
+
     def _flush(self) -> None:
         """Send what is queued, keep what the kernel did not take, fix the mask."""
         if self._batching or self._state == CLOSED:
@@ -319,29 +336,30 @@ class Connection:
             try:
                 if len(out) == 1:
                     data = out[0]
+                    total = len(data)
                     sent = self._sock.send(data)
-                    if sent == len(data):
-                        out.clear()
-                    else:
-                        out[0] = memoryview(data)[sent:]
                 else:
                     total = sum(map(len, out))
                     if total <= JOIN_MAX:
                         data = b"".join(out)
                         sent = self._sock.send(data)
-                        out.clear()
-                        if sent < total:
-                            out.append(memoryview(data)[sent:])
                     else:
                         sent = self._sock.sendmsg(out[:MAX_IOV])
-                        _consume(out, sent)
             except (BlockingIOError, InterruptedError):
                 sent = 0
             except OSError as exc:
                 self._fatal(exc, "send")
                 return
+            if sent == total:
+                out = self._out = None
+            elif len(out) == 1 or total <= JOIN_MAX:
+                out[:] = (memoryview(data)[sent:],)
+            else:
+                _consume(out, sent)
             if sent:
                 self.last_active = self._server.loop.now
+            if out is None and self._mask == EVENT_READ and self._state == OPEN:
+                return  # the common case: all sent, still reading: nothing changes
         if not out and self._state == CLOSING:
             self._start_linger()
             return
@@ -397,13 +415,13 @@ class Connection:
         if self._work == 0 and now - self.last_active >= timeout and self._state == OPEN:
             log.info("closing %s: idle for %.3g s", self._peer_text(), timeout)
             if self.framing == "length":
-                self._out.append(encode_error(f"idle timeout ({timeout:g} s)"))
+                self._queue().append(encode_error(f"idle timeout ({timeout:g} s)"))
             self.close()
 
     def refuse(self, reason: str) -> None:
         """Turn a just-accepted connection away: an error frame, then a lingering close."""
         if self.framing == "length":
-            self._out.append(encode_error(reason))
+            self._queue().append(encode_error(reason))
         self.close()
 
     def _start_linger(self) -> None:
@@ -443,7 +461,7 @@ class Connection:
         if self._mask:
             self._server.loop.selector.unregister(self._sock)
             self._mask = 0
-        self._out.clear()
+        self._out = None
         self._sock.close()
         self._server.connection_closed(self)
         handler = self._handler
@@ -454,14 +472,18 @@ class Connection:
                 log.exception("%s: handler connection_lost failed", self._peer_text())
 
     def _peer_text(self) -> str:
-        peer = self.peer
-        if isinstance(peer, tuple) and len(peer) >= 2:
-            host, port = peer[0], peer[1]
-            return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
-        return str(peer)
+        return format_address(self.peer)
 
     def __repr__(self) -> str:
         return f"<Connection {self._peer_text()} state={self._state}>"
+
+
+def format_address(address: Any) -> str:
+    """``host:port``, ``[v6host]:port``, or ``unknown peer``."""
+    if isinstance(address, tuple) and len(address) >= 2:
+        host, port = address[0], address[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return "unknown peer" if address is None else str(address)
 
 
 def _consume(out: list[Buffer], sent: int) -> None:

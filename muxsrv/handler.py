@@ -44,8 +44,10 @@ class ConfigError(Exception):
 class Conn(Protocol):
     """The connection as a handler sees it."""
 
-    #: The peer's address, as ``socket.getpeername()`` gives it.
-    peer: Any
+    @property
+    def peer(self) -> Any:
+        """The peer's address, as ``socket.getpeername()`` gives it (None if unknown)."""
+        ...
 
     @property
     def loop(self) -> EventLoop:
