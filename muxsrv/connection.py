@@ -30,7 +30,7 @@ import logging
 import socket
 from typing import TYPE_CHECKING, Any, Final
 
-from .framing import ENCODERS, Buffer, encode_error, make_decoder
+from .framing import Buffer, encode_error, make_decoder
 from .loop import EVENT_READ, EVENT_WRITE, Timer
 
 if TYPE_CHECKING:
@@ -73,10 +73,10 @@ class Connection:
     __slots__ = (
         "_batching",
         "_decoder",
-        "_encode",
         "_eof",
         "_fn",
         "_handler",
+        "_loop",
         "_mask",
         "_out",
         "_paused",
@@ -100,10 +100,10 @@ class Connection:
     ) -> None:
         settings = server.settings
         self._server = server
+        self._loop = server.loop
         self._sock = sock
         self._peer = peer  # None: asked of the socket when first needed (saves memory)
         self._decoder = make_decoder(settings.framing, settings.max_frame)
-        self._encode = ENCODERS[settings.framing]
         self._fn = function
         self._handler = handler
         # Pending output; None when there is none (an idle connection owns no list).
@@ -130,7 +130,7 @@ class Connection:
 
     @property
     def loop(self) -> EventLoop:
-        return self._server.loop
+        return self._loop
 
     @property
     def framing(self) -> str:
@@ -145,7 +145,7 @@ class Connection:
             return
         if not isinstance(payload, (bytes, bytearray, memoryview)):
             raise TypeError(f"send() takes bytes, not {type(payload).__name__}")
-        self._encode(self._queue(), payload)
+        self._server.encode(self._queue(), payload)
         self._flush()
 
     def send_error(self, text: str) -> None:
@@ -185,7 +185,7 @@ class Connection:
     def work_done(self) -> None:
         if self._work > 0:
             self._work -= 1
-        self.last_active = self._server.loop.now
+        self.last_active = self._loop.now
         self._maybe_finish()
 
     # -- events from the loop ---------------------------------------------
@@ -212,13 +212,13 @@ class Connection:
     def _on_readable(self) -> None:
         decoder = self._decoder
         try:
-            nbytes = self._sock.recv_into(decoder.get_buffer(self._server.loop.scratch))
+            nbytes = self._sock.recv_into(decoder.get_buffer(self._loop.scratch))
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
             self._fatal(exc, "recv")
             return
-        self.last_active = self._server.loop.now
+        self.last_active = self._loop.now
         if nbytes == 0:
             self._read_eof()
             return
@@ -233,9 +233,11 @@ class Connection:
     def _deliver(self, messages: list[bytes]) -> None:
         """Hand messages to the handler; replies collect in ``_out`` for one send."""
         fn = self._fn
-        out = self._queue()
+        out = self._out
+        if out is None:
+            out = self._out = []
         if fn is not None:
-            encode = self._encode
+            encode = self._server.encode
             for payload in messages:
                 try:
                     reply = fn(payload)
@@ -292,6 +294,8 @@ class Connection:
         messages = decoder.eof()
         if messages:
             self._deliver(messages)
+        elif decoder.error is not None:
+            self._violation(decoder.error)
         elif decoder.buffered:
             log.info("%s closed mid-message; %d bytes dropped", self._peer_text(), decoder.buffered)
         handler = self._handler
@@ -306,7 +310,7 @@ class Connection:
     def _discard_input(self) -> None:
         """Closing: read and drop input until EOF (the lingering close)."""
         try:
-            nbytes = self._sock.recv_into(self._server.loop.scratch)
+            nbytes = self._sock.recv_into(self._loop.scratch)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
@@ -357,7 +361,7 @@ class Connection:
             else:
                 _consume(out, sent)
             if sent:
-                self.last_active = self._server.loop.now
+                self.last_active = self._loop.now
             if out is None and self._mask == EVENT_READ and self._state == OPEN:
                 return  # the common case: all sent, still reading: nothing changes
         if not out and self._state == CLOSING:
@@ -385,7 +389,7 @@ class Connection:
         want = (EVENT_READ if reading else 0) | (EVENT_WRITE if out else 0)
         if want == self._mask:
             return
-        selector = self._server.loop.selector
+        selector = self._loop.selector
         if self._mask == 0:
             selector.register(self._sock, want, self)
         elif want == 0:
@@ -459,7 +463,7 @@ class Connection:
             self._timer.cancel()
             self._timer = None
         if self._mask:
-            self._server.loop.selector.unregister(self._sock)
+            self._loop.selector.unregister(self._sock)
             self._mask = 0
         self._out = None
         self._sock.close()

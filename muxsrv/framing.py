@@ -58,6 +58,15 @@ MAX_FRAME_LIMIT: Final = 0x7FFFFFFF
 #: An unfinished frame at least this large gets a buffer of its own, so its body
 #: is received in place instead of being re-copied on every recv.
 BODY_BUFFER_MIN: Final = 4096
+#: The longest unfinished tail LengthDecoder copies into scratch: a header and
+#: a body shorter than BODY_BUFFER_MIN.  Scratch must be larger than this.
+TAIL_MAX: Final = _HEADER.size + BODY_BUFFER_MIN
+
+#: Frames up to this size are copied out of a bytearray by slicing (two small
+#: copies beat a memoryview's object overhead); larger ones through a memoryview.
+_SLICE_COPY_MAX: Final = 1024
+#: Replies up to this size are framed as one buffer (header + payload).
+_CONCAT_MAX: Final = 4096
 
 FRAMINGS: Final = ("length", "line", "raw")
 
@@ -105,7 +114,9 @@ class Decoder:
         """Convenience for callers holding bytes: the same as a recv_into of ``data``."""
         view = memoryview(data).cast("B")
         out: list[bytes] = []
-        scratch = bytearray(max(len(view), 1))
+        # Room for the unfinished tail a decoder copies to the front of scratch
+        # (LengthDecoder), or a byte-at-a-time feed never gets a byte in.
+        scratch = bytearray(len(view) + TAIL_MAX)
         while view and self.error is None:
             buf = memoryview(self.get_buffer(scratch)).cast("B")
             n = min(len(buf), len(view))
@@ -134,7 +145,10 @@ class LengthDecoder(Decoder):
 
     @property
     def buffered(self) -> int:
-        return len(self._tail) + self._body_got
+        if self._body is not None:
+            # The header was consumed to size the body; it is part of what is held.
+            return _HEADER.size + self._body_got
+        return len(self._tail)
 
     def get_buffer(self, scratch: bytearray) -> Buffer:
         body = self._body
@@ -158,46 +172,59 @@ class LengthDecoder(Decoder):
             self._body_got = 0
             message = bytes(body)
             return [ErrorFrame(message) if self._body_error else message]
-        assert self._scratch is not None
-        buf = memoryview(self._scratch)
-        end = len(self._tail) + nbytes
+        buf = self._scratch
+        assert buf is not None
+        tail = self._tail
+        end = len(tail) + nbytes if tail else nbytes
         pos = 0
         out: list[bytes] = []
         limit = self.max_frame
+        unpack = _unpack_header
         while end - pos >= 4:
-            (n,) = _unpack_header(buf, pos)
-            is_error = False
-            if n > limit:
-                if not (self._accept_errors and n & ERROR_FLAG and n ^ ERROR_FLAG <= limit):
-                    self.error = f"frame of {n} bytes exceeds the limit of {limit} bytes"
-                    self._tail = b""
-                    return out
-                is_error = True
-                n ^= ERROR_FLAG
+            (n,) = unpack(buf, pos)
             start = pos + 4
             stop = start + n
-            if stop <= end:
-                message = buf[start:stop].tobytes()
-                out.append(ErrorFrame(message) if is_error else message)
-                pos = stop
-                continue
-            have = end - start
-            if n >= BODY_BUFFER_MIN:
+            if n <= limit:
+                if stop <= end:  # the hot path: a whole frame in the buffer
+                    if n <= _SLICE_COPY_MAX:
+                        out.append(bytes(buf[start:stop]))
+                    else:
+                        out.append(memoryview(buf)[start:stop].tobytes())
+                    pos = stop
+                    continue
+                is_error = False
+            elif self._accept_errors and n & ERROR_FLAG and n ^ ERROR_FLAG <= limit:
+                n ^= ERROR_FLAG
+                stop = start + n
+                if stop <= end:
+                    out.append(ErrorFrame(buf[start:stop]))
+                    pos = stop
+                    continue
+                is_error = True
+            else:
+                self.error = f"frame of {n} bytes exceeds the limit of {limit} bytes"
+                self._tail = b""
+                return out
+            if n >= BODY_BUFFER_MIN:  # unfinished and large: give it its own buffer
                 body = bytearray(n)
-                body[:have] = buf[start:end]
+                body[: end - start] = memoryview(buf)[start:end]
                 self._body = body
-                self._body_got = have
+                self._body_got = end - start
                 self._body_error = is_error
                 pos = end
             break
-        self._tail = buf[pos:end].tobytes() if pos < end else b""
+        self._tail = bytes(buf[pos:end]) if pos < end else b""
         return out
 
 
 def encode_length(out: list[Buffer], payload: Buffer) -> None:
-    """Append one length-prefixed frame to ``out`` (no copy of ``payload``)."""
-    out.append(pack_header(len(payload)))
-    out.append(payload)
+    """Append one length-prefixed frame to ``out`` (a large payload is not copied)."""
+    n = len(payload)
+    if n <= _CONCAT_MAX:
+        out.append(pack_header(n) + payload)  # one buffer: the flush needs no join
+    else:
+        out.append(pack_header(n))
+        out.append(payload)
 
 
 def encode_error(text: str, max_frame: int = MAX_FRAME_LIMIT) -> bytes:
@@ -263,6 +290,10 @@ class LineDecoder(Decoder):
         self._acc.clear()
         if line.endswith(b"\r"):
             line = line[:-1]
+        if len(line) > self.max_frame:
+            # _acc may hold one byte over the limit, waiting for a "\n" after a "\r".
+            self.error = f"line of {len(line)} bytes exceeds the limit of {self.max_frame} bytes"
+            return []
         return [line]
 
 

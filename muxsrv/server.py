@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
 from .connection import Connection, format_address
+from .framing import ENCODERS
 from .loop import EVENT_READ, EventLoop
 
 if TYPE_CHECKING:
@@ -107,10 +108,13 @@ class Server:
         self.draining = False
         self._function = function
         self._factory = factory
-        self._conns: set[Connection] = set()
+        self.encode = ENCODERS[settings.framing]
+        # A dict used as an ordered set: ~20 bytes a connection less than a set.
+        self._conns: dict[Connection, None] = {}
         self._refused: set[Connection] = set()
         self._listeners: list[_Listener] = []
-        self._accept_paused = False
+        self._accept_paused = False  # since EMFILE, until an accept succeeds
+        self._listening = False  # the listeners are registered with the selector
         self._refuse_log = _RateLimitedLog()
 
     # -- listening ----------------------------------------------------------
@@ -123,6 +127,7 @@ class Server:
             listener = _Listener(self, lsock)
             self._listeners.append(listener)
             self.loop.selector.register(lsock, EVENT_READ, listener)
+        self._listening = True
         if self.settings.idle_timeout > 0:
             self._schedule_idle_sweep()
         return [lsock.getsockname()[:2] for lsock in socks]
@@ -168,7 +173,7 @@ class Server:
             sock.close()
             return
         conn = Connection(self, sock, None, self._function, handler)
-        self._conns.add(conn)
+        self._conns[conn] = None
         conn.start()
 
     def _refuse(self, sock: _socket.socket, peer: Any) -> None:
@@ -190,18 +195,26 @@ class Server:
                 "accept failed: %s; pausing accepts, still serving %d connections",
                 exc.strerror, len(self._conns),
             )
-        for listener in self._listeners:
-            self.loop.selector.unregister(listener.sock)
+        self._stop_listening()
         self.loop.call_later(EMFILE_BACKOFF, self._resume_accepting)
 
     def _resume_accepting(self) -> None:
-        if self.draining:
+        if self.draining or self._listening:
             return
         for listener in self._listeners:
             self.loop.selector.register(listener.sock, EVENT_READ, listener)
+        self._listening = True
+
+    def _stop_listening(self) -> None:
+        # Not _accept_paused: that stays set after the listeners are back, until
+        # an accept succeeds.
+        if self._listening:
+            for listener in self._listeners:
+                self.loop.selector.unregister(listener.sock)
+            self._listening = False
 
     def connection_closed(self, conn: Connection) -> None:
-        self._conns.discard(conn)
+        self._conns.pop(conn, None)
         self._refused.discard(conn)
         if self.draining and not self._conns:
             self.loop.stop()
@@ -231,9 +244,8 @@ class Server:
         log.info("shutting down: draining %d connections (up to %g s)",
                  len(self._conns), self.settings.drain_timeout)
         self.draining = True
+        self._stop_listening()
         for listener in self._listeners:
-            if not self._accept_paused:
-                self.loop.selector.unregister(listener.sock)
             listener.sock.close()
         self._listeners.clear()
         for conn in list(self._conns):
