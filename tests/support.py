@@ -17,11 +17,15 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+#: Example plugins (package muxsrv_testplugins) for the server's PYTHONPATH.
+PLUGIN_DIR = ROOT / "tests" / "plugins_fixture"
+#: Where the example handlers are: f"{PLUGINS}:reverse".
+PLUGINS = "muxsrv_testplugins.handlers"
 LISTEN_RE = re.compile(r"listening on (\[[^\]]+\]|[^\s:]+):(\d+)")
 HDR = struct.Struct(">I")
 
@@ -43,7 +47,12 @@ def wait_for(
 class ServerProcess:
     """A muxsrv started as a user starts it: `python -m muxsrv ARGS`."""
 
-    def __init__(self, args: Sequence[str], env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        args: Sequence[str],
+        env: dict[str, str] | None = None,
+        preexec_fn: Callable[[], None] | None = None,
+    ) -> None:
         full_env = dict(os.environ)
         full_env["PYTHONPATH"] = str(ROOT) + os.pathsep + full_env.get("PYTHONPATH", "")
         full_env["PYTHONUNBUFFERED"] = "1"
@@ -57,6 +66,7 @@ class ServerProcess:
             stderr=subprocess.PIPE,
             env=full_env,
             cwd=ROOT,
+            preexec_fn=preexec_fn,
         )
         self.pid = self.proc.pid
         self.lines: list[str] = []
@@ -116,7 +126,10 @@ class ServerProcess:
             os.kill(self.pid, signum)
 
     def wait(self, timeout: float = 15.0) -> int:
-        return self.proc.wait(timeout)
+        """Wait for the exit status; by then all of stderr has been read."""
+        status = self.proc.wait(timeout)
+        self._reader.join(timeout)
+        return status
 
     def kill(self) -> None:
         if self.proc.poll() is None:
@@ -136,6 +149,20 @@ class ServerProcess:
     def open_fds(self) -> int:
         return len(os.listdir(f"/proc/{self.pid}/fd"))
 
+    def cpu_seconds(self) -> float:
+        """User plus system CPU time the server has used so far (/proc/PID/stat)."""
+        with open(f"/proc/{self.pid}/stat") as f:
+            # The command name (field 2) may hold spaces; count fields after its ")".
+            fields = f.read().rsplit(")", 1)[1].split()
+        ticks = os.sysconf("SC_CLK_TCK")
+        return (int(fields[11]) + int(fields[12])) / ticks
+
+    def log_count(self, pattern: str) -> int:
+        """How many stderr lines so far match ``pattern``."""
+        rx = re.compile(pattern)
+        with self._lock:
+            return sum(1 for line in self.lines if rx.search(line))
+
     def rss_bytes(self) -> int:
         with open(f"/proc/{self.pid}/status") as f:
             for line in f:
@@ -145,18 +172,25 @@ class ServerProcess:
 
 
 @contextmanager
-def running_server(*args: str, env: dict[str, str] | None = None) -> Iterator[ServerProcess]:
+def running_server(
+    *args: str,
+    env: dict[str, str] | None = None,
+    preexec_fn: Callable[[], None] | None = None,
+) -> Iterator[ServerProcess]:
     """Start `python -m muxsrv --port 0 ARGS`, yield it started, and always stop it."""
-    srv = ServerProcess(["--port", "0", *args], env=env)
+    srv = ServerProcess(["--port", "0", *args], env=env, preexec_fn=preexec_fn)
     try:
         srv.wait_started()
         yield srv
     finally:
         if srv.proc.poll() is None:
-            try:
+            with suppress(subprocess.TimeoutExpired):
                 srv.stop()
-            except subprocess.TimeoutExpired:
-                pass
+
+
+def plugin_env() -> dict[str, str]:
+    """``env=`` for running_server: the example plugins importable, and muxsrv too."""
+    return {"PYTHONPATH": os.pathsep.join([str(PLUGIN_DIR), str(ROOT)])}
 
 
 def frame(payload: bytes) -> bytes:
