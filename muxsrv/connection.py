@@ -201,33 +201,32 @@ class Connection:
                 self._fatal(exc, "handler connection_made")
 
     def handle_event(self, mask: int) -> None:
-        if mask & EVENT_READ:
-            if self._state == OPEN:
-                self._on_readable()
-            else:
-                self._discard_input()
-        if mask & EVENT_WRITE and self._state != CLOSED:
-            self._flush()
-
-    def _on_readable(self) -> None:
-        decoder = self._decoder
-        try:
-            nbytes = self._sock.recv_into(decoder.get_buffer(self._loop.scratch))
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:
-            self._fatal(exc, "recv")
-            return
+        """The loop's entry point; the read path is inlined (it runs per message)."""
         self.last_active = self._loop.now
-        if nbytes == 0:
-            self._read_eof()
-            return
-        messages = decoder.buffer_updated(nbytes)
-        if messages:
-            self._deliver(messages)
-        if decoder.error is not None and self._state == OPEN:
-            self._violation(decoder.error)
-        if self._out or self._state != OPEN or self._mask != EVENT_READ:
+        if mask & EVENT_READ:
+            if self._state != OPEN:
+                self._discard_input()
+                if mask & EVENT_WRITE:
+                    self._flush()
+                return
+            decoder = self._decoder
+            try:
+                nbytes = self._sock.recv_into(decoder.get_buffer(self._loop.scratch))
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self._fatal(exc, "recv")
+                return
+            if nbytes == 0:
+                self._read_eof()
+                return
+            messages = decoder.buffer_updated(nbytes)
+            if messages:
+                self._deliver(messages)
+            if decoder.error is not None and self._state == OPEN:
+                self._violation(decoder.error)
+            self._flush()
+        elif mask & EVENT_WRITE:
             self._flush()
 
     def _deliver(self, messages: list[bytes]) -> None:
@@ -360,8 +359,6 @@ class Connection:
                 out[:] = (memoryview(data)[sent:],)
             else:
                 _consume(out, sent)
-            if sent:
-                self.last_active = self._loop.now
             if out is None and self._mask == EVENT_READ and self._state == OPEN:
                 return  # the common case: all sent, still reading: nothing changes
         if not out and self._state == CLOSING:
