@@ -30,15 +30,14 @@ from typing import Any
 
 # Locust puts the current directory on sys.path, so `loadtest` imports when
 # run from the repository root; this makes the file work from anywhere else.
-_ROOT = str(Path(__file__).resolve().parent.parent)
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from locust import events, task  # noqa: E402
-from locust.env import Environment  # noqa: E402
+from locust import events, task
+from locust.env import Environment
+from locust.runners import MasterRunner
 
-from loadtest.muxuser import MuxUser, parse_host, raise_open_file_limit  # noqa: E402
-from loadtest.scenarios import SCENARIOS  # noqa: E402
+from loadtest.muxuser import MuxUser, parse_host, raise_open_file_limit
+from loadtest.scenarios import SCENARIOS
 
 DEFAULT_HOST = "tcp://127.0.0.1:9999"  # where `python -m muxsrv` listens by default
 # Descriptors a Locust process needs besides one socket per user: its own
@@ -59,7 +58,7 @@ def _at_least(minimum: int) -> Any:
     return parse
 
 
-@events.init_command_line_parser.add_listener
+@events.init_command_line_parser.add_listener  # type: ignore[untyped-decorator]
 def add_options(parser: Any) -> None:
     parser.add_argument(
         "--mux-handler",
@@ -91,7 +90,7 @@ def add_options(parser: Any) -> None:
     )
 
 
-@events.init.add_listener
+@events.init.add_listener  # type: ignore[untyped-decorator]
 def check_setup(environment: Environment, **_: Any) -> None:
     """Refuse a malformed --host now rather than once per user; warn about too few files."""
     if environment.host:
@@ -102,12 +101,16 @@ def check_setup(environment: Environment, **_: Any) -> None:
             sys.exit(2)
     options = environment.parsed_options
     users = getattr(options, "num_users", None)
-    if OPEN_FILES is not None and users and users + SPARE_FILES > OPEN_FILES:
+    if OPEN_FILES is None or not users or isinstance(environment.runner, MasterRunner):
+        return  # a master holds no user sockets
+    processes = getattr(options, "processes", None) or 1
+    share = -(-users // processes) if processes > 0 else users
+    if share + SPARE_FILES > OPEN_FILES:
         log.warning(
-            "%d users need about %d open files, but this process may open only %d: "
-            "raise the hard limit (ulimit -Hn) or spread users over --processes/--worker",
-            users,
-            users + SPARE_FILES,
+            "up to %d users here need about %d open files, but this process may open "
+            "only %d: raise the hard limit (ulimit -Hn) or add --processes/--worker",
+            share,
+            share + SPARE_FILES,
             OPEN_FILES,
         )
 

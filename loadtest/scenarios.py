@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from loadtest.wire import WrongReply, parse_exec_reply
 
-# Letters whose upper case is longer or shorter than they are (ß, ŉ, ﬁ, ı),
+# Letters whose upper case is longer or shorter than they are (ß, ŉ, ﬁ, dotless i),
 # several scripts, a 4-byte emoji, and plain ASCII, so a server that
 # upper-cases bytes instead of text, or truncates to the input length, fails.
 UPPER_ALPHABET = "abcxyzABC019 .,äéøßŉﬁıσςжπ€日🙂"

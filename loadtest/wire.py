@@ -10,6 +10,9 @@ an *error frame*, which only the server sends: the low 31 bits count bytes of
 UTF-8 text saying what went wrong.  A client feeds whatever it received to
 `FrameDecoder.receive_data` and calls `maybe_next_frame` until it returns None.
 
+It is deliberately independent of ``muxsrv.framing``: a load test that checked
+replies with the server's own codec would share that codec's bugs.
+
 The exec handler's reply payload is itself structured (a JSON header, then
 stdout and stderr); `parse_exec_reply` takes it apart.
 """

@@ -1,0 +1,1 @@
+"""Examples of load-testing a plugin handler with MuxUser."""
