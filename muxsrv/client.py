@@ -3,6 +3,7 @@
     with Client("127.0.0.1", 9999) as c:
         c.request(b"hello")                 # -> b"hello" from echo
         c.pipeline([b"a", b"b", b"c"])      # all sent before the replies are read
+        c.exec("ls -l")                     # -> ExecResult, from --handler exec
 
 It frames with the same sans-IO codecs as the server.  An error frame from the
 server raises :class:`ServerError` carrying the server's message; the end of
@@ -16,6 +17,7 @@ import argparse
 import contextlib
 import selectors
 import socket
+import struct
 import sys
 from collections import deque
 from collections.abc import Iterable, Sequence
@@ -31,10 +33,13 @@ from .framing import (
     LengthDecoder,
     make_decoder,
 )
+from .handlers.exec_protocol import ExecResult, ReplyError, decode_reply
 
-__all__ = ["Client", "ConnectionClosed", "ServerError", "main"]
+__all__ = ["Client", "ConnectionClosed", "ExecResult", "ReplyError", "ServerError", "main"]
 
 _RECV_SIZE = 256 * 1024
+#: Seconds to wait for the connection and each reply, unless told otherwise.
+DEFAULT_TIMEOUT = 10.0
 
 
 class ServerError(Exception):
@@ -89,6 +94,13 @@ class Client:
     def close(self) -> None:
         self._sock.close()
 
+    def abort(self) -> None:
+        """Close with a reset: the server drops what it owed this connection, and an
+        exec server kills the command it was running for it."""
+        with contextlib.suppress(OSError):
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self._sock.close()
+
     def shutdown_write(self) -> None:
         """Tell the server we send no more (it still delivers every reply)."""
         self._sock.shutdown(socket.SHUT_WR)
@@ -114,6 +126,20 @@ class Client:
         """Send one message and return its reply."""
         self.send(payload)
         return self.recv()
+
+    def exec(self, command: str | Buffer) -> ExecResult:
+        """Run ``command`` on an exec server (``--handler exec``) and return its result.
+
+        A str is sent as UTF-8 (lone surrogates as the bytes they stand for, so a
+        non-UTF-8 file name survives).  This client's timeout bounds the wait:
+        make it longer than the server's ``--exec-timeout``, or None.  Raises
+        ServerError for an error frame, ReplyError for a reply that is not one.
+        """
+        if self.framing != "length":
+            raise ValueError("exec needs length framing")
+        if isinstance(command, str):
+            command = command.encode("utf-8", "surrogateescape")
+        return decode_reply(self.request(command))
 
     def pipeline(self, payloads: Iterable[Buffer]) -> list[bytes]:
         """Send every message without waiting, then collect one reply per message.
@@ -151,6 +177,12 @@ class Client:
                             self._receive_some()
                 while self._inbox and len(replies) < count:
                     replies.append(self._inbox.popleft())
+            except ConnectionError:
+                # Closed or reset early: if the server said why (an error frame, as
+                # for a message over its --max-frame), that is the error to raise.
+                for reply in (*replies, *self._inbox):
+                    self._check(reply)
+                raise
             finally:
                 self._sock.settimeout(self.timeout)
         return [self._check(r) for r in replies]
@@ -179,14 +211,23 @@ def build_parser() -> argparse.ArgumentParser:
         prog="muxsrv-client",
         description="Send each MESSAGE to a muxsrv server and print each reply on its own "
         "line; with no MESSAGE, an interactive prompt.",
+        epilog="With --exec (a server started with --handler exec): like `ssh host COMMAND`, "
+        "the remote stdout and stderr go to this stdout and stderr and the exit status is the "
+        "command's (killed by signal N: 128+N; timed out: 124; no server or a protocol "
+        "error: 255).",
     )
     parser.add_argument("messages", nargs="*", metavar="MESSAGE")
     parser.add_argument("--host", default="127.0.0.1", help="(default: 127.0.0.1)")
     parser.add_argument("--port", type=int, default=9999, help="(default: 9999)")
     parser.add_argument("--framing", choices=FRAMINGS, default="length",
                         help="as the server's (default: length)")
-    parser.add_argument("--timeout", type=float, default=10.0,
-                        help="seconds to wait for the connection and each reply (default: 10)")
+    parser.add_argument("--timeout", type=float, default=None,
+                        help="seconds to wait for the connection and each reply (default: 10; "
+                        "with --exec, 10 to connect and no limit on the reply, which the "
+                        "server's --exec-timeout bounds)")
+    parser.add_argument("--exec", nargs="?", const="", metavar="COMMAND",
+                        help="run COMMAND (and any MESSAGE words after it, joined with spaces) "
+                        "on an exec server; with no COMMAND, an interactive $ prompt")
     return parser
 
 
@@ -216,10 +257,16 @@ def _interactive(client: Client) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    options = build_parser().parse_args(argv)
+    parser = build_parser()
+    options = parser.parse_args(argv)
+    if options.exec is not None:
+        if options.framing != "length":
+            parser.error("--exec needs --framing length")
+        return _exec_main(options)
+    timeout = DEFAULT_TIMEOUT if options.timeout is None else options.timeout
     where = f"{options.host}:{options.port}"
     try:
-        with Client(options.host, options.port, options.framing, options.timeout) as client:
+        with Client(options.host, options.port, options.framing, timeout) as client:
             if not options.messages:
                 return _interactive(client)
             status = 0
@@ -231,8 +278,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     status = 1
             return status
     except TimeoutError:
-        print(f"muxsrv-client: error: {where}: timed out after {options.timeout:g} s",
-              file=sys.stderr)
+        print(f"muxsrv-client: error: {where}: timed out after {timeout:g} s", file=sys.stderr)
     except ConnectionClosed as exc:
         print(f"muxsrv-client: error: {where}: {exc}", file=sys.stderr)
     except OSError as exc:
@@ -242,6 +288,72 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"muxsrv-client: error: {exc}", file=sys.stderr)
         return 2
     return 1
+
+
+# -- --exec: like `ssh host COMMAND` ------------------------------------------
+
+#: Exit status for "no server" and protocol errors, as ssh uses it.
+EXEC_FAILURE = 255
+
+
+def _exec_main(options: argparse.Namespace) -> int:
+    command = " ".join(word for word in (options.exec, *options.messages) if word)
+    where = f"{options.host}:{options.port}"
+    try:
+        client = Client(options.host, options.port, "length",
+                        DEFAULT_TIMEOUT if options.timeout is None else options.timeout)
+    except OSError as exc:
+        print(f"muxsrv-client: error: cannot reach {where}: {exc.strerror or exc}",
+              file=sys.stderr)
+        return EXEC_FAILURE
+    with client:
+        # The server's --exec-timeout bounds the command; ours only if asked for.
+        client.timeout = options.timeout
+        client._sock.settimeout(options.timeout)
+        try:
+            return _exec_run(client, command) if command else _exec_interactive(client)
+        except KeyboardInterrupt:
+            client.abort()  # the reset tells the server to kill the command
+            return 130
+        except TimeoutError:
+            print(f"muxsrv-client: error: {where}: no reply within {options.timeout:g} s",
+                  file=sys.stderr)
+        except (ServerError, ReplyError, ConnectionClosed, OSError) as exc:
+            print(f"muxsrv-client: error: {where}: {exc}", file=sys.stderr)
+    return EXEC_FAILURE
+
+
+def _exec_run(client: Client, command: str) -> int:
+    """Run one command: its stdout to ours, its stderr to ours; return its status."""
+    result = client.exec(command)
+    sys.stdout.buffer.write(result.stdout)
+    sys.stdout.flush()
+    sys.stderr.buffer.write(result.stderr)
+    if result.timed_out:
+        sys.stderr.buffer.write(b"muxsrv-client: timed out (the server's --exec-timeout)\n")
+    if result.truncated:
+        sys.stderr.buffer.write(b"muxsrv-client: output truncated (--exec-max-output)\n")
+    sys.stderr.flush()
+    return result.status
+
+
+def _exec_interactive(client: Client) -> int:
+    with contextlib.suppress(ImportError):
+        import readline  # noqa: F401  (line editing and history for input())
+    status = 0
+    while True:
+        try:
+            line = input("$ ")
+        except EOFError:
+            print()
+            return status
+        if not line.strip():
+            continue
+        try:
+            status = _exec_run(client, line)
+        except ServerError as exc:
+            print(f"muxsrv-client: server error: {exc.message}", file=sys.stderr)
+            status = EXEC_FAILURE
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ import logging
 import socket
 from typing import TYPE_CHECKING, Any, Final
 
-from .framing import Buffer, encode_error, make_decoder
+from .framing import MAX_FRAME_LIMIT, Buffer, encode_error, make_decoder, pack_header
 from .loop import EVENT_READ, EVENT_WRITE, Timer
 
 if TYPE_CHECKING:
@@ -76,6 +76,7 @@ class Connection:
         "_eof",
         "_fn",
         "_handler",
+        "_held",
         "_loop",
         "_mask",
         "_out",
@@ -113,6 +114,8 @@ class Connection:
         self._batching = False  # inside message_received: send() only queues
         self._eof = False
         self._paused = False  # by the handler, or by the server's drain
+        # Messages decoded after the handler paused reading: handed over on resume.
+        self._held: list[bytes] | None = None
         self._paused_out = False  # by flow control: too much pending output
         self._work = 0
         self._timer: Timer | None = None
@@ -140,12 +143,25 @@ class Connection:
     def closing(self) -> bool:
         return self._state != OPEN
 
-    def send(self, payload: Buffer) -> None:
+    def send(self, payload: Buffer, *more: Buffer) -> None:
         if self._state != OPEN:
             return
-        if not isinstance(payload, (bytes, bytearray, memoryview)):
-            raise TypeError(f"send() takes bytes, not {type(payload).__name__}")
-        self._server.encode(self._queue(), payload)
+        for part in (payload, *more):
+            if not isinstance(part, (bytes, bytearray, memoryview)):
+                raise TypeError(f"send() takes bytes, not {type(part).__name__}")
+        if not more:
+            self._server.encode(self._queue(), payload)
+        elif self.framing == "length":
+            # One message, gathered: the parts are queued as they are (no copy).
+            parts = [part for part in (payload, *more) if len(part)]
+            size = sum(map(len, parts))
+            if size > MAX_FRAME_LIMIT:
+                raise ValueError(f"a message of {size} bytes does not fit a length frame")
+            out = self._queue()
+            out.append(pack_header(size))
+            out += parts
+        else:
+            self._server.encode(self._queue(), b"".join((payload, *more)))
         self._flush()
 
     def send_error(self, text: str) -> None:
@@ -177,7 +193,12 @@ class Connection:
         if self._server.draining:
             return
         self._paused = False
-        self._update_mask()
+        if self._held is not None:
+            # First what arrived before the pause, from the loop (not from inside
+            # the handler's own call); reading resumes after that.
+            self._loop.call_soon(self._deliver_held)
+        else:
+            self._update_mask()
 
     def work_started(self) -> None:
         self._work += 1
@@ -258,8 +279,11 @@ class Connection:
         # the caller flushes once after the batch.
         self._batching = True
         try:
-            for payload in messages:
+            for i, payload in enumerate(messages):
                 if self._state != OPEN:
+                    return
+                if self._paused and not self._server.draining:
+                    self._held = messages[i:]  # the handler paused: no more until resumed
                     return
                 try:
                     handler.message_received(self, payload)
@@ -268,6 +292,14 @@ class Connection:
                         return
         finally:
             self._batching = False
+
+    def _deliver_held(self) -> None:
+        held = self._held
+        if held is None or self._state != OPEN or (self._paused and not self._server.draining):
+            return
+        self._held = None
+        self._deliver(held)
+        self._flush()
 
     def _handler_failed(self, exc: Exception) -> bool:
         """Log a failing handler; answer with an error frame.  False: connection ends."""
@@ -380,7 +412,7 @@ class Connection:
         else:
             self._paused_out = False
         if state == OPEN:
-            reading = not (self._eof or self._paused or self._paused_out)
+            reading = not (self._eof or self._paused or self._paused_out or self._held)
         else:
             reading = not self._eof
         want = (EVENT_READ if reading else 0) | (EVENT_WRITE if out else 0)
@@ -397,7 +429,7 @@ class Connection:
 
     def _maybe_finish(self) -> None:
         """Close when nothing more is owed: after EOF, or while the server drains."""
-        if self._out or self._work or self._state != OPEN:
+        if self._out or self._work or self._held or self._state != OPEN:
             return
         if self._eof:
             self._close(None)
@@ -409,6 +441,9 @@ class Connection:
     def begin_drain(self) -> None:
         """Server shutdown: read no more; close once replies already owed are sent."""
         self._paused = True
+        if self._held is not None:
+            # Received before the handler paused: still answered.
+            self._loop.call_soon(self._deliver_held)
         self._update_mask()
         self._maybe_finish()
 

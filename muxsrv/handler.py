@@ -64,8 +64,14 @@ class Conn(Protocol):
         """True once the connection is closing or closed: sends are dropped."""
         ...
 
-    def send(self, payload: Buffer) -> None:
-        """Queue one reply message (framed by the connection's codec)."""
+    def send(self, payload: Buffer, *more: Buffer) -> None:
+        """Queue one reply message (framed by the connection's codec).
+
+        With ``more``, the message is ``payload`` followed by each of ``more``:
+        with ``length`` framing the parts are sent as they are, never joined, so
+        a large reply assembled from pieces costs no copy.  Do not change the
+        buffers after the call.
+        """
         ...
 
     def send_error(self, text: str) -> None:

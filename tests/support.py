@@ -105,6 +105,12 @@ class ServerProcess:
         with self._lock:
             return "\n".join(self.lines)
 
+    def final_log(self, timeout: float = 10.0) -> str:
+        """Everything the process wrote to stderr, once it has exited."""
+        self.proc.wait(timeout)
+        self._reader.join(timeout)
+        return self.stderr_text()
+
     def wait_log(self, pattern: str, timeout: float = 10.0) -> str:
         rx = re.compile(pattern)
 

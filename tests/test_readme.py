@@ -35,9 +35,9 @@ def test_readme_examples_exist() -> None:
 
 def test_function_example_runs(tmp_path: Path) -> None:
     (tmp_path / "reverse.py").write_text(python_blocks()["reverse.py"])
-    with running_server("--handler", "reverse:reverse", env={"PYTHONPATH": str(tmp_path)}) as srv:
-        with Client(srv.host, srv.port) as c:
-            assert c.request(b"stressed") == b"desserts"
+    env = {"PYTHONPATH": str(tmp_path)}
+    with running_server("--handler", "reverse:reverse", env=env) as srv, Client(*srv.address) as c:
+        assert c.request(b"stressed") == b"desserts"
 
 
 def test_class_example_runs_with_its_own_option(tmp_path: Path) -> None:

@@ -1,0 +1,260 @@
+"""The exec handler: each message is a command line; the reply is its result.
+
+How it works
+------------
+``configure`` checks the options (``exec_config``) and returns an
+:class:`ExecService`: the factory the server calls per connection, and the
+one place for state shared by all of them, the :class:`Slots` that bound how
+many commands run at once (``--exec-max-procs``).
+
+Each connection gets an :class:`ExecHandler` with a queue of received
+commands.  It runs them one after another, so replies leave in request order;
+the head of the queue waits for a slot (first come, first served across
+connections, and a connection goes to the back of the line after each
+command, so one long pipeline cannot hold a slot), then runs as a
+:class:`~.exec_process.Child` watched by the server's own loop.  Nothing here
+ever waits: a child's pipes and exit are events like a socket's.
+
+Every received command is "work in progress" for the connection until its
+reply is queued, so idle timeouts spare it and the shutdown drain waits for
+it; after the drain, ``connection_lost`` kills what still runs.  A client
+that goes away (``connection_lost``) has its running command's process group
+killed and its queued commands dropped; a half-closed one is still answered.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import logging
+import os
+from collections import deque
+from typing import TYPE_CHECKING, Final
+
+from ..connection import format_address
+from ..handler import Conn, Handler
+from . import exec_config
+from .exec_config import ExecConfig
+from .exec_process import Child
+from .exec_protocol import (
+    CANNOT_EXECUTE,
+    NOT_FOUND,
+    ExecResult,
+    Refused,
+    command_argv,
+    encode_header,
+    encode_reply,
+)
+
+if TYPE_CHECKING:
+    from ..loop import EventLoop
+
+__all__ = ["ExecHandler", "ExecService", "Slots"]
+
+log = logging.getLogger("muxsrv")
+
+#: Stop reading from a connection with this many commands pending (bounds its queue) ...
+PAUSE_AT: Final = 32
+#: ... and read again once it is down to this many.
+RESUME_AT: Final = 8
+#: How much of a command line a log line shows.
+LOG_COMMAND_MAX: Final = 200
+
+
+class Slots:
+    """At most ``size`` commands run at once; the others wait, first come first served."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.running = 0
+        self._waiting: deque[ExecHandler] = deque()
+        self._granting = False
+
+    def request(self, handler: ExecHandler) -> None:
+        """``handler.slot_granted()`` is called now, or when a slot frees up."""
+        self._waiting.append(handler)
+        self._grant()
+
+    def cancel(self, handler: ExecHandler) -> None:
+        if handler in self._waiting:
+            self._waiting.remove(handler)
+
+    def release(self) -> None:
+        self.running -= 1
+        self._grant()
+
+    def _grant(self) -> None:
+        # slot_granted may release or request again: the outer loop carries on
+        # instead of recursing (a thousand failing spawns must not nest).
+        if self._granting:
+            return
+        self._granting = True
+        try:
+            while self._waiting and self.running < self.size:
+                self.running += 1
+                self._waiting.popleft().slot_granted()
+        finally:
+            self._granting = False
+
+
+class ExecService:
+    """What ``configure`` returns: the factory, holding what connections share."""
+
+    def __init__(self, config: ExecConfig) -> None:
+        self.config = config
+        self.slots = Slots(config.max_procs)
+
+    def __call__(self) -> ExecHandler:
+        return ExecHandler(self)
+
+
+class ExecHandler(Handler):
+    """One connection's commands: queued, run one at a time, answered in order."""
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        exec_config.add_arguments(parser)
+
+    @classmethod
+    def configure(cls, options: argparse.Namespace) -> ExecService:
+        return ExecService(exec_config.from_options(options))
+
+    def __init__(self, service: ExecService) -> None:
+        self._service = service
+        self._config = service.config
+        self._conn: Conn | None = None
+        self._peer = "unknown peer"
+        self._queue: deque[bytes] = deque()  # received, not answered; the head runs
+        self._argv: list[bytes] | list[str] = []  # the head's, while it waits for a slot
+        self._waiting = False
+        self._child: Child | None = None
+        self._paused = False
+        self._lost = False
+
+    # -- the handler interface ---------------------------------------------------
+
+    def connection_made(self, conn: Conn) -> None:
+        self._conn = conn
+        self._peer = format_address(conn.peer)  # now: a closed socket cannot tell
+
+    def message_received(self, conn: Conn, payload: bytes) -> None:
+        self._queue.append(payload)
+        conn.work_started()
+        if len(self._queue) >= PAUSE_AT and not self._paused:
+            self._paused = True
+            conn.pause_reading()
+        self._next()
+
+    def connection_lost(self, conn: Conn, exc: BaseException | None) -> None:
+        self._lost = True
+        dropped = len(self._queue) - (self._child is not None)
+        self._queue.clear()
+        if self._waiting:
+            self._waiting = False
+            self._service.slots.cancel(self)
+        if dropped:
+            log.info("exec %s: connection lost; %d queued commands dropped", self._peer, dropped)
+        if self._child is not None:
+            self._child.abandon()  # _child_done follows once it is reaped
+
+    # -- running the queue -----------------------------------------------------
+
+    def _next(self) -> None:
+        """Start on the head of the queue unless a command is running or waiting."""
+        while self._queue and self._child is None and not self._waiting and not self._lost:
+            try:
+                self._argv = command_argv(self._queue[0], self._config.allowed)
+            except Refused as exc:
+                log.info("exec %s: refused (%s): %s", self._peer, exc, _shown(self._queue[0]))
+                self._answer(encode_reply(ExecResult(
+                    NOT_FOUND, stderr=f"muxsrv: {exc}; nothing was run\n".encode()
+                )))
+                continue
+            self._waiting = True
+            self._service.slots.request(self)  # slot_granted: now or later
+
+    def slot_granted(self) -> None:
+        self._waiting = False
+        config = self._config
+        command = self._queue[0]
+        try:
+            child = Child(
+                self._loop, self._argv, cwd=config.cwd, env=config.env,
+                timeout=config.timeout, max_output=config.max_output, on_done=self._child_done,
+            )
+        except Exception as exc:  # whatever it was, the slot and the queue go on
+            self._service.slots.release()
+            self._spawn_failed(command, exc)
+            self._next()
+            return
+        self._child = child
+        log.info("exec %s: pid %d started: %s", self._peer, child.pid, _shown(command))
+
+    def _child_done(self, child: Child) -> None:
+        self._child = None
+        took = self._loop.time() - child.started
+        if child.abandoned:
+            log.info("exec %s: pid %d killed, client gone after %.3f s",
+                     self._peer, child.pid, took)
+        else:
+            out, err = child.output
+            assert child.returncode is not None
+            flags = "".join((", timed out" if child.timed_out else "",
+                             ", output truncated" if child.truncated else ""))
+            log.info("exec %s: pid %d exit %d in %.3f s (%d+%d bytes out%s)", self._peer,
+                     child.pid, child.returncode, took, out.size, err.size, flags)
+            header = encode_header(child.returncode, out.size, err.size,
+                                   child.timed_out, child.truncated)
+            self._answer(header, *out.parts(), *err.parts())
+        self._service.slots.release()
+        self._next()
+
+    def _spawn_failed(self, command: bytes, exc: Exception) -> None:
+        log.warning("exec %s: cannot start %s: %s", self._peer, _shown(command), exc,
+                    exc_info=not isinstance(exc, OSError))
+        errno_ = exc.errno if isinstance(exc, OSError) else None
+        if errno_ in (errno.ENOENT, errno.ENOTDIR):
+            status = NOT_FOUND
+        elif errno_ in (errno.EACCES, errno.EPERM, errno.ENOEXEC, errno.EISDIR):
+            status = CANNOT_EXECUTE
+        else:  # out of processes, descriptors or memory: the server's trouble
+            assert self._conn is not None
+            self._queue.popleft()
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            self._conn.send_error(f"cannot start the command: {reason}")
+            self._done_one()
+            return
+        assert isinstance(exc, OSError)
+        program = os.fsdecode(self._argv[0])
+        self._answer(encode_reply(ExecResult(
+            status, stderr=f"muxsrv: {program}: {exc.strerror}\n".encode(errors="replace")
+        )))
+
+    def _answer(self, payload: bytes, *more: bytes | bytearray | memoryview) -> None:
+        """Send the reply to the head of the queue and move on."""
+        conn = self._conn
+        assert conn is not None
+        self._queue.popleft()
+        if not conn.closing:
+            conn.send(payload, *more)
+        self._done_one()
+
+    def _done_one(self) -> None:
+        assert self._conn is not None
+        if self._paused and len(self._queue) <= RESUME_AT:
+            self._paused = False
+            self._conn.resume_reading()
+        self._conn.work_done()  # last: with nothing owed after EOF, this closes
+
+    @property
+    def _loop(self) -> EventLoop:
+        assert self._conn is not None
+        return self._conn.loop
+
+
+def _shown(command: bytes) -> str:
+    """A command line for a log line: one line, bounded, undecodable bytes escaped."""
+    text = command.decode("utf-8", "backslashreplace")
+    if len(text) > LOG_COMMAND_MAX:
+        text = text[:LOG_COMMAND_MAX] + "..."
+    return repr(text)

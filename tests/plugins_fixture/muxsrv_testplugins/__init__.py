@@ -1,0 +1,1 @@
+"""Example handler plugins used by the tests (see handlers.py)."""

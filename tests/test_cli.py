@@ -1,0 +1,138 @@
+"""The server's command line: start-up line, mistakes (one line, exit 2), signals."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import socket
+import subprocess
+import sys
+
+import pytest
+from support import LISTEN_RE, ROOT, frame, recv_frame, running_server
+
+from muxsrv import __version__, cli
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def run_muxsrv(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run the server as a user does, for commands that end on their own."""
+    return subprocess.run(
+        [sys.executable, "-m", "muxsrv", *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL,
+    )
+
+
+def test_unknown_handler_names_it_and_the_available_ones() -> None:
+    """Bug caught: a traceback (or a silent echo server) for a mistyped --handler."""
+    run = run_muxsrv("--handler", "uper", "--port", "0")
+    assert run.returncode == 2
+    assert run.stderr == (
+        "muxsrv: error: unknown handler 'uper'; available: echo, exec, upper"
+        " (or give package.module:attribute)\n"
+    )
+    assert run.stdout == ""
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--port", "70000"], "argument --port: must be from 0 to 65535"),
+        (["--port", "http"], "argument --port: not a port number: 'http'"),
+        (["--max-frame", "0"], "argument --max-frame: must be from 1 to 2147483647"),
+        (["--max-frame", "2G"], "argument --max-frame: must be from 1 to 2147483647"),
+        (["--max-frame", "12X"], "argument --max-frame: not a size in bytes: '12X'"),
+        (["--max-frame", ""], "argument --max-frame: not a size in bytes: ''"),
+        (["--max-conns", "0"], "argument --max-conns: must be at least 1"),
+        (["--max-conns", "1.5"], "argument --max-conns: not a whole number: '1.5'"),
+        (["--idle-timeout", "-1"], "argument --idle-timeout: must be a finite number"),
+        (["--idle-timeout", "nan"], "argument --idle-timeout: must be a finite number"),
+        (["--drain-timeout", "inf"], "argument --drain-timeout: must be a finite number"),
+        (["--drain-timeout", "soon"], "argument --drain-timeout: not a number of seconds"),
+        (["--framing", "json"], "argument --framing: invalid choice: 'json'"),
+        (["--log-level", "loud"], "argument --log-level: invalid choice: 'loud'"),
+        (["--workers", "-1"], "argument --workers: must be 0 (one per CPU) or more"),
+        (["--no-such-option"], "unrecognized arguments: --no-such-option"),
+        (["--handler"], "argument --handler: expected one argument"),
+    ],
+)
+def test_bad_values_one_line_exit_2(
+    args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Bug caught: a bad value starting a server with a default, or a usage dump/traceback
+    instead of one line saying what is wrong."""
+    with pytest.raises(SystemExit) as info:
+        cli.main(args)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("muxsrv: error: "), err
+    assert message in err
+
+
+def test_bad_value_in_a_real_process() -> None:
+    run = run_muxsrv("--max-frame", "3G")
+    assert run.returncode == 2
+    assert run.stderr == (
+        "muxsrv: error: argument --max-frame: must be from 1 to 2147483647 (2^31-1) bytes"
+        " (see --help)\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [("100", 100), ("1k", 1024), ("16M", 16 << 20), ("2KiB", 2048), ("1g", 1 << 30),
+     ("64kb", 64 << 10)],
+)
+def test_parse_size(text: str, value: int) -> None:
+    assert cli.parse_size(text) == value
+
+
+@pytest.mark.parametrize("text", ["", "M", "1.5M", "ten", "1T"])
+def test_parse_size_rejects(text: str) -> None:
+    with pytest.raises(argparse.ArgumentTypeError):
+        cli.parse_size(text)
+
+
+def test_startup_line() -> None:
+    """Bug caught: the start-up line missing, wrong, or naming a port that is not ours."""
+    with running_server("--handler", "upper", "--framing", "line") as srv:
+        line = srv.lines[0]
+        assert line == f"muxsrv: listening on 127.0.0.1:{srv.port} (handler upper, framing line)"
+        assert srv.port != 0
+        with srv.connect() as sock:
+            sock.sendall(b"up\n")
+            assert sock.recv(10) == b"UP\n"
+
+
+def test_cannot_listen_is_one_line() -> None:
+    """Bug caught: a busy port ending in a traceback."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        run = run_muxsrv("--port", str(port))
+    assert run.returncode == 1
+    assert run.stderr == (
+        f"muxsrv: error: cannot listen on 127.0.0.1:{port}: Address already in use\n"
+    )
+
+
+def test_version() -> None:
+    run = run_muxsrv("--version")
+    assert run.returncode == 0 and run.stdout == f"muxsrv {__version__}\n"
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_signals_stop_cleanly(signum: int) -> None:
+    """Bug caught: SIGINT ending in a KeyboardInterrupt traceback, or a non-zero exit."""
+    with running_server() as srv:
+        with srv.connect() as sock:
+            sock.sendall(frame(b"x"))
+            assert recv_frame(sock) == (False, b"x")
+        srv.signal(signum)
+        assert srv.wait() == 0
+        log = srv.final_log()
+        assert "Traceback" not in log
+        assert log.splitlines()[-1].endswith("muxsrv INFO: stopped")
+        assert LISTEN_RE.search(log.splitlines()[0])

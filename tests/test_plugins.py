@@ -1,0 +1,208 @@
+"""Handler plugins: the built-ins, both forms loaded by path or entry point, and errors
+that name the culprit."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+from support import (
+    PLUGIN_DIR,
+    PLUGINS,
+    ROOT,
+    frame,
+    plugin_env,
+    recv_frame,
+    recv_until_eof,
+    running_server,
+)
+
+from muxsrv import cli, plugins
+from muxsrv.handlers.builtin import echo, upper
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def request(sock: socket.socket, payload: bytes) -> tuple[bool, bytes]:
+    sock.sendall(frame(payload))
+    return recv_frame(sock)
+
+
+# -- the built-ins ------------------------------------------------------------------
+
+
+def test_entry_points_in_pyproject_equal_builtins() -> None:
+    """Bug caught: a built-in added, renamed or moved in one place and not the other."""
+    with open(ROOT / "pyproject.toml", "rb") as f:
+        project = tomllib.load(f)["project"]
+    assert project["entry-points"][plugins.ENTRY_POINT_GROUP] == plugins.BUILTINS
+
+
+@pytest.mark.parametrize("name", sorted(plugins.BUILTINS))
+def test_every_builtin_loads(name: str) -> None:
+    """Bug caught: a built-in's target pointing at nothing (found only when a user asks)."""
+    loaded = plugins.load(plugins.find(name))
+    assert loaded.plugin.source == "built-in"
+    assert loaded.form in ("function", "class")
+
+
+@pytest.mark.parametrize(
+    ("payload", "want"),
+    [
+        ("héllo wörld".encode(), "HÉLLO WÖRLD".encode()),
+        (b"\xffabc", b"\xffABC"),  # not UTF-8: ASCII rules, other bytes kept
+        (b"mixed \xc3\xa9 \xff", b"MIXED \xc3\xa9 \xff"),
+        (b"", b""),
+        (b"ascii 123", b"ASCII 123"),
+    ],
+)
+def test_upper(payload: bytes, want: bytes) -> None:
+    """Bug caught: UTF-8 upper-cased bytewise (é unchanged) or invalid UTF-8 crashing."""
+    assert upper(payload) == want
+
+
+def test_echo_is_identity() -> None:
+    payload = bytes(range(256))
+    assert echo(payload) == payload
+
+
+def test_upper_over_the_network_both_framings() -> None:
+    with running_server("--handler", "upper") as srv, srv.connect() as sock:
+        assert request(sock, "héllo wörld".encode()) == (False, "HÉLLO WÖRLD".encode())
+        assert request(sock, b"\xffabc") == (False, b"\xffABC")
+    with running_server("--handler", "upper", "--framing", "line") as srv, srv.connect() as sock:
+        sock.sendall("héllo wörld\n".encode() + b"\xffabc\r\n")
+        want = "HÉLLO WÖRLD\n".encode() + b"\xffABC\n"
+        got = b""
+        while len(got) < len(want):
+            chunk = sock.recv(100)
+            assert chunk
+            got += chunk
+        assert got == want
+
+
+# -- plugins loaded by package.module:attribute ---------------------------------------
+
+
+def test_function_plugin_by_import_path() -> None:
+    """Bug caught: the package.module:attribute form not imported from PYTHONPATH."""
+    with (
+        running_server("--handler", f"{PLUGINS}:reverse", env=plugin_env()) as srv,
+        srv.connect() as sock,
+    ):
+        assert request(sock, b"stressed") == (False, b"desserts")
+
+
+def test_class_plugin_call_order_one_instance_per_connection() -> None:
+    """Bugs caught: calls out of order (made -> message* -> eof -> lost), eof_received not
+    called or its reply dropped, connection_lost missing or twice, instances shared."""
+    with running_server("--handler", f"{PLUGINS}:Tracer", env=plugin_env()) as srv:
+        first, second = srv.connect(), srv.connect()
+        with first, second:
+            assert request(first, b"a") == (False, b"a")
+            _, record = request(first, b"trace")
+            assert record.endswith(b" made message:a message:trace")
+            number = record.split()[0]
+            _, other = request(second, b"trace")
+            assert other.split()[0] != number
+            assert other.endswith(b" made message:trace")
+            first.shutdown(socket.SHUT_WR)
+            assert recv_until_eof(first) == frame(number + b" made message:a message:trace eof")
+        line = srv.wait_log(rf"tracer {number.decode()} ")
+        assert line.endswith(f"tracer {number.decode()} made message:a message:trace eof lost")
+        # The second closed without a half-close of its own: its close is an EOF too.
+        srv.wait_log(rf"tracer {other.split()[0].decode()} made message:trace eof lost")
+        assert srv.stop() == 0
+        log = srv.final_log()
+        assert log.count(f"tracer {number.decode()} made") == 1
+
+
+def test_class_plugin_options_and_config_error() -> None:
+    """Bug caught: a class plugin's own options not parsed, or its ConfigError a traceback."""
+    env = {**plugin_env()}
+    cmd = [sys.executable, "-m", "muxsrv", "--handler", f"{PLUGINS}:Deferred"]
+    run = subprocess.run([*cmd, "--help"], env=env, cwd=ROOT, capture_output=True, timeout=30)
+    assert run.returncode == 0 and b"--deferred-delay" in run.stdout
+    run = subprocess.run(
+        [*cmd, "--deferred-delay", "-1"], env=env, cwd=ROOT, capture_output=True, timeout=30
+    )
+    assert run.returncode == 2
+    assert run.stderr.decode() == "muxsrv: error: --deferred-delay must not be negative\n"
+
+
+# -- entry points -----------------------------------------------------------------------
+
+
+def _fake_distribution(where: Path) -> None:
+    """A distribution that registers 'shout' in the muxsrv.handlers group."""
+    info = where / "muxsrv_fake_plugin-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: muxsrv-fake-plugin\nVersion: 1.0\n"
+    )
+    (info / "entry_points.txt").write_text(
+        f"[muxsrv.handlers]\nshout = {PLUGINS}:reverse\necho = muxsrv.handlers.builtin:echo\n"
+    )
+
+
+def test_entry_point_plugin_is_found_by_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bug caught: third-party entry points ignored, or a re-registered built-in reported
+    as coming from somewhere else."""
+    _fake_distribution(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.syspath_prepend(str(PLUGIN_DIR))
+    found = plugins.available()
+    assert found["shout"].source == "entry point of muxsrv-fake-plugin"
+    assert found["echo"].source == "built-in"
+    assert plugins.load(found["shout"]).form == "function"
+    env = plugin_env()
+    env["PYTHONPATH"] = f"{tmp_path}:{env['PYTHONPATH']}"
+    with running_server("--handler", "shout", env=env) as srv, srv.connect() as sock:
+        assert request(sock, b"abc") == (False, b"cba")
+
+
+# -- plugin errors name the culprit ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("muxsrv_nosuch.module:fn",
+         "handler 'muxsrv_nosuch.module:fn' (muxsrv_nosuch.module:fn, import path): importing"
+         " module 'muxsrv_nosuch.module' failed: ModuleNotFoundError: No module named"
+         " 'muxsrv_nosuch'"),
+        ("muxsrv_testplugins.broken:echo",
+         "importing module 'muxsrv_testplugins.broken' failed: ModuleNotFoundError: No module"
+         " named 'muxsrv_testplugins_missing_dependency'"),
+        (f"{PLUGINS}:nope", f"module '{PLUGINS}' has no 'nope'"),
+        (f"{PLUGINS}:two_args", "a function handler must take exactly one argument"),
+        (f"{PLUGINS}:NotAHandler", "class NotAHandler is not a subclass of muxsrv.Handler"),
+        (f"{PLUGINS}:NOT_CALLABLE", "is a int; expected a function"),
+        (f"{PLUGINS}:", "expected the form package.module:attribute"),
+        ("nope", "unknown handler 'nope'; available: echo, exec, upper"),
+    ],
+    ids=["missing-module", "failing-import", "missing-attribute", "wrong-signature",
+         "not-a-handler", "not-callable", "no-attribute", "unknown-name"],
+)
+def test_plugin_errors_name_the_culprit(
+    name: str, expected: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Bug caught: a broken plugin reported as a traceback, or without saying which one and
+    why; a broken plugin accepted and failing later on the first message."""
+    monkeypatch.syspath_prepend(str(PLUGIN_DIR))
+    with pytest.raises(plugins.PluginError) as info:
+        plugins.load(plugins.find(name))
+    assert expected in str(info.value)
+    assert name.split(":")[0] in str(info.value)
+    # The command line turns it into one line and exit status 2.
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--handler", name, "--port", "0"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err == f"muxsrv: error: {info.value}\n"
