@@ -3,6 +3,7 @@ the SIGTERM drain, and every descriptor given back."""
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import socket
 import struct
@@ -136,6 +137,38 @@ def test_handler_returning_none_sends_no_reply() -> None:
         assert [recv_frame(sock) for _ in range(3)] == [
             (False, b"hello"), (False, b""), (False, b"end")
         ]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    ("handler", "logged"),
+    [
+        ("FailsOnConnect", r"ERROR: 127\.0\.0\.1:\d+: handler connection_made failed"),
+        ("FailsOnLost", r"ERROR: .*: handler connection_lost failed"),
+        ("FactoryFails", r"ERROR: handler factory failed; connection closed"),
+    ],
+)
+def test_handler_lifecycle_errors_end_one_connection_not_the_server(
+    handler: str, logged: str
+) -> None:
+    """Bug caught: an exception from connection_made, connection_lost or the factory
+    escaping into the loop (a leaked socket, a dead server, no log)."""
+    with running_server("--handler", f"{PLUGINS}:{handler}", env=plugin_env()) as srv:
+        baseline = srv.open_fds()
+        for _ in range(3):
+            with srv.connect() as sock:
+                if handler == "FailsOnLost":
+                    assert request(sock, b"hi") == (False, b"hi")
+                else:
+                    sock.sendall(frame(b"hi"))
+                    # Closed, perhaps with our request unread (a reset): no reply either way.
+                    with contextlib.suppress(ConnectionResetError):
+                        assert sock.recv(100) == b""
+        srv.wait_log(logged)
+        srv.wait_log("RuntimeError: ")
+        wait_for(lambda: srv.open_fds() == baseline, timeout=10, what="descriptors back")
+        assert srv.proc.poll() is None
+        assert srv.stop() == 0
 
 
 # -- pause_reading ----------------------------------------------------------------------

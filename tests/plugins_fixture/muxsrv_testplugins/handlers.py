@@ -153,3 +153,31 @@ class Pauser(Handler):
     def _resume(self, conn: Conn) -> None:
         self.paused = False
         conn.resume_reading()
+
+
+class FailsOnConnect(Handler):
+    """connection_made raises: that connection ends, the server goes on."""
+
+    def connection_made(self, conn: Conn) -> None:
+        raise RuntimeError("cannot greet")
+
+
+class FailsOnLost(Handler):
+    """Echo; connection_lost raises (logged, nothing else)."""
+
+    def message_received(self, conn: Conn, payload: bytes) -> None:
+        conn.send(payload)
+
+    def connection_lost(self, conn: Conn, exc: BaseException | None) -> None:
+        raise RuntimeError("cannot say goodbye")
+
+
+class FactoryFails(Handler):
+    """configure returns a factory that raises for every connection."""
+
+    @classmethod
+    def configure(cls, options: argparse.Namespace) -> HandlerFactory:
+        def factory() -> Handler:
+            raise RuntimeError("no handler for you")
+
+        return factory
