@@ -21,7 +21,8 @@ from . import __version__, plugins
 from .framing import FRAMINGS, MAX_FRAME_LIMIT
 from .handler import ConfigError, HandlerFactory, HandlerFunction
 from .loop import EventLoop
-from .server import Server, Settings, raise_open_files_limit
+from .server import Server, Settings
+from .tuning import keep_large_buffers_mapped, raise_open_files_limit
 from .workers import supervise
 
 __all__ = ["main", "parse_size"]
@@ -187,6 +188,7 @@ def serve(
     factory: HandlerFactory | None = None,
 ) -> int:
     soft, _hard = raise_open_files_limit()
+    tuned = keep_large_buffers_mapped()
     loop = EventLoop()
     server = Server(loop, settings, function=function, factory=factory)
     try:
@@ -203,7 +205,7 @@ def serve(
         f"(handler {settings.handler_name}, framing {settings.framing}{worker})\n"
     )
     sys.stderr.flush()
-    log.debug("open files limit: %d", soft)
+    log.debug("open files limit: %d; allocator thresholds raised: %s", soft, tuned)
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, server.shutdown)
     try:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import _socket
 import errno
 import logging
-import resource
 import socket
 import time
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ from .loop import EVENT_READ, EventLoop
 if TYPE_CHECKING:
     from .handler import HandlerFactory, HandlerFunction
 
-__all__ = ["Server", "Settings", "raise_open_files_limit"]
+__all__ = ["Server", "Settings"]
 
 log = logging.getLogger("muxsrv")
 
@@ -298,16 +297,3 @@ def _bind(settings: Settings) -> list[socket.socket]:
             sock.close()
         raise
     return socks
-
-
-def raise_open_files_limit() -> tuple[int, int]:
-    """Raise the soft RLIMIT_NOFILE to the hard limit; return (soft, hard) after."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or soft < hard:
-        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-            soft = target
-        except (ValueError, OSError):
-            pass
-    return soft, hard
