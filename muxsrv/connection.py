@@ -241,9 +241,16 @@ class Connection:
             if nbytes == 0:
                 self._read_eof()
                 return
-            messages = decoder.buffer_updated(nbytes)
-            if messages:
-                self._deliver(messages)
+            fn = self._fn
+            if fn is not None:  # the function form: decode, call, encode in one pass
+                out = self._out
+                if out is None:
+                    out = self._out = []
+                decoder.respond(nbytes, fn, out, self._handler_failed)
+            else:
+                messages = decoder.buffer_updated(nbytes)
+                if messages:
+                    self._deliver(messages)
             if decoder.error is not None and self._state == OPEN:
                 self._violation(decoder.error)
             self._flush()
@@ -257,21 +264,10 @@ class Connection:
         if out is None:
             out = self._out = []
         if fn is not None:
-            encode = self._server.encode
+            reply = self._decoder.reply
             for payload in messages:
-                try:
-                    reply = fn(payload)
-                    if reply is None:
-                        continue
-                    if type(reply) is not bytes and not isinstance(reply, (bytearray, memoryview)):
-                        raise TypeError(
-                            f"handler returned {type(reply).__name__}; expected bytes or None"
-                        )
-                except Exception as exc:
-                    if not self._handler_failed(exc):
-                        return
-                    continue
-                encode(out, reply)
+                if not reply(fn, payload, out, self._handler_failed):
+                    return
             return
         handler = self._handler
         assert handler is not None

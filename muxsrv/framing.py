@@ -28,10 +28,15 @@ after the violation is ever returned.
 from __future__ import annotations
 
 import struct
-from typing import Final, TypeAlias
+from collections.abc import Callable
+from typing import Any, Final, TypeAlias
 
 #: What codecs accept as bytes: anything with the buffer protocol we use.
 Buffer: TypeAlias = bytes | bytearray | memoryview
+#: A function handler: a payload in, a reply (or None: no reply) out.
+ReplyFunction: TypeAlias = Callable[[bytes], Buffer | None]
+#: Told of a failing handler; False means the connection is ending.
+Failed: TypeAlias = Callable[[Exception], bool]
 
 __all__ = [
     "ERROR_FLAG",
@@ -105,6 +110,36 @@ class Decoder:
         """The peer sent EOF: return any final message (only ``line`` has one)."""
         return []
 
+    @staticmethod
+    def encode(out: list[Buffer], payload: Buffer) -> None:
+        """Append the framed ``payload`` to ``out``."""
+        raise NotImplementedError
+
+    def respond(self, nbytes: int, fn: ReplyFunction, out: list[Buffer], failed: Failed) -> None:
+        """``buffer_updated``, then ``fn`` on each message, each reply encoded into ``out``.
+
+        The function handler's whole path in one call: codecs may fuse the
+        three steps (``LengthDecoder`` does).  When ``fn`` raises, or returns
+        something that is not bytes, ``failed(exc)`` is told; if it returns
+        False the connection is ending and nothing more is done.
+        """
+        for payload in self.buffer_updated(nbytes):
+            if not self.reply(fn, payload, out, failed):
+                return
+
+    def reply(self, fn: ReplyFunction, payload: bytes, out: list[Buffer], failed: Failed) -> bool:
+        """Call ``fn`` on one message and encode its reply; False: the connection ends."""
+        try:
+            reply = fn(payload)
+        except Exception as exc:
+            return failed(exc)
+        if reply is None:
+            return True
+        if not isinstance(reply, (bytes, bytearray, memoryview)):
+            return failed(_wrong_type(reply))
+        self.encode(out, reply)
+        return True
+
     @property
     def buffered(self) -> int:
         """Bytes held for an unfinished message."""
@@ -135,6 +170,10 @@ class LengthDecoder(Decoder):
 
     __slots__ = ("_accept_errors", "_body", "_body_error", "_body_got", "_tail")
 
+    @staticmethod
+    def encode(out: list[Buffer], payload: Buffer) -> None:
+        encode_length(out, payload)
+
     def __init__(self, max_frame: int, accept_errors: bool = False) -> None:
         super().__init__(max_frame)
         self._accept_errors = accept_errors
@@ -163,58 +202,120 @@ class LengthDecoder(Decoder):
         return memoryview(scratch)[t:]
 
     def buffer_updated(self, nbytes: int) -> list[bytes]:
+        out: list[bytes] = []
+        self._cut(nbytes, None, out, _never_fails)
+        return out
+
+    def respond(self, nbytes: int, fn: ReplyFunction, out: list[Buffer], failed: Failed) -> None:
+        self._cut(nbytes, fn, out, failed)
+
+    def _cut(
+        self, nbytes: int, fn: ReplyFunction | None, out: list[Any], failed: Failed
+    ) -> None:
+        """Cut frames; with ``fn``, reply to each at once (the hot path, kept inline)."""
         body = self._body
         if body is not None:
             self._body_got += nbytes
             if self._body_got < len(body):
-                return []
+                return
             self._body = None
             self._body_got = 0
             message = bytes(body)
-            return [ErrorFrame(message) if self._body_error else message]
+            if self._body_error:
+                out.append(ErrorFrame(message))
+            elif fn is None:
+                out.append(message)
+            else:
+                self.reply(fn, message, out, failed)
+            return
         buf = self._scratch
         assert buf is not None
         tail = self._tail
         end = len(tail) + nbytes if tail else nbytes
         pos = 0
-        out: list[bytes] = []
         limit = self.max_frame
         unpack = _unpack_header
         while end - pos >= 4:
             (n,) = unpack(buf, pos)
             start = pos + 4
             stop = start + n
-            if n <= limit:
-                if stop <= end:  # the hot path: a whole frame in the buffer
-                    if n <= _SLICE_COPY_MAX:
-                        out.append(bytes(buf[start:stop]))
-                    else:
-                        out.append(memoryview(buf)[start:stop].tobytes())
-                    pos = stop
-                    continue
-                is_error = False
-            elif self._accept_errors and n & ERROR_FLAG and n ^ ERROR_FLAG <= limit:
-                n ^= ERROR_FLAG
-                stop = start + n
-                if stop <= end:
-                    out.append(ErrorFrame(buf[start:stop]))
-                    pos = stop
-                    continue
-                is_error = True
+            if n > limit or stop > end:
+                new = self._unusual(buf, pos, end, n, out)
+                if new < 0:
+                    return
+                whole_error_frame = new != pos and self._body is None
+                pos = new
+                if whole_error_frame:
+                    continue  # (clients only) go on with the next frame
+                break
+            pos = stop
+            if n <= _SLICE_COPY_MAX:
+                payload = bytes(buf[start:stop])
             else:
-                self.error = f"frame of {n} bytes exceeds the limit of {limit} bytes"
+                payload = memoryview(buf)[start:stop].tobytes()
+            if fn is None:
+                out.append(payload)
+                continue
+            # Inline copy of reply() and encode_length(): this runs once per message.
+            try:
+                reply = fn(payload)
+            except Exception as exc:
+                if failed(exc):
+                    continue
                 self._tail = b""
-                return out
-            if n >= BODY_BUFFER_MIN:  # unfinished and large: give it its own buffer
-                body = bytearray(n)
-                body[: end - start] = memoryview(buf)[start:end]
-                self._body = body
-                self._body_got = end - start
-                self._body_error = is_error
-                pos = end
-            break
+                return
+            if reply is None:
+                continue
+            try:
+                m = len(reply)
+                if m <= _CONCAT_MAX:
+                    out.append(pack_header(m) + reply)  # TypeError unless bytes-like
+                elif isinstance(reply, (bytes, bytearray, memoryview)):
+                    out.append(pack_header(m))
+                    out.append(reply)
+                else:
+                    raise TypeError
+            except TypeError:
+                if failed(_wrong_type(reply)):
+                    continue
+                self._tail = b""
+                return
         self._tail = bytes(buf[pos:end]) if pos < end else b""
-        return out
+
+    def _unusual(self, buf: bytearray, pos: int, end: int, n: int, out: list[Any]) -> int:
+        """A frame that is too large, an error frame, or unfinished; the new position.
+
+        -1: the stream broke the rules (``error`` is set).
+        """
+        start = pos + 4
+        is_error = False
+        if n > self.max_frame:
+            flagged = n ^ ERROR_FLAG
+            if not (self._accept_errors and n & ERROR_FLAG and flagged <= self.max_frame):
+                self.error = f"frame of {n} bytes exceeds the limit of {self.max_frame} bytes"
+                self._tail = b""
+                return -1
+            n = flagged
+            is_error = True
+            if start + n <= end:
+                out.append(ErrorFrame(buf[start : start + n]))
+                return start + n
+        if n >= BODY_BUFFER_MIN:  # unfinished and large: give it its own buffer
+            body = bytearray(n)
+            body[: end - start] = memoryview(buf)[start:end]
+            self._body = body
+            self._body_got = end - start
+            self._body_error = is_error
+            return end
+        return pos  # unfinished and small: kept as the tail
+
+
+def _never_fails(exc: Exception) -> bool:
+    raise AssertionError("no handler runs while only cutting messages") from exc
+
+
+def _wrong_type(reply: object) -> TypeError:
+    return TypeError(f"handler returned {type(reply).__name__}; expected bytes or None")
 
 
 def encode_length(out: list[Buffer], payload: Buffer) -> None:
@@ -237,6 +338,10 @@ class LineDecoder(Decoder):
     """Messages end with ``\\n`` or ``\\r\\n``; neither is part of the payload."""
 
     __slots__ = ("_acc",)
+
+    @staticmethod
+    def encode(out: list[Buffer], payload: Buffer) -> None:
+        encode_line(out, payload)
 
     def __init__(self, max_frame: int) -> None:
         super().__init__(max_frame)
@@ -306,6 +411,10 @@ class RawDecoder(Decoder):
     """No framing: every chunk a ``recv`` returns is one message."""
 
     __slots__ = ()
+
+    @staticmethod
+    def encode(out: list[Buffer], payload: Buffer) -> None:
+        encode_raw(out, payload)
 
     def get_buffer(self, scratch: bytearray) -> Buffer:
         self._scratch = scratch
