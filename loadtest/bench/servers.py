@@ -1,0 +1,173 @@
+"""The servers under test, and how to start, watch and stop one of them.
+
+The idea: every server, muxsrv and each peer alike, is a command that binds
+127.0.0.1 port 0 and prints ``NAME: listening on HOST:PORT`` on stderr; the
+bench parses that line with muxsrv's own pattern, so no server needs special
+treatment.  A server runs pinned to its own CPU (``taskset``), is stopped with
+SIGTERM to the PID we started (SIGKILL after a grace period) and is always
+reaped.  A peer whose Python package is missing is skipped with a note.
+"""
+
+from __future__ import annotations
+
+import collections
+import importlib.util
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent  # the repository: muxsrv is imported from here
+PEERS = HERE / "peers"
+BUILD = HERE / "build"
+LISTEN_RE = re.compile(r"listening on (\[[^\]]+\]|[^\s:]+):(\d+)")
+START_TIMEOUT = 30.0  # Twisted's import alone takes a second on a busy machine
+STOP_TIMEOUT = 15.0  # muxsrv drains for up to 5 s by default
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True)
+class ServerSpec:
+    """One row of the results: a name, its command, and what it needs."""
+
+    name: str
+    argv: tuple[str, ...]
+    needs: tuple[str, ...] = ()  # Python modules that must be importable
+    upper: bool = False  # replies are the payload upper-cased
+    small_only: bool = False  # only the small-message scenarios
+    default: bool = True  # run unless --servers says otherwise
+
+    def missing(self) -> str | None:
+        """Why this server cannot run here, or None."""
+        for module in self.needs:
+            if importlib.util.find_spec(module) is None:
+                return f"Python package {module!r} is not installed (pip install '.[bench]')"
+        if self.argv[0] != sys.executable and not Path(self.argv[0]).exists():
+            return f"{self.argv[0]} was not built"
+        return None
+
+
+def _py(script: str, *args: str) -> tuple[str, ...]:
+    return (sys.executable, str(PEERS / script), *args)
+
+
+MUXSRV_ARGS = ("--port", "0", "--host", "127.0.0.1", "--max-conns", "200000", "--idle-timeout", "0")
+
+SERVERS: tuple[ServerSpec, ...] = (
+    ServerSpec("muxsrv", (sys.executable, "-m", "muxsrv", "--handler", "echo", *MUXSRV_ARGS)),
+    ServerSpec(
+        "muxsrv-upper",
+        (sys.executable, "-m", "muxsrv", "--handler", "upper", *MUXSRV_ARGS),
+        upper=True,
+        small_only=True,
+    ),
+    ServerSpec("c-epoll", (str(BUILD / "cecho"), "--port", "0")),
+    ServerSpec(
+        "c-epoll-blocking", (str(BUILD / "cecho"), "--port", "0", "--no-spin"), default=False
+    ),
+    ServerSpec("uvloop-protocol", _py("asyncio_protocol.py", "--loop", "uvloop"), ("uvloop",)),
+    ServerSpec("asyncio-protocol", _py("asyncio_protocol.py")),
+    ServerSpec("asyncio-streams", _py("asyncio_streams.py")),
+    ServerSpec("threads-socketserver", _py("threads_socketserver.py")),
+    ServerSpec("gevent-streamserver", _py("gevent_server.py"), ("gevent",)),
+    ServerSpec("twisted-int32", _py("twisted_int32.py"), ("twisted",)),
+    ServerSpec("tornado-iostream", _py("tornado_iostream.py"), ("tornado",)),
+)
+NAMES = tuple(s.name for s in SERVERS)
+DEFAULT_NAMES = tuple(s.name for s in SERVERS if s.default)
+
+
+def pinned(argv: tuple[str, ...] | list[str], cpu: int | None) -> list[str]:
+    """`argv` run on CPU `cpu` only (unchanged if no CPU or no taskset)."""
+    if cpu is None or shutil.which("taskset") is None:
+        return list(argv)
+    return ["taskset", "-c", str(cpu), *argv]
+
+
+class RunningServer:
+    """A started server process: its address, its stderr tail, its RSS and CPU time."""
+
+    def __init__(self, spec: ServerSpec, cpu: int | None) -> None:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+        env["PYTHONUNBUFFERED"] = "1"
+        self.spec = spec
+        self.proc = subprocess.Popen(
+            pinned(spec.argv, cpu),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env=env,
+            cwd=ROOT,
+        )
+        self.pid = self.proc.pid  # taskset execs the server: same PID
+        self.port = 0
+        self._tail: collections.deque[str] = collections.deque(maxlen=50)
+        self._started = threading.Event()
+        self._reader = threading.Thread(target=self._read_stderr, daemon=True)
+        self._reader.start()
+
+    def _read_stderr(self) -> None:
+        assert self.proc.stderr is not None
+        for raw in self.proc.stderr:
+            line = raw.decode("utf-8", "replace").rstrip("\n")
+            self._tail.append(line)
+            if not self._started.is_set():
+                m = LISTEN_RE.search(line)
+                if m:
+                    self.port = int(m.group(2))
+                    self._started.set()
+        self._started.set()  # EOF: the process is gone
+
+    def wait_started(self) -> None:
+        if not self._started.wait(START_TIMEOUT) or not self.port:
+            self.stop()
+            raise RuntimeError(f"{self.spec.name} did not start: {self.stderr_tail()}")
+
+    def stderr_tail(self, lines: int = 5) -> str:
+        return " | ".join(list(self._tail)[-lines:])
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def rss_bytes(self) -> int:
+        with open(f"/proc/{self.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        raise RuntimeError("no VmRSS line")
+
+    def open_fds(self) -> int:
+        return len(os.listdir(f"/proc/{self.pid}/fd"))
+
+    def cpu_seconds(self) -> float:
+        """User + system time of the whole process (all its threads) so far."""
+        with open(f"/proc/{self.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+    def stop(self) -> int | None:
+        """SIGTERM, wait, SIGKILL if it hangs; always reaped.  Returns the exit status."""
+        if self.proc.poll() is None:
+            os.kill(self.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                os.kill(self.pid, signal.SIGKILL)
+                self.proc.wait()
+        self._reader.join(5)
+        return self.proc.returncode
+
+
+def start(spec: ServerSpec, cpu: int | None) -> RunningServer:
+    server = RunningServer(spec, cpu)
+    server.wait_started()
+    time.sleep(0.2)  # let lazy start-up work finish before anything is measured
+    return server
