@@ -30,7 +30,7 @@ import logging
 import socket
 from typing import TYPE_CHECKING, Any, Final
 
-from .framing import MAX_FRAME_LIMIT, Buffer, encode_error, make_decoder, pack_header
+from .framing import MAX_FRAME_LIMIT, Buffer, Decoder, encode_error, make_decoder, pack_header
 from .loop import EVENT_READ, EVENT_WRITE, Timer
 
 if TYPE_CHECKING:
@@ -50,6 +50,8 @@ LOW_WATER: Final = 256 * 1024
 JOIN_MAX: Final = 64 * 1024
 #: sendmsg takes at most IOV_MAX (1024 on Linux) buffers.
 MAX_IOV: Final = 1024
+#: The most one recv of a large frame's body asks for (bytes are allocated first).
+BODY_RECV_MAX: Final = 4 * 1024 * 1024
 #: How long a closing connection may take to flush its queued output.
 FLUSH_TIMEOUT: Final = 30.0
 #: How long a lingering close waits for the peer's EOF before closing anyway.
@@ -231,6 +233,9 @@ class Connection:
                     self._flush()
                 return
             decoder = self._decoder
+            if decoder.want:
+                self._receive_body(decoder)
+                return
             try:
                 nbytes = self._sock.recv_into(decoder.get_buffer(self._loop.scratch))
             except (BlockingIOError, InterruptedError):
@@ -256,6 +261,23 @@ class Connection:
             self._flush()
         elif mask & EVENT_WRITE:
             self._flush()
+
+    def _receive_body(self, decoder: Decoder) -> None:
+        """Inside a large frame: recv the body into fresh bytes, joined once at the end."""
+        try:
+            chunk = self._sock.recv(min(decoder.want, BODY_RECV_MAX))
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._fatal(exc, "recv")
+            return
+        if not chunk:
+            self._read_eof()
+            return
+        message = decoder.body_received(chunk)
+        if message is not None:
+            self._deliver([message])
+        self._flush()
 
     def _deliver(self, messages: list[bytes]) -> None:
         """Hand messages to the handler; replies collect in ``_out`` for one send."""

@@ -93,10 +93,18 @@ class Decoder:
 
     __slots__ = ("_scratch", "error", "max_frame")
 
+    #: Bytes of a large message still to come that may be read with ``recv(want)``
+    #: and given to ``body_received`` instead of going through ``get_buffer``.
+    want: int = 0
+
     def __init__(self, max_frame: int) -> None:
         self.max_frame = max_frame
         self.error: str | None = None
         self._scratch: bytearray | None = None
+
+    def body_received(self, chunk: bytes) -> bytes | None:
+        """At most ``want`` bytes of a large message; the message once it is whole."""
+        raise NotImplementedError
 
     def get_buffer(self, scratch: bytearray) -> Buffer:
         """Return the writable buffer the next ``recv_into`` should fill."""
@@ -168,7 +176,7 @@ class LengthDecoder(Decoder):
     :class:`ErrorFrame`; without it (servers) such a word is simply too large.
     """
 
-    __slots__ = ("_accept_errors", "_body", "_body_error", "_body_got", "_tail")
+    __slots__ = ("_accept_errors", "_body_error", "_chunks", "_tail", "want")
 
     @staticmethod
     def encode(out: list[Buffer], payload: Buffer) -> None:
@@ -178,28 +186,43 @@ class LengthDecoder(Decoder):
         super().__init__(max_frame)
         self._accept_errors = accept_errors
         self._tail = b""
-        self._body: bytearray | None = None
-        self._body_got = 0
+        # A large frame's body, received so far (None: not inside one) ...
+        self._chunks: list[bytes] | None = None
+        #: ... and how many of its bytes are still to come (0: not inside one).
+        #: The caller may then ``recv(want)`` into a fresh bytes object and hand it
+        #: to ``body_received``: no buffer to zero, and a body that arrives in one
+        #: piece is never copied in user space at all.
+        self.want = 0
         self._body_error = False
 
     @property
     def buffered(self) -> int:
-        if self._body is not None:
+        if self._chunks is not None:
             # The header was consumed to size the body; it is part of what is held.
-            return _HEADER.size + self._body_got
+            return _HEADER.size + sum(map(len, self._chunks))
         return len(self._tail)
 
     def get_buffer(self, scratch: bytearray) -> Buffer:
-        body = self._body
-        if body is not None:
-            return memoryview(body)[self._body_got :]
         self._scratch = scratch
+        if self._chunks is not None:
+            return memoryview(scratch)[: min(self.want, len(scratch))]
         tail = self._tail
         if not tail:
             return scratch
         t = len(tail)
         scratch[:t] = tail
         return memoryview(scratch)[t:]
+
+    def body_received(self, chunk: bytes) -> bytes | None:
+        chunks = self._chunks
+        assert chunks is not None and 0 < len(chunk) <= self.want
+        chunks.append(chunk)
+        self.want -= len(chunk)
+        if self.want:
+            return None
+        self._chunks = None
+        message = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        return ErrorFrame(message) if self._body_error else message
 
     def buffer_updated(self, nbytes: int) -> list[bytes]:
         out: list[bytes] = []
@@ -213,23 +236,17 @@ class LengthDecoder(Decoder):
         self, nbytes: int, fn: ReplyFunction | None, out: list[Any], failed: Failed
     ) -> None:
         """Cut frames; with ``fn``, reply to each at once (the hot path, kept inline)."""
-        body = self._body
-        if body is not None:
-            self._body_got += nbytes
-            if self._body_got < len(body):
-                return
-            self._body = None
-            self._body_got = 0
-            message = bytes(body)
-            if self._body_error:
-                out.append(ErrorFrame(message))
-            elif fn is None:
+        buf = self._scratch
+        assert buf is not None
+        if self._chunks is not None:
+            message = self.body_received(bytes(buf[:nbytes]))
+            if message is None:
+                pass
+            elif fn is None or isinstance(message, ErrorFrame):
                 out.append(message)
             else:
                 self.reply(fn, message, out, failed)
             return
-        buf = self._scratch
-        assert buf is not None
         tail = self._tail
         end = len(tail) + nbytes if tail else nbytes
         pos = 0
@@ -243,7 +260,7 @@ class LengthDecoder(Decoder):
                 new = self._unusual(buf, pos, end, n, out)
                 if new < 0:
                     return
-                whole_error_frame = new != pos and self._body is None
+                whole_error_frame = new != pos and self._chunks is None
                 pos = new
                 if whole_error_frame:
                     continue  # (clients only) go on with the next frame
@@ -300,11 +317,9 @@ class LengthDecoder(Decoder):
             if start + n <= end:
                 out.append(ErrorFrame(buf[start : start + n]))
                 return start + n
-        if n >= BODY_BUFFER_MIN:  # unfinished and large: give it its own buffer
-            body = bytearray(n)
-            body[: end - start] = memoryview(buf)[start:end]
-            self._body = body
-            self._body_got = end - start
+        if n >= BODY_BUFFER_MIN:  # unfinished and large: collect the body in pieces
+            self._chunks = [bytes(buf[start:end])] if end > start else []
+            self.want = n - (end - start)
             self._body_error = is_error
             return end
         return pos  # unfinished and small: kept as the tail
