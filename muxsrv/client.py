@@ -20,7 +20,7 @@ import socket
 import struct
 import sys
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from types import TracebackType
 
 from .framing import (
@@ -236,24 +236,31 @@ def _print_reply(reply: bytes) -> None:
     sys.stdout.flush()
 
 
-def _interactive(client: Client) -> int:
+def _prompt(prompt: str, run: Callable[[str], int]) -> int:
+    """An interactive loop (line editing and history); the status of the last line."""
     with contextlib.suppress(ImportError):
         import readline  # noqa: F401  (line editing and history for input())
     status = 0
     while True:
         try:
-            line = input("> ")
+            line = input(prompt)
         except EOFError:
             print()
             return status
         except KeyboardInterrupt:
             print()
             return 130
-        try:
-            _print_reply(client.request(line.encode("utf-8", "surrogateescape")))
-        except ServerError as exc:
-            print(f"server error: {exc.message}", file=sys.stderr)
-            status = 1
+        if line.strip():
+            status = run(line)
+
+
+def _request_line(client: Client, line: str) -> int:
+    try:
+        _print_reply(client.request(line.encode("utf-8", "surrogateescape")))
+    except ServerError as exc:
+        print(f"server error: {exc.message}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -268,7 +275,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with Client(options.host, options.port, options.framing, timeout) as client:
             if not options.messages:
-                return _interactive(client)
+                return _prompt("> ", lambda line: _request_line(client, line))
             status = 0
             for text in options.messages:
                 try:
@@ -311,7 +318,9 @@ def _exec_main(options: argparse.Namespace) -> int:
         client.timeout = options.timeout
         client._sock.settimeout(options.timeout)
         try:
-            return _exec_run(client, command) if command else _exec_interactive(client)
+            if command:
+                return _exec_run(client, command)
+            return _prompt("$ ", lambda line: _exec_line(client, line))
         except KeyboardInterrupt:
             client.abort()  # the reset tells the server to kill the command
             return 130
@@ -337,23 +346,12 @@ def _exec_run(client: Client, command: str) -> int:
     return result.status
 
 
-def _exec_interactive(client: Client) -> int:
-    with contextlib.suppress(ImportError):
-        import readline  # noqa: F401  (line editing and history for input())
-    status = 0
-    while True:
-        try:
-            line = input("$ ")
-        except EOFError:
-            print()
-            return status
-        if not line.strip():
-            continue
-        try:
-            status = _exec_run(client, line)
-        except ServerError as exc:
-            print(f"muxsrv-client: server error: {exc.message}", file=sys.stderr)
-            status = EXEC_FAILURE
+def _exec_line(client: Client, line: str) -> int:
+    try:
+        return _exec_run(client, line)
+    except ServerError as exc:
+        print(f"muxsrv-client: server error: {exc.message}", file=sys.stderr)
+        return EXEC_FAILURE
 
 
 if __name__ == "__main__":

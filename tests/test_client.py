@@ -158,3 +158,14 @@ def test_client_cli_timeout_is_one_line() -> None:
         run = run_client("--port", str(srv.port), "--timeout", "0.3", "quiet")
     assert run.returncode == 1
     assert run.stderr == f"muxsrv-client: error: 127.0.0.1:{srv.port}: timed out after 0.3 s\n"
+
+
+def test_client_cli_interactive_prompt_sends_each_line() -> None:
+    """Bug caught: the prompt loop dropping lines, sending empty ones, or not ending at EOF."""
+    with running_server("--handler", "upper") as srv:
+        result = subprocess.run(
+            [sys.executable, "-m", "muxsrv.client", "--port", str(srv.port)],
+            input="hello\n\nwörld\n", capture_output=True, text=True, timeout=30, cwd=ROOT,
+        )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("> ") == ["", "HELLO\n", "", "WÖRLD\n", "\n"]
