@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import resource
+import socket
 import struct
 import sys
 
@@ -66,3 +67,20 @@ def frames(payloads: list[bytes]) -> bytes:
     """The replies to `payloads` (echo: each payload unchanged), framed, as one write."""
     pack = HDR.pack
     return b"".join([part for p in payloads for part in (pack(len(p)), p)])
+
+
+def serve_blocking(sock: socket.socket) -> None:
+    """Echo frames on one blocking socket until EOF (threads and greenlets alike)."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    buf = bytearray()
+    try:
+        while True:
+            data = sock.recv(RECV_SIZE)
+            if not data:
+                return
+            buf += data
+            payloads = take_frames(buf)
+            if payloads:
+                sock.sendall(frames(payloads))
+    except (OSError, FrameTooBig):
+        return

@@ -8,7 +8,6 @@ so a connection costs a greenlet, not a thread.
 from __future__ import annotations
 
 import signal
-import socket
 from typing import Any
 
 import common  # the script's own folder is on sys.path
@@ -18,19 +17,8 @@ from gevent.server import StreamServer
 
 
 def handle(sock: Any, _address: Any) -> None:
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    buf = bytearray()
     try:
-        while True:
-            data = sock.recv(common.RECV_SIZE)
-            if not data:
-                return
-            buf += data
-            payloads = common.take_frames(buf)
-            if payloads:
-                sock.sendall(common.frames(payloads))
-    except (OSError, common.FrameTooBig):
-        return
+        common.serve_blocking(sock)
     finally:
         sock.close()
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import signal
-import socket
 import socketserver
 from types import FrameType
 
@@ -19,20 +18,7 @@ import common  # the script's own folder is on sys.path
 
 class EchoHandler(socketserver.BaseRequestHandler):
     def handle(self) -> None:
-        sock: socket.socket = self.request
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        buf = bytearray()
-        try:
-            while True:
-                data = sock.recv(common.RECV_SIZE)
-                if not data:
-                    return
-                buf += data
-                payloads = common.take_frames(buf)
-                if payloads:
-                    sock.sendall(common.frames(payloads))
-        except (OSError, common.FrameTooBig):
-            return
+        common.serve_blocking(self.request)
 
 
 class EchoServer(socketserver.ThreadingTCPServer):
