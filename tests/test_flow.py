@@ -52,6 +52,18 @@ class Writer(threading.Thread):
             self.error = exc
 
 
+def frames_then_shutdown(sock: socket.socket, messages: list[bytes]) -> Writer:
+    """A Writer that sends each message framed, then shuts down the write side."""
+
+    def make(i: int) -> bytes:
+        if i == len(messages):
+            sock.shutdown(socket.SHUT_WR)
+            return b""
+        return frame(messages[i])
+
+    return Writer(sock, len(messages) + 1, make)
+
+
 def recv_line(sock: socket.socket) -> bytes:
     """One reply line (byte at a time: only for short line-framing tests)."""
     out = bytearray()
@@ -240,13 +252,7 @@ def test_half_close_still_gets_every_reply() -> None:
     with running_server("--handler", "upper") as srv:
         sock = connect_small(srv.address, rcvbuf=8192)
 
-        def send_then_shut(i: int) -> bytes:
-            if i == len(messages):
-                sock.shutdown(socket.SHUT_WR)
-                return b""
-            return frame(messages[i])
-
-        writer = Writer(sock, len(messages) + 1, send_then_shut)
+        writer = frames_then_shutdown(sock, messages)
         writer.start()
         with sock:
             for i, m in enumerate(messages):
@@ -269,13 +275,7 @@ def test_replies_owed_when_eof_arrives_are_delivered() -> None:
     with running_server("--handler", f"{PLUGINS}:Tracer", env=plugin_env()) as srv:
         sock = connect_small(srv.address, rcvbuf=4096)
 
-        def send_then_shut(i: int) -> bytes:
-            if i == len(messages):
-                sock.shutdown(socket.SHUT_WR)
-                return b""
-            return frame(messages[i])
-
-        writer = Writer(sock, len(messages) + 1, send_then_shut)
+        writer = frames_then_shutdown(sock, messages)
         writer.start()
         with sock:
             got = bytearray()
