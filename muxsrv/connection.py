@@ -30,7 +30,7 @@ import logging
 import socket
 from typing import TYPE_CHECKING, Any, Final
 
-from .framing import MAX_FRAME_LIMIT, Buffer, Decoder, encode_error, make_decoder, pack_header
+from .framing import Buffer, Decoder, encode_error, encode_length_parts, make_decoder
 from .loop import EVENT_READ, EVENT_WRITE, Timer
 
 if TYPE_CHECKING:
@@ -154,14 +154,7 @@ class Connection:
         if not more:
             self._server.encode(self._queue(), payload)
         elif self.framing == "length":
-            # One message, gathered: the parts are queued as they are (no copy).
-            parts = [part for part in (payload, *more) if len(part)]
-            size = sum(map(len, parts))
-            if size > MAX_FRAME_LIMIT:
-                raise ValueError(f"a message of {size} bytes does not fit a length frame")
-            out = self._queue()
-            out.append(pack_header(size))
-            out += parts
+            encode_length_parts(self._queue(), (payload, *more))
         else:
             self._server.encode(self._queue(), b"".join((payload, *more)))
         self._flush()

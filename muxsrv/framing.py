@@ -343,6 +343,16 @@ def encode_length(out: list[Buffer], payload: Buffer) -> None:
         out.append(payload)
 
 
+def encode_length_parts(out: list[Buffer], parts: tuple[Buffer, ...]) -> None:
+    """One length-prefixed frame gathered from several buffers, queued as they are."""
+    kept = [part for part in parts if len(part)]
+    size = sum(map(len, kept))
+    if size > MAX_FRAME_LIMIT:
+        raise ValueError(f"a message of {size} bytes does not fit a length frame")
+    out.append(pack_header(size))
+    out += kept
+
+
 def encode_error(text: str, max_frame: int = MAX_FRAME_LIMIT) -> bytes:
     """One error frame carrying ``text`` (cut to fit, UTF-8)."""
     data = text.encode("utf-8", "replace")[: min(max_frame, 4096)]
