@@ -14,7 +14,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 from . import __version__, plugins
@@ -25,7 +25,7 @@ from .server import Server, Settings
 from .tuning import keep_large_buffers_mapped, raise_open_files_limit
 from .workers import supervise
 
-__all__ = ["main", "parse_size"]
+__all__ = ["main", "parse_size", "positive_int", "seconds", "whole_number"]
 
 log = logging.getLogger("muxsrv")
 
@@ -55,37 +55,30 @@ def _max_frame(text: str) -> int:
     return value
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return value
+def whole_number(
+    low: int, high: int | None, rule: str, what: str = "a whole number"
+) -> Callable[[str], int]:
+    """An argparse type: an int from ``low`` to ``high`` (None: no bound); ``rule`` if not."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not {what}: {text!r}") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(rule)
+        return value
+
+    return parse
 
 
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError("must be from 0 to 65535 (0: any free port)")
-    return value
+positive_int = whole_number(1, None, "must be at least 1")
+_port = whole_number(0, 65535, "must be from 0 to 65535 (0: any free port)", "a port number")
+_workers = whole_number(0, None, "must be 0 (one per CPU) or more")
 
 
-def _workers(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError("must be 0 (one per CPU) or more")
-    return value
-
-
-def _seconds(text: str) -> float:
+def seconds(text: str) -> float:
+    """An argparse type: a finite number of seconds, 0 or more."""
     try:
         value = float(text)
     except ValueError:
@@ -111,12 +104,12 @@ def build_parser(handler: plugins.LoadedPlugin | None = None) -> argparse.Argume
              "raw: every recv is a message")
     add("--max-frame", type=_max_frame, default=16 << 20, metavar="BYTES",
         help="largest message (and line) accepted (default: 16M; at most 2^31-1)")
-    add("--max-conns", type=_positive_int, default=10000, metavar="N",
+    add("--max-conns", type=positive_int, default=10000, metavar="N",
         help="connections served at once; more get an error frame and are closed "
              "(default: 10000)")
-    add("--idle-timeout", type=_seconds, default=300.0, metavar="SECONDS",
+    add("--idle-timeout", type=seconds, default=300.0, metavar="SECONDS",
         help="close connections idle this long (default: 300; 0: never)")
-    add("--drain-timeout", type=_seconds, default=5.0, metavar="SECONDS",
+    add("--drain-timeout", type=seconds, default=5.0, metavar="SECONDS",
         help="on SIGINT/SIGTERM, how long to deliver owed replies (default: 5)")
     add("--workers", type=_workers, default=1, metavar="N",
         help="run N server processes sharing the port with SO_REUSEPORT, under a parent that "

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
 
-from ..cli import _positive_int, _seconds, parse_size
+from ..cli import parse_size, positive_int, seconds
 from ..handler import ConfigError
 
 __all__ = ["ExecConfig", "add_arguments", "child_environment", "from_options", "is_loopback"]
@@ -44,12 +44,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "exec handler", "run each message as a command; this is remote code execution by design"
     )
     add = group.add_argument
-    add("--exec-timeout", type=_seconds, default=10.0, metavar="SECONDS",
+    add("--exec-timeout", type=seconds, default=10.0, metavar="SECONDS",
         help="kill a command's process group after this long (default: 10)")
     add("--exec-max-output", type=_max_output, default=8 << 20, metavar="BYTES",
         help="stdout and stderr together; past it the command is killed and its reply "
              "truncated (default: 8M)")
-    add("--exec-max-procs", type=_positive_int, default=16, metavar="N",
+    add("--exec-max-procs", type=positive_int, default=16, metavar="N",
         help="commands running at once, over all connections; the rest wait (default: 16)")
     add("--exec-allow", action="append", metavar="PROGRAM",
         help="allowlist mode (repeatable): split the command line with shlex and run it "
