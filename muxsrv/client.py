@@ -37,7 +37,10 @@ from .handlers.exec_protocol import ExecResult, ReplyError, decode_reply
 
 __all__ = ["Client", "ConnectionClosed", "ExecResult", "ReplyError", "ServerError", "main"]
 
-_RECV_SIZE = 256 * 1024
+#: One recv's size (below glibc's default mmap threshold, so it is cheap to allocate) ...
+_RECV_SIZE = 64 * 1024
+#: ... and the most asked for at once of a large reply's body.
+_BODY_RECV_MAX = 4 * 1024 * 1024
 #: Seconds to wait for the connection and each reply, unless told otherwise.
 DEFAULT_TIMEOUT = 10.0
 
@@ -75,7 +78,6 @@ class Client:
             if framing == "length"
             else make_decoder(framing, max_frame)
         )
-        self._scratch = bytearray(_RECV_SIZE)
         self._inbox: deque[bytes] = deque()
         self._sock = socket.create_connection((host, port), timeout=timeout)
         self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -189,10 +191,11 @@ class Client:
 
     def _receive_some(self) -> None:
         decoder = self._decoder
-        nbytes = self._sock.recv_into(decoder.get_buffer(self._scratch))
-        if nbytes == 0:
+        want = decoder.want  # inside a large reply: ask for just the rest of its body
+        data = self._sock.recv(min(want, _BODY_RECV_MAX) if want else _RECV_SIZE)
+        if not data:
             raise ConnectionClosed("the server closed the connection")
-        self._inbox.extend(decoder.buffer_updated(nbytes))
+        self._inbox.extend(decoder.feed(data))
         if decoder.error is not None:
             raise ConnectionClosed(f"bad data from the server: {decoder.error}")
 

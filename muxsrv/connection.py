@@ -1,9 +1,10 @@
 """One client connection: its socket, its decoder, its output buffer, its handler.
 
-Reading: one ``recv_into`` per readiness event (so one busy client cannot
-starve the others), into the loop's shared scratch buffer or the decoder's own
-body buffer; every message it completes goes to the handler, and the replies
-of that whole batch leave in one ``send``.
+Reading: one ``recv`` per readiness event (so one busy client cannot starve
+the others), of at most ``RECV_SIZE`` bytes, or of the rest of a large frame's
+body; the decoder slices every message it completes straight out of those
+bytes for the handler, and the replies of that whole batch leave in one
+``send``.
 
 Writing, the asyncio way: try ``send`` at once; keep exactly what it did not
 take; ask the selector for ``EVENT_WRITE`` only while output is pending.
@@ -42,6 +43,9 @@ __all__ = ["Connection"]
 
 log = logging.getLogger("muxsrv")
 
+#: The most one recv asks for outside a large frame's body (a fresh bytes object
+#: each time, shrunk to what arrived; below glibc's default mmap threshold).
+RECV_SIZE: Final = 64 * 1024
 #: Pause reading above this much pending output (per connection) ...
 HIGH_WATER: Final = 1024 * 1024
 #: ... and resume below this, so pausing does not flap on every send.
@@ -230,13 +234,13 @@ class Connection:
                 self._receive_body(decoder)
                 return
             try:
-                nbytes = self._sock.recv_into(decoder.get_buffer(self._loop.scratch))
+                data = self._sock.recv(RECV_SIZE)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
                 self._fatal(exc, "recv")
                 return
-            if nbytes == 0:
+            if not data:
                 self._read_eof()
                 return
             fn = self._fn
@@ -244,9 +248,9 @@ class Connection:
                 out = self._out
                 if out is None:
                     out = self._out = []
-                decoder.respond(nbytes, fn, out, self._handler_failed)
+                decoder.respond(data, fn, out, self._handler_failed)
             else:
-                messages = decoder.buffer_updated(nbytes)
+                messages = decoder.feed(data)
                 if messages:
                     self._deliver(messages)
             if decoder.error is not None and self._state == OPEN:
@@ -352,13 +356,13 @@ class Connection:
     def _discard_input(self) -> None:
         """Closing: read and drop input until EOF (the lingering close)."""
         try:
-            nbytes = self._sock.recv_into(self._loop.scratch)
+            data = self._sock.recv(RECV_SIZE)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
             self._close(None)
             return
-        if nbytes == 0:
+        if not data:
             self._eof = True
             if self._state == LINGER:
                 self._close(None)

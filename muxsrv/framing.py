@@ -5,22 +5,20 @@ message or three and a half ("sticky packets").  A codec turns the stream back
 into messages and turns replies into bytes.  Codecs here never touch a socket;
 they are fed bytes and return messages, so every property is testable alone.
 
-The receive side follows asyncio's ``BufferedProtocol`` shape so that bytes are
-copied as few times as possible:
+The receive side is h11's ``receive_data`` shape, bytes in and messages out:
 
-    buf = decoder.get_buffer(scratch)    # where the next recv_into may write
-    n = sock.recv_into(buf)              # the caller's I/O, not ours
-    messages = decoder.buffer_updated(n) # every message completed by those n bytes
+    data = sock.recv(RECV_SIZE)          # the caller's I/O, not ours
+    messages = decoder.feed(data)        # every message completed by those bytes
 
-``scratch`` is one large buffer shared by every connection of a loop (the loop
-is single-threaded), so an idle connection owns no receive buffer at all.  A
-decoder keeps only the unfinished tail of the stream; a large frame whose
-length is known gets a buffer of its own, sized from its header, and the rest
-of its body is received straight into it, so a 64 MiB message arriving in 64
-KiB pieces costs linear time.  ``feed(data)`` is the same for tests and
-clients that already hold bytes.
+A decoder keeps only the unfinished tail of the stream (at most a header and
+a few KiB), so an idle connection owns no receive buffer at all.  Messages are
+sliced straight out of the ``bytes`` the caller received: one copy per message
+and no shared buffer to manage.  A large frame whose length is known is
+collected in pieces instead: the caller may ``recv(want)`` the rest of its body
+into fresh bytes and hand them to ``body_received``, joined once at the end, so
+a 64 MiB message arriving in 64 KiB pieces costs linear time.
 
-When the stream breaks the framing rules, ``buffer_updated`` returns the
+When the stream breaks the framing rules, ``feed`` returns the
 messages that were complete before the violation and sets ``error``; nothing
 after the violation is ever returned.
 """
@@ -60,18 +58,14 @@ pack_header = _HEADER.pack
 ERROR_FLAG: Final = 0x80000000
 #: The largest --max-frame: with the top bit reserved, a length word holds 2**31-1.
 MAX_FRAME_LIMIT: Final = 0x7FFFFFFF
-#: An unfinished frame at least this large gets a buffer of its own, so its body
-#: is received in place instead of being re-copied on every recv.
+#: An unfinished frame at least this large is collected in pieces (``want``,
+#: ``body_received``) instead of being re-copied as the tail on every feed, so
+#: the tail LengthDecoder keeps is never longer than a header and 4 KiB.
 BODY_BUFFER_MIN: Final = 4096
-#: The longest unfinished tail LengthDecoder copies into scratch: a header and
-#: a body shorter than BODY_BUFFER_MIN.  Scratch must be larger than this.
-TAIL_MAX: Final = _HEADER.size + BODY_BUFFER_MIN
-
-#: Frames up to this size are copied out of a bytearray by slicing (two small
-#: copies beat a memoryview's object overhead); larger ones through a memoryview.
-_SLICE_COPY_MAX: Final = 1024
 #: Replies up to this size are framed as one buffer (header + payload).
 _CONCAT_MAX: Final = 4096
+#: The headers of every such reply, packed once: a lookup beats a pack per message.
+_HEADERS: Final = tuple(pack_header(n) for n in range(_CONCAT_MAX + 1))
 
 FRAMINGS: Final = ("length", "line", "raw")
 
@@ -91,27 +85,22 @@ class ErrorFrame(bytes):
 class Decoder:
     """Base decoder: byte stream in, list of messages out.  Subclasses fill in."""
 
-    __slots__ = ("_scratch", "error", "max_frame")
+    __slots__ = ("error", "max_frame")
 
     #: Bytes of a large message still to come that may be read with ``recv(want)``
-    #: and given to ``body_received`` instead of going through ``get_buffer``.
+    #: and given to ``body_received`` instead of going through ``feed``.
     want: int = 0
 
     def __init__(self, max_frame: int) -> None:
         self.max_frame = max_frame
         self.error: str | None = None
-        self._scratch: bytearray | None = None
+
+    def feed(self, data: Buffer) -> list[bytes]:
+        """The next bytes of the stream; every message they complete, in order."""
+        raise NotImplementedError
 
     def body_received(self, chunk: bytes) -> bytes | None:
         """At most ``want`` bytes of a large message; the message once it is whole."""
-        raise NotImplementedError
-
-    def get_buffer(self, scratch: bytearray) -> Buffer:
-        """Return the writable buffer the next ``recv_into`` should fill."""
-        raise NotImplementedError
-
-    def buffer_updated(self, nbytes: int) -> list[bytes]:
-        """``nbytes`` were written at the start of the last ``get_buffer``; cut messages."""
         raise NotImplementedError
 
     def eof(self) -> list[bytes]:
@@ -123,15 +112,15 @@ class Decoder:
         """Append the framed ``payload`` to ``out``."""
         raise NotImplementedError
 
-    def respond(self, nbytes: int, fn: ReplyFunction, out: list[Buffer], failed: Failed) -> None:
-        """``buffer_updated``, then ``fn`` on each message, each reply encoded into ``out``.
+    def respond(self, data: Buffer, fn: ReplyFunction, out: list[Buffer], failed: Failed) -> None:
+        """``feed(data)``, then ``fn`` on each message, each reply encoded into ``out``.
 
         The function handler's whole path in one call: codecs may fuse the
         three steps (``LengthDecoder`` does).  When ``fn`` raises, or returns
         something that is not bytes, ``failed(exc)`` is told; if it returns
         False the connection is ending and nothing more is done.
         """
-        for payload in self.buffer_updated(nbytes):
+        for payload in self.feed(data):
             if not self.reply(fn, payload, out, failed):
                 return
 
@@ -152,21 +141,6 @@ class Decoder:
     def buffered(self) -> int:
         """Bytes held for an unfinished message."""
         return 0
-
-    def feed(self, data: Buffer) -> list[bytes]:
-        """Convenience for callers holding bytes: the same as a recv_into of ``data``."""
-        view = memoryview(data).cast("B")
-        out: list[bytes] = []
-        # Room for the unfinished tail a decoder copies to the front of scratch
-        # (LengthDecoder), or a byte-at-a-time feed never gets a byte in.
-        scratch = bytearray(len(view) + TAIL_MAX)
-        while view and self.error is None:
-            buf = memoryview(self.get_buffer(scratch)).cast("B")
-            n = min(len(buf), len(view))
-            buf[:n] = view[:n]
-            view = view[n:]
-            out += self.buffer_updated(n)
-        return out
 
 
 class LengthDecoder(Decoder):
@@ -202,17 +176,6 @@ class LengthDecoder(Decoder):
             return _HEADER.size + sum(map(len, self._chunks))
         return len(self._tail)
 
-    def get_buffer(self, scratch: bytearray) -> Buffer:
-        self._scratch = scratch
-        if self._chunks is not None:
-            return memoryview(scratch)[: min(self.want, len(scratch))]
-        tail = self._tail
-        if not tail:
-            return scratch
-        t = len(tail)
-        scratch[:t] = tail
-        return memoryview(scratch)[t:]
-
     def body_received(self, chunk: bytes) -> bytes | None:
         chunks = self._chunks
         assert chunks is not None and 0 < len(chunk) <= self.want
@@ -224,40 +187,40 @@ class LengthDecoder(Decoder):
         message = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         return ErrorFrame(message) if self._body_error else message
 
-    def buffer_updated(self, nbytes: int) -> list[bytes]:
+    def feed(self, data: Buffer) -> list[bytes]:
         out: list[bytes] = []
-        self._cut(nbytes, None, out, _never_fails)
+        self._cut(data, None, out, _never_fails)
         return out
 
-    def respond(self, nbytes: int, fn: ReplyFunction, out: list[Buffer], failed: Failed) -> None:
-        self._cut(nbytes, fn, out, failed)
+    def respond(self, data: Buffer, fn: ReplyFunction, out: list[Buffer], failed: Failed) -> None:
+        self._cut(data, fn, out, failed)
 
-    def _cut(
-        self, nbytes: int, fn: ReplyFunction | None, out: list[Any], failed: Failed
-    ) -> None:
+    def _cut(self, data: Buffer, fn: ReplyFunction | None, out: list[Any], failed: Failed) -> None:
         """Cut frames; with ``fn``, reply to each at once (the hot path, kept inline)."""
-        buf = self._scratch
-        assert buf is not None
+        if self.error is not None:
+            return  # nothing after a violation, ever
+        if type(data) is not bytes:
+            data = bytes(data)  # slices of bytes are the payloads handed out
         if self._chunks is not None:
-            message = self.body_received(bytes(buf[:nbytes]))
-            if message is None:
-                pass
-            elif fn is None or isinstance(message, ErrorFrame):
-                out.append(message)
-            else:
-                self.reply(fn, message, out, failed)
-            return
+            if not data:
+                return
+            data = self._finish_body(data, fn, out, failed)
+            if not data:
+                return
         tail = self._tail
-        end = len(tail) + nbytes if tail else nbytes
+        if tail:
+            data = tail + data
+        end = len(data)
         pos = 0
         limit = self.max_frame
         unpack = _unpack_header
+        headers = _HEADERS
         while end - pos >= 4:
-            (n,) = unpack(buf, pos)
+            (n,) = unpack(data, pos)
             start = pos + 4
             stop = start + n
             if n > limit or stop > end:
-                new = self._unusual(buf, pos, end, n, out)
+                new = self._unusual(data, pos, end, n, out)
                 if new < 0:
                     return
                 whole_error_frame = new != pos and self._chunks is None
@@ -266,16 +229,12 @@ class LengthDecoder(Decoder):
                     continue  # (clients only) go on with the next frame
                 break
             pos = stop
-            if n <= _SLICE_COPY_MAX:
-                payload = bytes(buf[start:stop])
-            else:
-                payload = memoryview(buf)[start:stop].tobytes()
             if fn is None:
-                out.append(payload)
+                out.append(data[start:stop])
                 continue
             # Inline copy of reply() and encode_length(): this runs once per message.
             try:
-                reply = fn(payload)
+                reply = fn(data[start:stop])
             except Exception as exc:
                 if failed(exc):
                     continue
@@ -286,7 +245,7 @@ class LengthDecoder(Decoder):
             try:
                 m = len(reply)
                 if m <= _CONCAT_MAX:
-                    out.append(pack_header(m) + reply)  # TypeError unless bytes-like
+                    out.append(headers[m] + reply)  # TypeError unless bytes-like
                 elif isinstance(reply, (bytes, bytearray, memoryview)):
                     out.append(pack_header(m))
                     out.append(reply)
@@ -297,9 +256,23 @@ class LengthDecoder(Decoder):
                     continue
                 self._tail = b""
                 return
-        self._tail = bytes(buf[pos:end]) if pos < end else b""
+        self._tail = data[pos:] if pos < end else b""
 
-    def _unusual(self, buf: bytearray, pos: int, end: int, n: int, out: list[Any]) -> int:
+    def _finish_body(
+        self, data: bytes, fn: ReplyFunction | None, out: list[Any], failed: Failed
+    ) -> bytes:
+        """Inside a large frame fed whole chunks: its share of ``data``; the rest back."""
+        take = min(self.want, len(data))
+        message = self.body_received(data[:take])
+        if message is None:
+            pass
+        elif fn is None or isinstance(message, ErrorFrame):
+            out.append(message)
+        elif not self.reply(fn, message, out, failed):
+            return b""
+        return data[take:]
+
+    def _unusual(self, buf: bytes, pos: int, end: int, n: int, out: list[Any]) -> int:
         """A frame that is too large, an error frame, or unfinished; the new position.
 
         -1: the stream broke the rules (``error`` is set).
@@ -318,7 +291,7 @@ class LengthDecoder(Decoder):
                 out.append(ErrorFrame(buf[start : start + n]))
                 return start + n
         if n >= BODY_BUFFER_MIN:  # unfinished and large: collect the body in pieces
-            self._chunks = [bytes(buf[start:end])] if end > start else []
+            self._chunks = [buf[start:end]] if end > start else []
             self.want = n - (end - start)
             self._body_error = is_error
             return end
@@ -376,28 +349,27 @@ class LineDecoder(Decoder):
     def buffered(self) -> int:
         return len(self._acc)
 
-    def get_buffer(self, scratch: bytearray) -> Buffer:
-        self._scratch = scratch
-        return scratch
-
-    def buffer_updated(self, nbytes: int) -> list[bytes]:
-        buf = self._scratch
-        assert buf is not None
+    def feed(self, data: Buffer) -> list[bytes]:
+        if self.error is not None:
+            return []  # nothing after a violation, ever
+        if type(data) is not bytes:
+            data = bytes(data)
         out: list[bytes] = []
         pos = 0
-        find = buf.find
+        end = len(data)
+        find = data.find
         acc = self._acc
         limit = self.max_frame
         while True:
-            i = find(b"\n", pos, nbytes)
+            i = find(b"\n", pos)
             if i < 0:
                 break
             if acc:
-                acc += buf[pos:i]
+                acc += data[pos:i]
                 line = bytes(acc)
                 acc.clear()
             else:
-                line = bytes(buf[pos:i])
+                line = data[pos:i]
             if line.endswith(b"\r"):
                 line = line[:-1]
             if len(line) > limit:
@@ -405,8 +377,8 @@ class LineDecoder(Decoder):
                 return out
             out.append(line)
             pos = i + 1
-        if pos < nbytes:
-            acc += buf[pos:nbytes]
+        if pos < end:
+            acc += data[pos:]
             # A trailing "\r" may still be followed by "\n": allow one byte over.
             if len(acc) > limit + 1:
                 self.error = f"line of more than {limit} bytes exceeds the limit"
@@ -441,15 +413,13 @@ class RawDecoder(Decoder):
     def encode(out: list[Buffer], payload: Buffer) -> None:
         encode_raw(out, payload)
 
-    def get_buffer(self, scratch: bytearray) -> Buffer:
-        self._scratch = scratch
-        if len(scratch) > self.max_frame:
-            return memoryview(scratch)[: self.max_frame]
-        return scratch
-
-    def buffer_updated(self, nbytes: int) -> list[bytes]:
-        assert self._scratch is not None
-        return [bytes(memoryview(self._scratch)[:nbytes])]
+    def feed(self, data: Buffer) -> list[bytes]:
+        if type(data) is not bytes:
+            data = bytes(data)
+        size = self.max_frame
+        if len(data) <= size:
+            return [data] if data else []
+        return [data[i : i + size] for i in range(0, len(data), size)]
 
 
 def encode_raw(out: list[Buffer], payload: Buffer) -> None:

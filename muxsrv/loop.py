@@ -47,9 +47,6 @@ log = logging.getLogger("muxsrv")
 EVENT_READ: Final = selectors.EVENT_READ
 EVENT_WRITE: Final = selectors.EVENT_WRITE
 
-#: One receive buffer shared by every connection (the loop is single-threaded):
-#: large enough that a bulk sender fills it in one recv, small enough for cache.
-SCRATCH_SIZE: Final = 256 * 1024
 #: Rebuild the timer heap once this many cancelled timers sit in it.
 _CANCELLED_REBUILD: Final = 256
 
@@ -145,7 +142,6 @@ class EventLoop:
         self.selector = selectors.DefaultSelector()
         #: The clock reading for the current turn of the loop.
         self.now = monotonic()
-        self.scratch = bytearray(SCRATCH_SIZE)
         self._timers: list[Timer] = []
         self._cancelled = 0
         self._ready: deque[Handle] = deque()

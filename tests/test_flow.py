@@ -173,7 +173,7 @@ def test_partial_sends_and_receives_with_tiny_socket_buffers() -> None:
 # -- flow control: the slow reader ------------------------------------------------
 
 #: Message sizes the slow-reader client cycles through: both codec paths (small
-#: frames cut from scratch, large ones received into their own buffer).
+#: frames sliced out of what one recv returned, large ones received in pieces).
 SLOW_SIZES = (8, 300, 4095, 4096, 5000, 65536, 200_000, MiB)
 SLOW_TOTAL = 256 * MiB
 #: How far the server's RSS may grow while its client pipelines without reading.

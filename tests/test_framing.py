@@ -1,10 +1,11 @@
 """The sans-IO codecs: every way of cutting a stream into chunks gives the same messages.
 
 One conformance suite runs over every framing that keeps message boundaries
-(length, line), fed two ways: through ``feed`` and through the
-``get_buffer``/``buffer_updated`` protocol with a shared scratch buffer, as
-the server's connections use it.  Raw framing, which has no boundaries, gets
-its own properties.  Limits, EOF and the client's error frames follow.
+(length, line), fed two ways: through ``feed`` alone, and as the server's
+connections do it (``feed``, but the rest of a large frame's body through
+``want``/``body_received``).  The fused ``respond`` path must answer exactly as
+cutting then encoding would.  Raw framing, which has no boundaries, gets its
+own properties.  Limits, EOF and the client's error frames follow.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from muxsrv.framing import (
     ENCODERS,
     ERROR_FLAG,
     MAX_FRAME_LIMIT,
-    TAIL_MAX,
     Buffer,
     Decoder,
     ErrorFrame,
@@ -32,7 +32,6 @@ from muxsrv.framing import (
     encode_error,
     make_decoder,
 )
-from muxsrv.loop import SCRATCH_SIZE
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -59,28 +58,46 @@ def via_feed(decoder: Decoder, chunks: Iterable[bytes]) -> list[bytes]:
     return out
 
 
-def via_recv_into(
-    decoder: Decoder, chunks: Iterable[bytes], scratch_size: int = SCRATCH_SIZE
-) -> list[bytes]:
-    """What a connection does: each chunk is what the kernel has for the next recv_into."""
-    scratch = bytearray(scratch_size)
+def via_connection(decoder: Decoder, chunks: Iterable[bytes]) -> list[bytes]:
+    """What a connection does: feed what the kernel has, but inside a large frame's
+    body receive at most ``want`` bytes and hand them to ``body_received``."""
     out: list[bytes] = []
     for chunk in chunks:
-        rest = memoryview(chunk)
+        rest = chunk
         while rest and decoder.error is None:
-            buf = memoryview(decoder.get_buffer(scratch)).cast("B")
-            assert len(buf) > 0, "get_buffer returned no room"
-            n = min(len(buf), len(rest))
-            buf[:n] = rest[:n]
-            rest = rest[n:]
-            out += decoder.buffer_updated(n)
-    assert len(scratch) == scratch_size, "a decoder resized the shared scratch buffer"
+            want = decoder.want
+            if want:
+                piece, rest = rest[:want], rest[want:]
+                message = decoder.body_received(piece)
+                if message is not None:
+                    out.append(message)
+            else:
+                out += decoder.feed(rest)
+                rest = b""
     return out
+
+
+def via_respond(decoder: Decoder, chunks: Iterable[bytes]) -> list[bytes]:
+    """The function handler's fused path: every message ``respond`` calls it with."""
+    seen: list[bytes] = []
+
+    def record(payload: bytes) -> None:
+        seen.append(payload)
+
+    def failed(exc: Exception) -> bool:
+        raise AssertionError("the recording handler cannot fail") from exc
+
+    replies: list[Buffer] = []
+    for chunk in chunks:
+        decoder.respond(chunk, record, replies, failed)
+    assert replies == []
+    return seen
 
 
 FEEDERS: dict[str, Callable[[Decoder, Iterable[bytes]], list[bytes]]] = {
     "feed": via_feed,
-    "recv_into": via_recv_into,
+    "connection": via_connection,
+    "respond": via_respond,
 }
 
 
@@ -223,10 +240,7 @@ def test_length_large_body_is_received_in_pieces_and_joined_once() -> None:
     size = 8 << 20
     payload = pattern(size)
     d = LengthDecoder(16 << 20)
-    scratch = bytearray(SCRATCH_SIZE)
-    head = size.to_bytes(4, "big") + payload[:1000]
-    memoryview(d.get_buffer(scratch)).cast("B")[: len(head)] = head
-    assert d.buffer_updated(len(head)) == []
+    assert d.feed(size.to_bytes(4, "big") + payload[:1000]) == []
     assert d.want == size - 1000  # the caller may now recv(want) into fresh bytes
     rest = payload[1000:]
     pieces = [rest[i : i + 65536] for i in range(0, len(rest), 65536)]
@@ -236,31 +250,47 @@ def test_length_large_body_is_received_in_pieces_and_joined_once() -> None:
     assert d.want == 0 and d.buffered == 0
 
     whole = LengthDecoder(16 << 20)
-    memoryview(whole.get_buffer(scratch)).cast("B")[:4] = size.to_bytes(4, "big")
-    assert whole.buffer_updated(4) == []
+    assert whole.feed(size.to_bytes(4, "big")) == []
     assert whole.want == size
     assert whole.body_received(payload) is payload  # arrived whole: no copy at all
 
 
-def test_length_large_body_through_recv_into_is_linear() -> None:
-    """Bug caught: the recv_into path (clients, feed) growing its work with the body."""
+def test_length_large_body_through_feed_is_collected_not_recopied() -> None:
+    """Bug caught: a large frame fed in pieces (clients) kept as a growing tail,
+    re-copied on every feed (quadratic), or a piece that ends its body and
+    starts the next frame losing that frame."""
     size = 8 << 20
     d = LengthDecoder(16 << 20)
-    scratch = bytearray(SCRATCH_SIZE)
     payload = pattern(size)
-    data = memoryview(size.to_bytes(4, "big") + payload)
+    data = size.to_bytes(4, "big") + payload + b"\0\0\0\2ok"
     out: list[bytes] = []
-    calls = 0
-    while data:
-        buf = memoryview(d.get_buffer(scratch)).cast("B")
-        assert len(buf) <= max(d.want, SCRATCH_SIZE)
-        n = min(len(buf), len(data), 65536)
-        buf[:n] = data[:n]
-        data = data[n:]
-        out += d.buffer_updated(n)
-        calls += 1
-    assert out == [payload]
-    assert calls == -(-(size + 4) // 65536)  # every byte handled once, 64 KiB at a time
+    want = size
+    for i in range(0, len(data), 65536):
+        piece = data[i : i + 65536]
+        out += d.feed(piece)
+        if out:
+            break
+        want -= len(piece) - (4 if i == 0 else 0)
+        assert d.want == want  # every piece went to the body, none to a tail
+    assert out == [payload, b"ok"]
+    assert d.want == 0 and d.buffered == 0
+
+
+@pytest.mark.parametrize("framing", FRAMED)
+def test_respond_frames_each_reply_as_encode_does(framing: str) -> None:
+    """Bug caught: the fused path's inline framing differing from the encoder
+    (a header from the wrong table entry, a large reply cut, a None answered)."""
+    kinds: list[Callable[[bytes], Buffer | None]] = [
+        lambda m: m[::-1], bytearray, memoryview, lambda m: None, lambda m: m * 3
+    ]
+    for i, make in enumerate(kinds):
+        replies: list[Buffer] = []
+        decoder = make_decoder(framing, 1 << 20)
+        stream = encode(framing, EDGE_MESSAGES)
+        for chunk in (stream[: len(stream) // 3], stream[len(stream) // 3 :]):
+            decoder.respond(chunk, make, replies, lambda exc: False)
+        expected = [r for r in map(make, EDGE_MESSAGES) if r is not None]
+        assert b"".join(replies) == encode(framing, map(bytes, expected)), f"reply kind {i}"
 
 
 # -- the line framing ------------------------------------------------------------
@@ -285,7 +315,7 @@ def test_line_crlf_split_across_chunks(via: str) -> None:
 def test_line_crlf_any_split(messages: list[bytes], data: st.DataObject) -> None:
     stream = b"".join(m + b"\r\n" for m in messages)
     cuts = data.draw(st.lists(st.integers(0, len(stream)), max_size=40))
-    assert via_recv_into(LineDecoder(1 << 20), split_at(stream, cuts)) == messages
+    assert via_connection(LineDecoder(1 << 20), split_at(stream, cuts)) == messages
 
 
 @pytest.mark.parametrize(
@@ -342,7 +372,7 @@ def test_raw_chunks_are_messages(data: st.DataObject) -> None:
 
 def test_raw_byte_at_a_time() -> None:
     d = RawDecoder(100)
-    assert via_recv_into(d, [b"a", b"b", b"c"]) == [b"a", b"b", b"c"]
+    assert via_connection(d, [b"a", b"b", b"c"]) == [b"a", b"b", b"c"]
     assert d.eof() == []
 
 
@@ -359,7 +389,7 @@ def test_client_decodes_error_frames() -> None:
         + encode("length", [pattern(BODY_BUFFER_MIN * 2)])
     )
     for chunks in ([stream], [stream[i : i + 1] for i in range(len(stream))]):
-        for via in FEEDERS.values():
+        for via in (via_feed, via_connection):  # (clients never respond)
             out = via(LengthDecoder(MAX_FRAME_LIMIT, accept_errors=True), chunks)
             assert out == [
                 b"one", b"bad thing: \xc3\xa9", b"", b"x" * 4096, pattern(BODY_BUFFER_MIN * 2)
@@ -384,8 +414,3 @@ def test_encode_error_is_cut_to_4096_bytes() -> None:
 def test_unknown_framing() -> None:
     with pytest.raises(ValueError, match="unknown framing 'bogus'"):
         make_decoder("bogus", 10)
-
-
-def test_tail_fits_any_scratch_the_server_uses() -> None:
-    # The unfinished tail is copied to the front of scratch; it must leave room.
-    assert TAIL_MAX < SCRATCH_SIZE
