@@ -62,6 +62,8 @@ MAX_FRAME_LIMIT: Final = 0x7FFFFFFF
 #: ``body_received``) instead of being re-copied as the tail on every feed, so
 #: the tail LengthDecoder keeps is never longer than a header and 4 KiB.
 BODY_BUFFER_MIN: Final = 4096
+#: The most a tail (a small frame's start) can need to be finished.
+_TAIL_JOIN: Final = _HEADER.size + BODY_BUFFER_MIN
 #: Replies up to this size are framed as one buffer (header + payload).
 _CONCAT_MAX: Final = 4096
 #: The headers of every such reply, packed once: a lookup beats a pack per message.
@@ -192,9 +194,6 @@ class LengthDecoder(Decoder):
         self._cut(data, None, out, _never_fails)
         return out
 
-    def respond(self, data: Buffer, fn: ReplyFunction, out: list[Buffer], failed: Failed) -> None:
-        self._cut(data, fn, out, failed)
-
     def _cut(self, data: Buffer, fn: ReplyFunction | None, out: list[Any], failed: Failed) -> None:
         """Cut frames; with ``fn``, reply to each at once (the hot path, kept inline)."""
         if self.error is not None:
@@ -207,11 +206,44 @@ class LengthDecoder(Decoder):
             data = self._finish_body(data, fn, out, failed)
             if not data:
                 return
-        tail = self._tail
-        if tail:
-            data = tail + data
-        end = len(data)
         pos = 0
+        if self._tail:
+            pos = self._finish_tail(data, fn, out, failed)
+            if pos < 0:
+                return
+        if self._chunks is None:
+            self._frames(data, pos, fn, out, failed)
+        elif pos < len(data):  # the tail's header began a large frame
+            self._cut(data[pos:], fn, out, failed)
+
+    respond = _cut  # (the per-recv hot path: no extra call)
+
+    def _finish_tail(
+        self, data: bytes, fn: ReplyFunction | None, out: list[Any], failed: Failed
+    ) -> int:
+        """Finish the frame the tail began with the front of ``data``; where cutting goes on.
+
+        The tail is the start of a small frame (a large one is collected in
+        pieces), so the frame ends within the first ``_TAIL_JOIN`` bytes of
+        ``data``: only those are joined to it, never all of ``data``.  -1: there
+        is nothing more to cut now (all of ``data`` was used, or cutting stopped).
+        """
+        k = min(len(data), _TAIL_JOIN)
+        tail, self._tail = self._tail, b""
+        if not self._frames(tail + data[:k], 0, fn, out, failed) or k == len(data):
+            return -1
+        # An unfinished frame left over lies wholly in data[:k]: cut it again from there.
+        left, self._tail = len(self._tail), b""
+        return k - left
+
+    def _frames(
+        self, data: bytes, pos: int, fn: ReplyFunction | None, out: list[Any], failed: Failed
+    ) -> bool:
+        """Cut every frame from ``pos`` on; keep an unfinished small one as the tail.
+
+        False: cutting stopped (the stream broke the rules, or the connection ends).
+        """
+        end = len(data)
         limit = self.max_frame
         unpack = _unpack_header
         headers = _HEADERS
@@ -222,7 +254,7 @@ class LengthDecoder(Decoder):
             if n > limit or stop > end:
                 new = self._unusual(data, pos, end, n, out)
                 if new < 0:
-                    return
+                    return False
                 whole_error_frame = new != pos and self._chunks is None
                 pos = new
                 if whole_error_frame:
@@ -239,7 +271,7 @@ class LengthDecoder(Decoder):
                 if failed(exc):
                     continue
                 self._tail = b""
-                return
+                return False
             if reply is None:
                 continue
             try:
@@ -255,8 +287,9 @@ class LengthDecoder(Decoder):
                 if failed(_wrong_type(reply)):
                     continue
                 self._tail = b""
-                return
+                return False
         self._tail = data[pos:] if pos < end else b""
+        return True
 
     def _finish_body(
         self, data: bytes, fn: ReplyFunction | None, out: list[Any], failed: Failed

@@ -170,6 +170,16 @@ class TestEveryFraming:
         rest = encode(framing, [pattern(BODY_BUFFER_MIN * 2)])[tail_size:]
         assert FEEDERS[via](decoder, [rest]) == [pattern(BODY_BUFFER_MIN * 2)]
 
+    def test_every_two_piece_split(self, framing: str, via: str) -> None:
+        """Bug caught: finishing a held tail from the next piece (only its front is
+        joined to the tail) losing or repeating bytes after the tail's frame."""
+        messages = [pattern(100), pattern(5000, 1), b"", pattern(10, 2), pattern(4095, 3)]
+        stream = encode(framing, messages)
+        for cut in range(len(stream)):
+            decoder = make_decoder(framing, 1 << 20)
+            assert FEEDERS[via](decoder, [stream[:cut], stream[cut:]]) == messages, cut
+            assert decoder.buffered == 0
+
     @HYPOTHESIS
     @given(data=st.data())
     def test_any_split(self, framing: str, via: str, data: st.DataObject) -> None:
