@@ -23,6 +23,7 @@ import dataclasses
 import json
 import os
 import resource
+import signal
 import sys
 import time
 from pathlib import Path
@@ -247,6 +248,10 @@ class Bench:
             "- Every reply verified byte for byte by the generator (upper-cased for "
             "muxsrv-upper); req/s are completed request/response pairs; GB/s is echoed "
             "payload bytes received per second; latency from send to full reply, in us",
+            "- Every server runs with "
+            + ", ".join(f"{k}={v}" for k, v in servers.MALLOC_ENV.items())
+            + " (what muxsrv sets for itself at start; without it asyncio's 256 KiB reads "
+            "are mapped and unmapped one by one)",
         ]
         footnote = []
         if any(report.noisy(c) for cells in table.values() for c in cells.values()):
@@ -304,6 +309,8 @@ class Bench:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so the server under test is stopped too.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     started = time.monotonic()
     raise_nofile()
     cbuild.build_all()

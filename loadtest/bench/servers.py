@@ -6,6 +6,12 @@ bench parses that line with muxsrv's own pattern, so no server needs special
 treatment.  A server runs pinned to its own CPU (``taskset``), is stopped with
 SIGTERM to the PID we started (SIGKILL after a grace period) and is always
 reaped.  A peer whose Python package is missing is skipped with a note.
+
+Every server gets the glibc malloc settings muxsrv gives itself at start
+(``MALLOC_ENV``).  Without them glibc maps and unmaps every buffer over 128 KiB,
+so a server that reads with ``recv(256 KiB)`` (asyncio's transports) pays page
+faults on each read and runs at a third of its speed or at full speed depending
+on the allocator's history; the comparison is of code, not of that accident.
 """
 
 from __future__ import annotations
@@ -31,6 +37,9 @@ LISTEN_RE = re.compile(r"listening on (\[[^\]]+\]|[^\s:]+):(\d+)")
 START_TIMEOUT = 30.0  # Twisted's import alone takes a second on a busy machine
 STOP_TIMEOUT = 15.0  # muxsrv drains for up to 5 s by default
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+#: What muxsrv sets with mallopt at start (MMAP_THRESHOLD and TRIM_THRESHOLD in
+#: muxsrv/tuning.py), for every server.
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(64 << 20)}
 
 
 @dataclass(frozen=True)
@@ -98,6 +107,7 @@ class RunningServer:
         env = dict(os.environ)
         env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
         env["PYTHONUNBUFFERED"] = "1"
+        env.update(MALLOC_ENV)
         self.spec = spec
         self.proc = subprocess.Popen(
             pinned(spec.argv, cpu),
