@@ -294,7 +294,7 @@ class LengthDecoder(Decoder):
     def _finish_body(
         self, data: bytes, fn: ReplyFunction | None, out: list[Any], failed: Failed
     ) -> bytes:
-        """Inside a large frame fed whole chunks: its share of ``data``; the rest back."""
+        """Inside a large frame: its body takes what it still wants of ``data``; the rest back."""
         take = min(self.want, len(data))
         message = self.body_received(data[:take])
         if message is None:
@@ -343,7 +343,7 @@ def encode_length(out: list[Buffer], payload: Buffer) -> None:
     """Append one length-prefixed frame to ``out`` (a large payload is not copied)."""
     n = len(payload)
     if n <= _CONCAT_MAX:
-        out.append(pack_header(n) + payload)  # one buffer: the flush needs no join
+        out.append(_HEADERS[n] + payload)  # one buffer: the flush needs no join
     else:
         out.append(pack_header(n))
         out.append(payload)
