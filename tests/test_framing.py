@@ -1,11 +1,13 @@
 """The sans-IO codecs: every way of cutting a stream into chunks gives the same messages.
 
 One conformance suite runs over every framing that keeps message boundaries
-(length, line), fed two ways: through ``feed`` alone, and as the server's
+(length, line), fed three ways: through ``feed`` alone; as the server's
 connections do it (``feed``, but the rest of a large frame's body through
-``want``/``body_received``).  The fused ``respond`` path must answer exactly as
-cutting then encoding would.  Raw framing, which has no boundaries, gets its
-own properties.  Limits, EOF and the client's error frames follow.
+``want``/``body_received``); and through the fused ``respond`` path, whose
+handler must be called with exactly the messages ``feed`` returns.  ``respond``
+must also frame replies exactly as the encoder does.  Raw framing, which has no
+boundaries, gets its own properties.  Limits, EOF and the client's error frames
+follow.
 """
 
 from __future__ import annotations
