@@ -31,7 +31,7 @@ import logging
 import socket
 from typing import TYPE_CHECKING, Any, Final
 
-from .framing import Buffer, Decoder, encode_error, encode_length_parts, make_decoder
+from .framing import Buffer, encode_error, encode_length_parts, make_decoder
 from .loop import EVENT_READ, EVENT_WRITE, Timer
 
 if TYPE_CHECKING:
@@ -230,11 +230,11 @@ class Connection:
                     self._flush()
                 return
             decoder = self._decoder
-            if decoder.want:
-                self._receive_body(decoder)
-                return
+            # Inside a large frame, ask for just the rest of its body: fresh bytes
+            # the decoder keeps as they are and joins once.
+            want = decoder.want
             try:
-                data = self._sock.recv(RECV_SIZE)
+                data = self._sock.recv(min(want, BODY_RECV_MAX) if want else RECV_SIZE)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
@@ -258,23 +258,6 @@ class Connection:
             self._flush()
         elif mask & EVENT_WRITE:
             self._flush()
-
-    def _receive_body(self, decoder: Decoder) -> None:
-        """Inside a large frame: recv the body into fresh bytes, joined once at the end."""
-        try:
-            chunk = self._sock.recv(min(decoder.want, BODY_RECV_MAX))
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:
-            self._fatal(exc, "recv")
-            return
-        if not chunk:
-            self._read_eof()
-            return
-        message = decoder.body_received(chunk)
-        if message is not None:
-            self._deliver([message])
-        self._flush()
 
     def _deliver(self, messages: list[bytes]) -> None:
         """Hand messages to the handler; replies collect in ``_out`` for one send."""

@@ -15,8 +15,9 @@ a few KiB), so an idle connection owns no receive buffer at all.  Messages are
 sliced straight out of the ``bytes`` the caller received: one copy per message
 and no shared buffer to manage.  A large frame whose length is known is
 collected in pieces instead: the caller may ``recv(want)`` the rest of its body
-into fresh bytes and hand them to ``body_received``, joined once at the end, so
-a 64 MiB message arriving in 64 KiB pieces costs linear time.
+into fresh bytes and feed them (or hand them to ``body_received``); the pieces
+are kept as they are and joined once at the end, so a 64 MiB message arriving
+in 64 KiB pieces costs linear time.
 
 When the stream breaks the framing rules, ``feed`` returns the
 messages that were complete before the violation and sets ``error``; nothing

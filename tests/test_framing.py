@@ -1,9 +1,9 @@
 """The sans-IO codecs: every way of cutting a stream into chunks gives the same messages.
 
 One conformance suite runs over every framing that keeps message boundaries
-(length, line), fed three ways: through ``feed`` alone; as the server's
-connections do it (``feed``, but the rest of a large frame's body through
-``want``/``body_received``); and through the fused ``respond`` path, whose
+(length, line), fed three ways: through ``feed`` alone; as a caller that
+receives the rest of a large frame's body itself (``feed``, but that rest
+through ``want``/``body_received``); and through the fused ``respond`` path, whose
 handler must be called with exactly the messages ``feed`` returns.  ``respond``
 must also frame replies exactly as the encoder does.  Raw framing, which has no
 boundaries, gets its own properties.  Limits, EOF and the client's error frames
@@ -60,9 +60,9 @@ def via_feed(decoder: Decoder, chunks: Iterable[bytes]) -> list[bytes]:
     return out
 
 
-def via_connection(decoder: Decoder, chunks: Iterable[bytes]) -> list[bytes]:
-    """What a connection does: feed what the kernel has, but inside a large frame's
-    body receive at most ``want`` bytes and hand them to ``body_received``."""
+def via_want(decoder: Decoder, chunks: Iterable[bytes]) -> list[bytes]:
+    """Feed what the kernel has, but inside a large frame's body receive at most
+    ``want`` bytes and hand them to ``body_received``."""
     out: list[bytes] = []
     for chunk in chunks:
         rest = chunk
@@ -98,7 +98,7 @@ def via_respond(decoder: Decoder, chunks: Iterable[bytes]) -> list[bytes]:
 
 FEEDERS: dict[str, Callable[[Decoder, Iterable[bytes]], list[bytes]]] = {
     "feed": via_feed,
-    "connection": via_connection,
+    "want": via_want,
     "respond": via_respond,
 }
 
@@ -327,7 +327,7 @@ def test_line_crlf_split_across_chunks(via: str) -> None:
 def test_line_crlf_any_split(messages: list[bytes], data: st.DataObject) -> None:
     stream = b"".join(m + b"\r\n" for m in messages)
     cuts = data.draw(st.lists(st.integers(0, len(stream)), max_size=40))
-    assert via_connection(LineDecoder(1 << 20), split_at(stream, cuts)) == messages
+    assert via_want(LineDecoder(1 << 20), split_at(stream, cuts)) == messages
 
 
 @pytest.mark.parametrize(
@@ -384,7 +384,7 @@ def test_raw_chunks_are_messages(data: st.DataObject) -> None:
 
 def test_raw_byte_at_a_time() -> None:
     d = RawDecoder(100)
-    assert via_connection(d, [b"a", b"b", b"c"]) == [b"a", b"b", b"c"]
+    assert via_want(d, [b"a", b"b", b"c"]) == [b"a", b"b", b"c"]
     assert d.eof() == []
 
 
@@ -401,7 +401,7 @@ def test_client_decodes_error_frames() -> None:
         + encode("length", [pattern(BODY_BUFFER_MIN * 2)])
     )
     for chunks in ([stream], [stream[i : i + 1] for i in range(len(stream))]):
-        for via in (via_feed, via_connection):  # (clients never respond)
+        for via in (via_feed, via_want):  # (clients never respond)
             out = via(LengthDecoder(MAX_FRAME_LIMIT, accept_errors=True), chunks)
             assert out == [
                 b"one", b"bad thing: \xc3\xa9", b"", b"x" * 4096, pattern(BODY_BUFFER_MIN * 2)
