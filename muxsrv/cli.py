@@ -14,13 +14,14 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import NoReturn
 
 from . import __version__, plugins
-from .framing import FRAMINGS, MAX_FRAME_LIMIT
+from .framing import FRAMINGS
 from .handler import ConfigError, HandlerFactory, HandlerFunction
 from .loop import EventLoop
+from .options import max_frame, parse_size, positive_int, seconds, whole_number
 from .server import Server, Settings
 from .tuning import keep_large_buffers_mapped, raise_open_files_limit
 from .workers import supervise
@@ -29,63 +30,14 @@ __all__ = ["main", "parse_size", "positive_int", "seconds", "whole_number"]
 
 log = logging.getLogger("muxsrv")
 
-_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
-
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def parse_size(text: str) -> int:
-    """Bytes, with an optional K, M or G suffix (powers of 1024): ``16M``."""
-    t = text.strip().lower().removesuffix("ib").removesuffix("b")
-    unit = t[-1:] if t[-1:] in ("k", "m", "g") else ""
-    try:
-        value = int(t[: len(t) - len(unit)]) * _UNITS[unit]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a size in bytes: {text!r}") from None
-    return value
-
-
-def _max_frame(text: str) -> int:
-    value = parse_size(text)
-    if not 1 <= value <= MAX_FRAME_LIMIT:
-        raise argparse.ArgumentTypeError(f"must be from 1 to {MAX_FRAME_LIMIT} (2^31-1) bytes")
-    return value
-
-
-def whole_number(
-    low: int, high: int | None, rule: str, what: str = "a whole number"
-) -> Callable[[str], int]:
-    """An argparse type: an int from ``low`` to ``high`` (None: no bound); ``rule`` if not."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not {what}: {text!r}") from None
-        if value < low or (high is not None and value > high):
-            raise argparse.ArgumentTypeError(rule)
-        return value
-
-    return parse
-
-
-positive_int = whole_number(1, None, "must be at least 1")
 _port = whole_number(0, 65535, "must be from 0 to 65535 (0: any free port)", "a port number")
 _workers = whole_number(0, None, "must be 0 (one per CPU) or more")
-
-
-def seconds(text: str) -> float:
-    """An argparse type: a finite number of seconds, 0 or more."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError("must be a finite number of seconds, 0 or more")
-    return value
 
 
 def build_parser(handler: plugins.LoadedPlugin | None = None) -> argparse.ArgumentParser:
@@ -102,7 +54,7 @@ def build_parser(handler: plugins.LoadedPlugin | None = None) -> argparse.Argume
     add("--framing", choices=FRAMINGS, default="length",
         help="length: 4-byte big-endian length prefix (default); line: newline-terminated; "
              "raw: every recv is a message")
-    add("--max-frame", type=_max_frame, default=16 << 20, metavar="BYTES",
+    add("--max-frame", type=max_frame, default=16 << 20, metavar="BYTES",
         help="largest message (and line) accepted (default: 16M; at most 2^31-1)")
     add("--max-conns", type=positive_int, default=10000, metavar="N",
         help="connections served at once; more get an error frame and are closed "

@@ -31,6 +31,7 @@ import logging
 import socket
 from typing import TYPE_CHECKING, Any, Final
 
+from .address import format_address
 from .framing import Buffer, encode_error, encode_length_parts, make_decoder
 from .loop import EVENT_READ, EVENT_WRITE, Timer
 
@@ -510,14 +511,6 @@ class Connection:
 
     def __repr__(self) -> str:
         return f"<Connection {self._peer_text()} state={self._state}>"
-
-
-def format_address(address: Any) -> str:
-    """``host:port``, ``[v6host]:port``, or ``unknown peer``."""
-    if isinstance(address, tuple) and len(address) >= 2:
-        host, port = address[0], address[1]
-        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
-    return "unknown peer" if address is None else str(address)
 
 
 def _consume(out: list[Buffer], sent: int) -> None:

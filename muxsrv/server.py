@@ -22,7 +22,8 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
-from .connection import Connection, format_address
+from .address import format_address
+from .connection import Connection
 from .framing import ENCODERS
 from .loop import EVENT_READ, EventLoop
 

@@ -31,7 +31,7 @@ import os
 from collections import deque
 from typing import TYPE_CHECKING, Final
 
-from ..connection import format_address
+from ..address import format_address
 from ..handler import Conn, Handler
 from . import exec_config
 from .exec_config import ExecConfig

@@ -15,8 +15,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
 
-from ..cli import parse_size, positive_int, seconds
 from ..handler import ConfigError
+from ..options import parse_size, positive_int, seconds
 
 __all__ = ["ExecConfig", "add_arguments", "child_environment", "from_options", "is_loopback"]
 

@@ -1,0 +1,67 @@
+"""Argparse types shared by the command line and by handlers' own options.
+
+A handler that declares ``--NAME-...`` options (``Handler.add_arguments``)
+uses these instead of reaching into ``cli``: importing this module pulls in
+nothing of the server.  Each type raises ``argparse.ArgumentTypeError`` with a
+message that reads well after ``argument --flag:``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+from .framing import MAX_FRAME_LIMIT
+
+__all__ = ["max_frame", "parse_size", "positive_int", "seconds", "whole_number"]
+
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+
+def parse_size(text: str) -> int:
+    """Bytes, with an optional K, M or G suffix (powers of 1024): ``16M``."""
+    t = text.strip().lower().removesuffix("ib").removesuffix("b")
+    unit = t[-1:] if t[-1:] in ("k", "m", "g") else ""
+    try:
+        value = int(t[: len(t) - len(unit)]) * _UNITS[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size in bytes: {text!r}") from None
+    return value
+
+
+def max_frame(text: str) -> int:
+    value = parse_size(text)
+    if not 1 <= value <= MAX_FRAME_LIMIT:
+        raise argparse.ArgumentTypeError(f"must be from 1 to {MAX_FRAME_LIMIT} (2^31-1) bytes")
+    return value
+
+
+def whole_number(
+    low: int, high: int | None, rule: str, what: str = "a whole number"
+) -> Callable[[str], int]:
+    """An argparse type: an int from ``low`` to ``high`` (None: no bound); ``rule`` if not."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not {what}: {text!r}") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(rule)
+        return value
+
+    return parse
+
+
+positive_int = whole_number(1, None, "must be at least 1")
+
+
+def seconds(text: str) -> float:
+    """An argparse type: a finite number of seconds, 0 or more."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError("must be a finite number of seconds, 0 or more")
+    return value
