@@ -158,4 +158,4 @@ def serve(
     finally:
         loop.close()
     log.info("stopped")
-    return 0
+    return server.exit_status

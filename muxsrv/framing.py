@@ -22,12 +22,24 @@ in 64 KiB pieces costs linear time.
 When the stream breaks the framing rules, ``feed`` returns the
 messages that were complete before the violation and sets ``error``; nothing
 after the violation is ever returned.
+
+One call hands out at most ``MAX_BATCH`` messages (a 64 KiB read can hold
+16,000 empty frames): the rest of those bytes stay inside the decoder, ``more``
+says so, and the caller (which stops reading meanwhile) carries on later with
+``feed(b"")``, so one pipelining client cannot hold the loop for long.
+
+Each decoder is also its connection's encoder: ``encode`` frames a reply and
+``error_frame`` gives the bytes of an error message, or None where the framing
+has no error channel (``line``, ``raw``).  A reply is anything bytes-like;
+``as_payload`` turns it into a buffer whose ``len`` is its size in bytes (a
+``memoryview`` of 2-byte items is framed by its bytes, not its items).
 """
 
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from itertools import repeat
 from typing import Any, Final, TypeAlias
 
 #: What codecs accept as bytes: anything with the buffer protocol we use.
@@ -47,6 +59,7 @@ __all__ = [
     "LengthDecoder",
     "LineDecoder",
     "RawDecoder",
+    "as_payload",
     "encode_error",
     "make_decoder",
 ]
@@ -71,6 +84,13 @@ _CONCAT_MAX: Final = 4096
 _HEADERS: Final = tuple(pack_header(n) for n in range(_CONCAT_MAX + 1))
 
 FRAMINGS: Final = ("length", "line", "raw")
+#: Messages one ``feed``/``respond`` call hands out at most (about a millisecond
+#: of handler calls); the rest waits inside the decoder (``more``).
+MAX_BATCH: Final = 1024
+#: Pieces of a large body smaller than this are gathered into one bytearray
+#: (a bytes object per piece costs ~33 bytes each: a body dripped in one byte
+#: per segment would cost 30 times its size).
+_SMALL_PIECE: Final = 16 * 1024
 
 
 class FramingError(Exception):
@@ -88,7 +108,10 @@ class ErrorFrame(bytes):
 class Decoder:
     """Base decoder: byte stream in, list of messages out.  Subclasses fill in."""
 
-    __slots__ = ("error", "max_frame")
+    __slots__ = ("error", "max_frame", "more")
+
+    #: The framing's name, as ``--framing`` takes it.
+    framing: str = ""
 
     #: Bytes of a large message still to come that may be read with ``recv(want)``
     #: and given to ``body_received`` instead of going through ``feed``.
@@ -97,6 +120,9 @@ class Decoder:
     def __init__(self, max_frame: int) -> None:
         self.max_frame = max_frame
         self.error: str | None = None
+        #: Bytes already given to the decoder hold more messages than one call
+        #: hands out: call ``feed(b"")`` (or ``respond``) again for them.
+        self.more = False
 
     def feed(self, data: Buffer) -> list[bytes]:
         """The next bytes of the stream; every message they complete, in order."""
@@ -112,8 +138,17 @@ class Decoder:
 
     @staticmethod
     def encode(out: list[Buffer], payload: Buffer) -> None:
-        """Append the framed ``payload`` to ``out``."""
+        """Append the framed ``payload`` (bytes-like; see ``as_payload``) to ``out``."""
         raise NotImplementedError
+
+    def encode_parts(self, out: list[Buffer], parts: list[Buffer]) -> None:
+        """Append one message made of ``parts`` (joined, unless the framing can gather)."""
+        self.encode(out, b"".join(parts))
+
+    @staticmethod
+    def error_frame(text: str) -> bytes | None:
+        """An error message as this framing sends it; None: it has no error channel."""
+        return None
 
     def respond(self, data: Buffer, fn: ReplyFunction, out: list[Buffer], failed: Failed) -> None:
         """``feed(data)``, then ``fn`` on each message, each reply encoded into ``out``.
@@ -135,9 +170,10 @@ class Decoder:
             return failed(exc)
         if reply is None:
             return True
-        if not isinstance(reply, (bytes, bytearray, memoryview)):
-            return failed(_wrong_type(reply))
-        self.encode(out, reply)
+        try:
+            self.encode(out, as_payload(reply, returned=True))
+        except (TypeError, ValueError) as exc:
+            return failed(exc)
         return True
 
     @property
@@ -155,9 +191,18 @@ class LengthDecoder(Decoder):
 
     __slots__ = ("_accept_errors", "_body_error", "_chunks", "_tail", "want")
 
+    framing = "length"
+
     @staticmethod
     def encode(out: list[Buffer], payload: Buffer) -> None:
         encode_length(out, payload)
+
+    def encode_parts(self, out: list[Buffer], parts: list[Buffer]) -> None:
+        encode_length_parts(out, parts)
+
+    @staticmethod
+    def error_frame(text: str) -> bytes:
+        return encode_error(text)
 
     def __init__(self, max_frame: int, accept_errors: bool = False) -> None:
         super().__init__(max_frame)
@@ -182,12 +227,14 @@ class LengthDecoder(Decoder):
     def body_received(self, chunk: bytes) -> bytes | None:
         chunks = self._chunks
         assert chunks is not None and 0 < len(chunk) <= self.want
-        chunks.append(chunk)
+        _add_piece(chunks, chunk)
         self.want -= len(chunk)
         if self.want:
             return None
         self._chunks = None
         message = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        if type(message) is not bytes:
+            message = bytes(message)
         return ErrorFrame(message) if self._body_error else message
 
     def feed(self, data: Buffer) -> list[bytes]:
@@ -201,6 +248,8 @@ class LengthDecoder(Decoder):
             return  # nothing after a violation, ever
         if type(data) is not bytes:
             data = bytes(data)  # slices of bytes are the payloads handed out
+        if self.more:
+            self.more = False  # what is left of the last batch is the tail: go on with it
         if self._chunks is not None:
             if not data:
                 return
@@ -231,7 +280,11 @@ class LengthDecoder(Decoder):
         """
         k = min(len(data), _TAIL_JOIN)
         tail, self._tail = self._tail, b""
-        if not self._frames(tail + data[:k], 0, fn, out, failed) or k == len(data):
+        if not self._frames(tail + data[:k], 0, fn, out, failed):
+            if self.more:  # the batch is full: all the rest waits as the tail
+                self._tail += data[k:]
+            return -1
+        if k == len(data):
             return -1
         # An unfinished frame left over lies wholly in data[:k]: cut it again from there.
         left, self._tail = len(self._tail), b""
@@ -242,13 +295,16 @@ class LengthDecoder(Decoder):
     ) -> bool:
         """Cut every frame from ``pos`` on; keep an unfinished small one as the tail.
 
-        False: cutting stopped (the stream broke the rules, or the connection ends).
+        False: cutting stopped (the stream broke the rules, the connection ends,
+        or ``MAX_BATCH`` messages were cut: ``more`` is set and the rest is the tail).
         """
         end = len(data)
         limit = self.max_frame
         unpack = _unpack_header
         headers = _HEADERS
-        while end - pos >= 4:
+        for _ in repeat(None, MAX_BATCH):
+            if end - pos < 4:
+                break
             (n,) = unpack(data, pos)
             start = pos + 4
             stop = start + n
@@ -265,7 +321,8 @@ class LengthDecoder(Decoder):
             if fn is None:
                 out.append(data[start:stop])
                 continue
-            # Inline copy of reply() and encode_length(): this runs once per message.
+            # reply()'s common case inline (this runs once per message): a small
+            # bytes reply framed as encode_length frames it; all else goes there.
             try:
                 reply = fn(data[start:stop])
             except Exception as exc:
@@ -273,23 +330,25 @@ class LengthDecoder(Decoder):
                     continue
                 self._tail = b""
                 return False
-            if reply is None:
-                continue
-            try:
-                m = len(reply)
-                if m <= _CONCAT_MAX:
-                    out.append(headers[m] + reply)  # TypeError unless bytes-like
-                elif isinstance(reply, (bytes, bytearray, memoryview)):
-                    out.append(pack_header(m))
-                    out.append(reply)
-                else:
-                    raise TypeError
-            except TypeError:
-                if failed(_wrong_type(reply)):
-                    continue
+            if type(reply) is bytes and (m := len(reply)) <= _CONCAT_MAX:
+                out.append(headers[m] + reply)
+            elif reply is not None and not self._reply_of(reply, out, failed):
                 self._tail = b""
                 return False
+        else:
+            if end - pos >= 4:
+                self._tail = data[pos:]
+                self.more = True
+                return False
         self._tail = data[pos:] if pos < end else b""
+        return True
+
+    def _reply_of(self, reply: object, out: list[Any], failed: Failed) -> bool:
+        """Frame a reply the inline path does not take; False: the connection ends."""
+        try:
+            encode_length(out, as_payload(reply, returned=True))
+        except (TypeError, ValueError) as exc:
+            return failed(exc)
         return True
 
     def _finish_body(
@@ -325,7 +384,9 @@ class LengthDecoder(Decoder):
                 out.append(ErrorFrame(buf[start : start + n]))
                 return start + n
         if n >= BODY_BUFFER_MIN:  # unfinished and large: collect the body in pieces
-            self._chunks = [buf[start:end]] if end > start else []
+            self._chunks = []
+            if end > start:
+                _add_piece(self._chunks, buf[start:end])
             self.want = n - (end - start)
             self._body_error = is_error
             return end
@@ -336,8 +397,38 @@ def _never_fails(exc: Exception) -> bool:
     raise AssertionError("no handler runs while only cutting messages") from exc
 
 
-def _wrong_type(reply: object) -> TypeError:
-    return TypeError(f"handler returned {type(reply).__name__}; expected bytes or None")
+def _add_piece(chunks: list[Any], piece: bytes) -> None:
+    """Keep a piece of a large body: small pieces are gathered into one bytearray."""
+    if len(piece) >= _SMALL_PIECE:
+        chunks.append(piece)
+    elif chunks and type(chunks[-1]) is bytearray:
+        chunks[-1] += piece
+    else:
+        chunks.append(bytearray(piece))
+
+
+def as_payload(part: object, returned: bool = False) -> Buffer:
+    """``part`` as a buffer whose ``len`` is its size in bytes; TypeError if not bytes-like.
+
+    ``returned``: the error message speaks of a function handler's return value.
+    """
+    if isinstance(part, (bytes, bytearray)):
+        return part
+    if isinstance(part, memoryview):
+        if part.itemsize == 1 and part.ndim == 1:
+            return part
+        return part.cast("B") if part.c_contiguous else part.tobytes()
+    name = type(part).__name__
+    if returned:
+        raise TypeError(f"handler returned {name}; expected bytes or None")
+    raise TypeError(f"send() takes bytes, not {name}")
+
+
+def _check_size(size: int) -> None:
+    if size > MAX_FRAME_LIMIT:
+        raise ValueError(
+            f"a reply of {size} bytes does not fit a length frame (at most {MAX_FRAME_LIMIT})"
+        )
 
 
 def encode_length(out: list[Buffer], payload: Buffer) -> None:
@@ -346,16 +437,16 @@ def encode_length(out: list[Buffer], payload: Buffer) -> None:
     if n <= _CONCAT_MAX:
         out.append(_HEADERS[n] + payload)  # one buffer: the flush needs no join
     else:
+        _check_size(n)
         out.append(pack_header(n))
         out.append(payload)
 
 
-def encode_length_parts(out: list[Buffer], parts: tuple[Buffer, ...]) -> None:
+def encode_length_parts(out: list[Buffer], parts: Sequence[Buffer]) -> None:
     """One length-prefixed frame gathered from several buffers, queued as they are."""
     kept = [part for part in parts if len(part)]
     size = sum(map(len, kept))
-    if size > MAX_FRAME_LIMIT:
-        raise ValueError(f"a message of {size} bytes does not fit a length frame")
+    _check_size(size)
     out.append(pack_header(size))
     out += kept
 
@@ -369,7 +460,9 @@ def encode_error(text: str, max_frame: int = MAX_FRAME_LIMIT) -> bytes:
 class LineDecoder(Decoder):
     """Messages end with ``\\n`` or ``\\r\\n``; neither is part of the payload."""
 
-    __slots__ = ("_acc",)
+    __slots__ = ("_acc", "_rest")
+
+    framing = "line"
 
     @staticmethod
     def encode(out: list[Buffer], payload: Buffer) -> None:
@@ -378,16 +471,19 @@ class LineDecoder(Decoder):
     def __init__(self, max_frame: int) -> None:
         super().__init__(max_frame)
         self._acc = bytearray()
+        self._rest = b""  # bytes not yet looked at when a batch filled up
 
     @property
     def buffered(self) -> int:
-        return len(self._acc)
+        return len(self._acc) + len(self._rest)
 
     def feed(self, data: Buffer) -> list[bytes]:
         if self.error is not None:
             return []  # nothing after a violation, ever
         if type(data) is not bytes:
             data = bytes(data)
+        if self.more:
+            data, self._rest, self.more = self._rest + data, b"", False
         out: list[bytes] = []
         pos = 0
         end = len(data)
@@ -398,6 +494,10 @@ class LineDecoder(Decoder):
             i = find(b"\n", pos)
             if i < 0:
                 break
+            if len(out) == MAX_BATCH:
+                self._rest = data[pos:]
+                self.more = True
+                return out
             if acc:
                 acc += data[pos:i]
                 line = bytes(acc)
@@ -420,6 +520,7 @@ class LineDecoder(Decoder):
         return out
 
     def eof(self) -> list[bytes]:
+        assert not self.more, "feed(b'') until more is False before eof()"
         if not self._acc or self.error is not None:
             return []
         line = bytes(self._acc)
@@ -441,18 +542,33 @@ def encode_line(out: list[Buffer], payload: Buffer) -> None:
 class RawDecoder(Decoder):
     """No framing: every chunk a ``recv`` returns is one message."""
 
-    __slots__ = ()
+    __slots__ = ("_rest",)
+
+    framing = "raw"
 
     @staticmethod
     def encode(out: list[Buffer], payload: Buffer) -> None:
         encode_raw(out, payload)
 
+    def __init__(self, max_frame: int) -> None:
+        super().__init__(max_frame)
+        self._rest = b""  # bytes not yet handed out when a batch filled up
+
+    @property
+    def buffered(self) -> int:
+        return len(self._rest)
+
     def feed(self, data: Buffer) -> list[bytes]:
         if type(data) is not bytes:
             data = bytes(data)
+        if self.more:
+            data, self._rest, self.more = self._rest + data, b"", False
         size = self.max_frame
         if len(data) <= size:
             return [data] if data else []
+        batch = size * MAX_BATCH
+        if len(data) > batch:
+            data, self._rest, self.more = data[:batch], data[batch:], True
         return [data[i : i + size] for i in range(0, len(data), size)]
 
 

@@ -17,6 +17,28 @@ connection (like asyncio's protocol factories) and calls, in this order::
                                       # write side; replies are still owed
     connection_lost(conn, exc)        # exactly once; exc is None on a clean close
 
+and, at any time between the first and the last, ``pause_writing(conn)`` /
+``resume_writing(conn)`` (in turn, starting with pause) when the peer is not
+reading: the output waiting for it rose above the high-water mark (1 MiB), or
+fell back below the low-water mark (256 KiB).
+
+The guarantees:
+
+* every message arrives once, in order, and nothing after ``conn.close()``,
+  ``conn.abort()`` or a framing error; messages received while reading is
+  paused are handed over after ``resume_reading``, before anything later;
+* every reply sent with ``conn.send`` (from any callback: these, a timer, a
+  reader) is delivered in order, unless the connection was aborted or reset;
+  ``send`` never closes the connection, so several sends in a row all count;
+* after ``eof_received`` the connection closes once nothing is owed: no
+  output pending and no ``work_started`` without its ``work_done``;
+* ``connection_lost`` runs exactly once, from the loop, never inside another
+  callback (``conn.abort()`` inside ``message_received`` returns first);
+  sends after it are ignored;
+* ``pause_writing`` may be called from inside ``conn.send``; a handler that
+  produces output on its own (a timer, a child process) should stop until
+  ``resume_writing``.  Reading pauses meanwhile too.
+
 ``conn`` (a :class:`Conn`) can send replies at any time (now or later),
 close, pause reading, mark work in progress (so idle timeouts and the
 shutdown drain wait for it), and reach the loop to register file descriptors
@@ -34,7 +56,7 @@ if TYPE_CHECKING:
     from .framing import Buffer
     from .loop import EventLoop
 
-__all__ = ["ConfigError", "Conn", "FunctionHandler", "Handler", "HandlerFactory"]
+__all__ = ["ConfigError", "Conn", "Handler", "HandlerFactory", "HandlerFunction"]
 
 
 class ConfigError(Exception):
@@ -67,6 +89,9 @@ class Conn(Protocol):
     def send(self, payload: Buffer, *more: Buffer) -> None:
         """Queue one reply message (framed by the connection's codec).
 
+        Any bytes-like object is taken by its size in bytes (a ``memoryview`` of
+        wider items included).  ``TypeError`` for anything else, ``ValueError``
+        for a reply too large for the framing (2^31-1 bytes with ``length``).
         With ``more``, the message is ``payload`` followed by each of ``more``:
         with ``length`` framing the parts are sent as they are, never joined, so
         a large reply assembled from pieces costs no copy.  Do not change the
@@ -127,22 +152,16 @@ class Handler:
         """The peer will send nothing more; queued replies are still delivered."""
 
     def connection_lost(self, conn: Conn, exc: BaseException | None) -> None:
-        """Called once, last: release everything this connection owned."""
+        """Called once, last, from the loop: release everything this connection owned."""
+
+    def pause_writing(self, conn: Conn) -> None:
+        """The peer is not reading: stop producing output until ``resume_writing``."""
+
+    def resume_writing(self, conn: Conn) -> None:
+        """The output backlog fell below the low-water mark: produce again."""
 
 
 #: The function form of a handler.
 HandlerFunction = Callable[[bytes], "bytes | bytearray | memoryview | None"]
 #: Makes the handler for one new connection.
 HandlerFactory = Callable[[], Handler]
-
-
-class FunctionHandler(Handler):
-    """The function form wrapped as a class (connections call functions directly)."""
-
-    def __init__(self, function: HandlerFunction) -> None:
-        self.function = function
-
-    def message_received(self, conn: Conn, payload: bytes) -> None:
-        reply = self.function(payload)
-        if reply is not None:
-            conn.send(reply)

@@ -4,7 +4,10 @@ How it works
 ------------
 Every file descriptor the server cares about is registered with one
 ``selectors.DefaultSelector`` (epoll on Linux), with an object as its ``data``
-that has a ``handle_event(mask)`` method.  One turn of the loop:
+that has a ``handle_event(mask)`` method (an :class:`EventSource`).  Only the
+loop touches the selector: others call ``register``/``modify``/``unregister``.
+The selector and the clock can be given (``muxsrv.testing`` drives a real
+loop over fake sockets and a fake clock).  One turn of the loop:
 
 1. ``select()`` with a timeout that reaches the earliest timer (0 when
    callbacks are ready, no limit when there is nothing to wait for);
@@ -138,10 +141,15 @@ class _Waker:
 class EventLoop:
     """A selectors loop with timers; see the module docstring."""
 
-    def __init__(self) -> None:
-        self.selector = selectors.DefaultSelector()
+    def __init__(
+        self,
+        selector: selectors.BaseSelector | None = None,
+        clock: Callable[[], float] = monotonic,
+    ) -> None:
+        self._selector = selector if selector is not None else selectors.DefaultSelector()
+        self._clock = clock
         #: The clock reading for the current turn of the loop.
-        self.now = monotonic()
+        self.now = clock()
         self._timers: list[Timer] = []
         self._cancelled = 0
         self._ready: deque[Handle] = deque()
@@ -150,14 +158,14 @@ class EventLoop:
         self._waker_r, self._waker_w = socket.socketpair()
         self._waker_r.setblocking(False)
         self._waker_w.setblocking(False)
-        self.selector.register(self._waker_r, EVENT_READ, _Waker(self._waker_r))
+        self._selector.register(self._waker_r, EVENT_READ, _Waker(self._waker_r))
         self._old_wakeup_fd: int | None = None
         self._signals: dict[int, Any] = {}
 
     # -- time and callbacks ------------------------------------------------
 
     def time(self) -> float:
-        return monotonic()
+        return self._clock()
 
     def call_soon(self, callback: Callable[..., object], *args: Any) -> Handle:
         handle = Handle(callback, args)
@@ -165,7 +173,7 @@ class EventLoop:
         return handle
 
     def call_later(self, delay: float, callback: Callable[..., object], *args: Any) -> Timer:
-        return self.call_at(monotonic() + max(delay, 0.0), callback, *args)
+        return self.call_at(self._clock() + max(delay, 0.0), callback, *args)
 
     def call_at(self, when: float, callback: Callable[..., object], *args: Any) -> Timer:
         timer = Timer(when, callback, args, self)
@@ -182,6 +190,21 @@ class EventLoop:
             self._timers[:] = [t for t in self._timers if not t.cancelled]
             heapq.heapify(self._timers)
             self._cancelled = 0
+
+    # -- the selector (nobody else touches it) -------------------------------
+
+    def register(self, fileobj: Any, mask: int, source: EventSource) -> None:
+        """Call ``source.handle_event(mask)`` when ``fileobj`` is ready for ``mask``."""
+        self._selector.register(fileobj, mask, source)
+
+    def modify(self, fileobj: Any, mask: int, source: EventSource) -> None:
+        self._selector.modify(fileobj, mask, source)
+
+    def unregister(self, fileobj: Any) -> None:
+        self._selector.unregister(fileobj)
+
+    def is_registered(self, fileobj: Any) -> bool:
+        return fileobj in self._selector.get_map()
 
     # -- descriptors watched for handlers ----------------------------------
 
@@ -211,12 +234,12 @@ class EventLoop:
         if new == old:
             return True
         if old == 0:
-            self.selector.register(fd, new, watcher)
+            self._selector.register(fd, new, watcher)
         elif new == 0:
-            self.selector.unregister(fd)
+            self._selector.unregister(fd)
             del self._watchers[fd]
         else:
-            self.selector.modify(fd, new, watcher)
+            self._selector.modify(fd, new, watcher)
         return True
 
     @property
@@ -251,10 +274,10 @@ class EventLoop:
 
     def run_until(self, done: Callable[[], bool], timeout: float) -> bool:
         """Run turns until ``done()`` or ``timeout`` seconds; return ``done()``."""
-        deadline = monotonic() + timeout
+        deadline = self._clock() + timeout
         self._stopping = False
         while not done() and not self._stopping:
-            left = deadline - monotonic()
+            left = deadline - self._clock()
             if left <= 0:
                 break
             self.run_once(max_wait=left)
@@ -267,13 +290,13 @@ class EventLoop:
         if ready:
             timeout = 0.0
         elif timers:
-            timeout = max(0.0, timers[0].when - monotonic())
+            timeout = max(0.0, timers[0].when - self._clock())
         else:
             timeout = None
         if max_wait is not None:
             timeout = max_wait if timeout is None else min(timeout, max_wait)
-        events = self.selector.select(timeout)
-        self.now = now = monotonic()
+        events = self._selector.select(timeout)
+        self.now = now = self._clock()
         for key, mask in events:
             try:
                 key.data.handle_event(mask)
@@ -298,6 +321,6 @@ class EventLoop:
         if self._old_wakeup_fd is not None:
             signal.set_wakeup_fd(self._old_wakeup_fd)
             self._old_wakeup_fd = None
-        self.selector.close()
+        self._selector.close()
         self._waker_r.close()
         self._waker_w.close()

@@ -7,9 +7,18 @@ taken out of the selector for a moment (a level-triggered listener with a
 pending connection would otherwise wake the loop forever at 100% CPU), the
 episode is logged once, and the connections already open keep being served.
 
-Shutdown (SIGINT/SIGTERM): close the listeners, stop reading, let every
-connection deliver the replies it owes, and close each one as soon as it owes
-nothing; after the drain timeout whatever is left is closed at once.
+Shutdown (SIGINT/SIGTERM), the drain: close the listeners; keep reading and
+answering every connection until it is at rest (nothing partial, nothing
+owed, nothing heard for ``DRAIN_QUIET``), then close it at that message
+boundary with the error frame ``server shutting down``: its client knows that
+everything it sent before was answered and nothing after was read, so it may
+resend elsewhere.  At the drain timeout every connection still open is closed
+the same way (aborted if a reply is still being worked on), and whatever has
+not finished closing ``DRAIN_GRACE`` later is aborted.  A second signal during
+the drain aborts everything at once; the server then exits with status 1.
+
+The server is the connections' owner (``connection.Owner``); a connection
+never imports this module.
 """
 
 from __future__ import annotations
@@ -23,12 +32,15 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
 from .address import format_address
-from .connection import Connection
-from .framing import ENCODERS
+from .connection import LINGER_TIMEOUT, Connection
+from .framing import make_decoder
 from .loop import EVENT_READ, EventLoop
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from .handler import HandlerFactory, HandlerFunction
+    from .stages import Stage
 
 __all__ = ["Server", "Settings"]
 
@@ -43,6 +55,12 @@ MAX_REFUSED_LINGERING: Final = 1024
 #: After the drain, how long handlers may keep descriptors registered
 #: (to reap child processes, say) before the loop stops anyway.
 HANDLER_CLEANUP_TIMEOUT: Final = 2.0
+#: Draining: a connection that owes nothing and has been silent this long is closed ...
+DRAIN_QUIET: Final = 0.2
+#: ... checked this often.
+DRAIN_SWEEP: Final = 0.05
+#: After the drain timeout, how long goodbyes may take to finish closing.
+DRAIN_GRACE: Final = LINGER_TIMEOUT + 0.5
 _FD_EXHAUSTED: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
@@ -100,15 +118,19 @@ class Server:
         *,
         function: HandlerFunction | None = None,
         factory: HandlerFactory | None = None,
+        stages: Callable[[], list[Stage]] | None = None,
     ) -> None:
         if (function is None) == (factory is None):
             raise ValueError("give exactly one of function= and factory=")
+        make_decoder(settings.framing, settings.max_frame)  # a bad framing fails here
         self.loop = loop
         self.settings = settings
         self.draining = False
+        #: 0, or 1 after a second signal cut the drain short.
+        self.exit_status = 0
         self._function = function
         self._factory = factory
-        self.encode = ENCODERS[settings.framing]
+        self._stages = stages
         # A dict used as an ordered set: ~20 bytes a connection less than a set.
         self._conns: dict[Connection, None] = {}
         self._refused: set[Connection] = set()
@@ -126,15 +148,18 @@ class Server:
             lsock.setblocking(False)
             listener = _Listener(self, lsock)
             self._listeners.append(listener)
-            self.loop.selector.register(lsock, EVENT_READ, listener)
+            self.loop.register(lsock, EVENT_READ, listener)
         self._listening = True
         if self.settings.idle_timeout > 0:
             self._schedule_idle_sweep()
         return [lsock.getsockname()[:2] for lsock in socks]
 
-    @property
-    def connections(self) -> int:
-        return len(self._conns)
+    def _connection(self, sock: _socket.socket, peer: Any, handler: Any) -> Connection:
+        settings = self.settings
+        return Connection(
+            self, sock, peer, make_decoder(settings.framing, settings.max_frame),
+            self._function, handler, self._stages() if self._stages is not None else None,
+        )
 
     def _accept(self, lsock: socket.socket) -> None:
         settings = self.settings
@@ -172,7 +197,7 @@ class Server:
             log.exception("handler factory failed; connection closed")
             sock.close()
             return
-        conn = Connection(self, sock, None, self._function, handler)
+        conn = self._connection(sock, None, handler)
         self._conns[conn] = None
         conn.start()
 
@@ -184,7 +209,7 @@ class Server:
         if len(self._refused) >= MAX_REFUSED_LINGERING:
             sock.close()
             return
-        conn = Connection(self, sock, peer, self._function, None)
+        conn = self._connection(sock, peer, None)
         self._refused.add(conn)
         conn.refuse(f"too many connections (limit {self.settings.max_conns})")
 
@@ -202,7 +227,7 @@ class Server:
         if self.draining or self._listening:
             return
         for listener in self._listeners:
-            self.loop.selector.register(listener.sock, EVENT_READ, listener)
+            self.loop.register(listener.sock, EVENT_READ, listener)
         self._listening = True
 
     def _stop_listening(self) -> None:
@@ -210,7 +235,7 @@ class Server:
         # an accept succeeds.
         if self._listening:
             for listener in self._listeners:
-                self.loop.selector.unregister(listener.sock)
+                self.loop.unregister(listener.sock)
             self._listening = False
 
     def connection_closed(self, conn: Connection) -> None:
@@ -238,8 +263,12 @@ class Server:
     # -- shutdown ---------------------------------------------------------------
 
     def shutdown(self) -> None:
-        """Stop accepting, deliver what is owed, close (see the module docstring)."""
+        """The drain (see the module docstring); a second call stops at once."""
         if self.draining:
+            log.warning("second signal: closing %d connections now", len(self._conns))
+            self.exit_status = 1
+            self._abort_all()
+            self.loop.stop()
             return
         log.info("shutting down: draining %d connections (up to %g s)",
                  len(self._conns), self.settings.drain_timeout)
@@ -248,25 +277,40 @@ class Server:
         for listener in self._listeners:
             listener.sock.close()
         self._listeners.clear()
-        for conn in list(self._conns):
-            conn.begin_drain()
         if not self._conns:
             self.loop.stop()
-        else:
-            self.loop.call_later(self.settings.drain_timeout, self._drain_expired)
+            return
+        self.loop.call_later(self.settings.drain_timeout, self._drain_expired)
+        self._drain_sweep()
+
+    def _drain_sweep(self) -> None:
+        if not self.draining or not self._conns:
+            return
+        now = self.loop.now
+        for conn in [c for c in self._conns if c.at_rest(now, DRAIN_QUIET)]:
+            conn.say_goodbye()
+        self.loop.call_later(DRAIN_SWEEP, self._drain_sweep)
 
     def _drain_expired(self) -> None:
         if self._conns:
             log.warning("drain timeout: closing %d connections still busy", len(self._conns))
+        for conn in list(self._conns):
+            conn.say_goodbye()
+        self.loop.call_later(DRAIN_GRACE, self._drain_over)
+
+    def _drain_over(self) -> None:
+        self._abort_all()
+        self.loop.stop()
+
+    def _abort_all(self) -> None:
         for conn in list(self._conns) + list(self._refused):
             conn.abort()
-        self.loop.stop()
 
     def run(self) -> None:
         """Run the loop until shutdown has drained, then let handlers clean up."""
         self.loop.run_forever()
-        for conn in list(self._conns) + list(self._refused):
-            conn.abort()
+        self._abort_all()
+        self.loop.run_once(max_wait=0)  # connection_lost for what was just aborted
         self.loop.run_until(lambda: self.loop.watched_fds == 0, HANDLER_CLEANUP_TIMEOUT)
 
 

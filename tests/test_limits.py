@@ -229,16 +229,16 @@ def test_shutdown_after_accepts_resumed_unregisters_the_listener() -> None:
         server.listen()
         lfd = server._listeners[0].sock.fileno()
         server._pause_accepting(OSError(errno.EMFILE, "Too many open files"))
-        assert lfd not in loop.selector.get_map()
-        loop.run_until(lambda: lfd in loop.selector.get_map(), EMFILE_BACKOFF * 20)
-        assert lfd in loop.selector.get_map(), "accepts never resumed"
+        assert not loop.is_registered(lfd)
+        loop.run_until(lambda: loop.is_registered(lfd), EMFILE_BACKOFF * 20)
+        assert loop.is_registered(lfd), "accepts never resumed"
         server.shutdown()
-        assert lfd not in loop.selector.get_map()
+        assert not loop.is_registered(lfd)
         # The number is free again and anything given it can be registered.
         a, b = socket.socketpair()
         with a, b:
-            loop.selector.register(a, 1)
-            loop.selector.unregister(a)
+            loop.add_reader(a.fileno(), lambda: None)
+            assert loop.remove_reader(a.fileno())
     finally:
         loop.close()
 

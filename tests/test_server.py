@@ -26,6 +26,13 @@ MiB = 1 << 20
 HANDLER_ERROR = "handler error (ValueError); details are in the server log"
 
 
+SHUTTING_DOWN = b"server shutting down"
+
+
+def frame_error(text: bytes) -> bytes:
+    return struct.pack(">I", 0x80000000 | len(text)) + text
+
+
 def request(sock: socket.socket, payload: bytes) -> tuple[bool, bytes]:
     sock.sendall(frame(payload))
     return recv_frame(sock)
@@ -192,19 +199,21 @@ def test_pause_reading_holds_messages_already_received() -> None:
 
 
 @pytest.mark.timeout(60)
-def test_messages_held_by_a_pause_are_answered_in_the_drain() -> None:
-    """Bug caught: messages the server received before a handler paused dropped at SIGTERM
-    (the drain cannot wait for a resume, which it refuses)."""
-    with running_server("--handler", f"{PLUGINS}:Pauser", env=plugin_env()) as srv:
+def test_the_drain_respects_a_pause_and_says_goodbye_at_its_end() -> None:
+    """Bugs caught: the drain handing messages to a handler that paused reading (it is still
+    running: a pause is its to lift); a paused connection dropped without the goodbye frame
+    (its client could not know that resending x and y is safe: the handler never saw them)."""
+    with running_server(
+        "--handler", f"{PLUGINS}:Pauser", "--drain-timeout", "1", env=plugin_env()
+    ) as srv:
         with srv.connect() as sock:
             sock.sendall(b"".join(frame(m) for m in [b"pause-long", b"x", b"y"]))
             assert recv_frame(sock) == (False, b"paused")
             srv.signal(signal.SIGTERM)
-            # Handed over although the handler is paused: it says so in its reply.
-            assert recv_frame(sock) == (False, b"LEAK:x")
-            assert recv_frame(sock) == (False, b"LEAK:y")
+            assert recv_frame(sock) == (True, SHUTTING_DOWN)
             assert recv_until_eof(sock) == b""
         assert srv.wait() == 0
+        assert "message while paused" not in srv.final_log()
 
 
 # -- SIGTERM: the drain ---------------------------------------------------------------
@@ -252,11 +261,14 @@ def test_sigterm_delivers_owed_output_then_exits_0() -> None:
         with sock:
             while True:
                 header = sock.recv(4, socket.MSG_WAITALL)
-                if not header:
+                assert len(header) == 4, "the reply stream ended without the goodbye frame"
+                if header[0] & 0x80:  # the error frame that ends the drain
+                    text = recv_exact(sock, int.from_bytes(header, "big") & 0x7FFFFFFF)
+                    assert text == SHUTTING_DOWN
                     break
-                assert len(header) == 4, "the reply stream ended inside a header"
                 assert int.from_bytes(header, "big") == 64 * 1024
                 replies.append(recv_exact(sock, 64 * 1024))
+            assert recv_until_eof(sock) == b""
         assert srv.wait() == 0
         handled = srv.final_log().count("handler got")
         assert replies == payloads[: len(replies)]
@@ -275,12 +287,48 @@ def test_sigterm_waits_for_work_in_progress_and_refuses_new_connections() -> Non
             srv.wait_log("deferred got b'owed'")
             srv.signal(signal.SIGTERM)
             srv.wait_log("shutting down: draining 2 connections")
-            assert recv_until_eof(idle) == b""  # owed nothing: closed at once
             with pytest.raises(ConnectionRefusedError):
                 srv.connect()
+            # Owed nothing: told at once (after a moment of quiet) and closed.
+            assert recv_until_eof(idle) == frame_error(SHUTTING_DOWN)
             assert recv_frame(busy) == (False, b"owed")
-            assert recv_until_eof(busy) == b""
+            assert recv_until_eof(busy) == frame_error(SHUTTING_DOWN)
         assert srv.wait() == 0
+
+
+@pytest.mark.timeout(60)
+def test_the_drain_keeps_answering_until_the_client_is_quiet() -> None:
+    """Bug caught: a drain that stops reading at once (requests in flight at SIGTERM are never
+    answered and the client cannot know which), or closes mid-conversation without the frame.
+
+    A client keeps making requests one after another across SIGTERM: every one it sent
+    is answered until, the moment it pauses, the goodbye frame arrives."""
+    with running_server() as srv, srv.connect() as sock:
+        assert request(sock, b"first") == (False, b"first")
+        srv.signal(signal.SIGTERM)
+        srv.wait_log("shutting down: draining 1 connections")
+        for i in range(20):  # still read and answered during the drain
+            assert request(sock, b"%d" % i) == (False, b"%d" % i)
+        assert recv_frame(sock) == (True, SHUTTING_DOWN)  # quiet now: goodbye
+        assert recv_until_eof(sock) == b""
+        assert srv.wait() == 0
+
+
+@pytest.mark.timeout(60)
+def test_a_second_signal_stops_the_drain_at_once_with_status_1() -> None:
+    """Bug caught: a second SIGTERM ignored while a drain waits for work in progress."""
+    with running_server(
+        "--handler", f"{PLUGINS}:Deferred", "--deferred-delay", "30",
+        "--drain-timeout", "30", env=plugin_env(),
+    ) as srv, srv.connect() as busy:
+        busy.sendall(frame(b"owed"))
+        srv.wait_log("deferred got b'owed'")
+        srv.signal(signal.SIGTERM)
+        srv.wait_log("shutting down: draining 1 connections")
+        start = time.monotonic()
+        srv.signal(signal.SIGTERM)
+        assert srv.wait(10) == 1
+        assert time.monotonic() - start < 5
 
 
 @pytest.mark.timeout(60)

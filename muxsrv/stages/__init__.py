@@ -1,0 +1,47 @@
+"""Byte-path stages: small sans-IO objects between the socket and the codec.
+
+    socket ──recv──▶ stage ─▶ stage ─▶ codec (framing) ─▶ handler
+    socket ◀─send─── stage ◀─ stage ◀─ codec (encode)  ◀─ handler
+
+A connection composes the stages it needs when it is accepted (a PROXY
+header parser, TLS: separate modules here); a plaintext connection has none
+and runs the plain hot path.  A stage never sees a socket:
+
+* ``receive(data)`` takes the bytes that arrived from the peer (as the stage
+  nearer the socket passed them on) and returns what passes through to the
+  next stage: possibly ``b""`` while it needs more;
+* ``send(data)`` takes the bytes going out (``b""`` to ask only for what the
+  stage itself wants to send, a handshake say) and returns the bytes for the
+  stage nearer the socket;
+* ``error`` set (a short reason) means the peer broke the stage's rules: the
+  connection logs it and closes, without calling the handler again;
+* ``ready`` false holds the handler back: ``connection_made`` waits until
+  every stage is ready (a header parsed, a handshake done);
+* ``done`` true: a one-shot stage has handed over for good (its last
+  ``receive`` returned the bytes after it, none lost) and leaves the path.
+
+The first stage of the list is the one nearest the socket.
+"""
+
+from __future__ import annotations
+
+__all__ = ["Stage"]
+
+
+class Stage:
+    """A stage that passes everything through; subclasses override what they need."""
+
+    #: The peer broke this stage's rules (the reason, for the log); None: all well.
+    error: str | None = None
+    #: False while the handler must not be told of the connection yet.
+    ready: bool = True
+    #: True once a one-shot stage has handed over and may leave the path.
+    done: bool = False
+
+    def receive(self, data: bytes) -> bytes:
+        """Bytes from the peer in; what passes on to the next stage out."""
+        return data
+
+    def send(self, data: bytes) -> bytes:
+        """Bytes going out in (``b""``: only what the stage itself has); bytes out."""
+        return data
