@@ -43,7 +43,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from .address import format_address
-from .framing import Buffer, Decoder, as_payload
+from .codec import Buffer, Decoder, as_payload
 from .loop import EVENT_READ, EVENT_WRITE, EventLoop, Timer
 from .output import JOIN_MAX, MAX_IOV, OutputQueue
 

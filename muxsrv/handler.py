@@ -53,7 +53,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from .framing import Buffer
+    from .codec import Buffer
     from .loop import EventLoop
 
 __all__ = ["ConfigError", "Conn", "Handler", "HandlerFactory", "HandlerFunction"]

@@ -19,7 +19,7 @@ from collections import deque
 from itertools import islice
 from typing import Final
 
-from .framing import Buffer
+from .codec import Buffer
 
 __all__ = ["JOIN_MAX", "MAX_IOV", "OutputQueue"]
 
