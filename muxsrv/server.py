@@ -32,9 +32,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
 from .address import format_address
-from .connection import LINGER_TIMEOUT, Connection
+from .connection import Connection
 from .framing import make_decoder
 from .loop import EVENT_READ, EventLoop
+from .transport import LINGER_TIMEOUT
 
 if TYPE_CHECKING:
     from collections.abc import Callable

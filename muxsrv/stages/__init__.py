@@ -20,12 +20,18 @@ and runs the plain hot path.  A stage never sees a socket:
 * ``done`` true: a one-shot stage has handed over for good (its last
   ``receive`` returned the bytes after it, none lost) and leaves the path.
 
-The first stage of the list is the one nearest the socket.
+The first stage of the list is the one nearest the socket.  A
+:class:`StagePath` runs a connection's list both ways.
 """
 
 from __future__ import annotations
 
-__all__ = ["Stage"]
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..codec import Buffer
+
+__all__ = ["Stage", "StagePath"]
 
 
 class Stage:
@@ -45,3 +51,40 @@ class Stage:
     def send(self, data: bytes) -> bytes:
         """Bytes going out in (``b""``: only what the stage itself has); bytes out."""
         return data
+
+
+class StagePath:
+    """One connection's stages, nearest the socket first, run in both directions."""
+
+    __slots__ = ("error", "stages")
+
+    def __init__(self, stages: list[Stage]) -> None:
+        self.stages = stages
+        #: The first violation any stage reported; nothing passes after it.
+        self.error: str | None = None
+
+    @property
+    def ready(self) -> bool:
+        """Every stage is ready: the handler may be told of the connection."""
+        return all(stage.ready for stage in self.stages)
+
+    def receive(self, data: bytes) -> bytes:
+        """Bytes from the socket through every stage; what reaches the codec."""
+        stages = self.stages
+        for stage in stages:
+            data = stage.receive(data)
+            if stage.error is not None:
+                self.error = stage.error
+                return b""
+            if not data:
+                break
+        if any(stage.done for stage in stages):
+            self.stages = [stage for stage in stages if not stage.done]
+        return data
+
+    def send(self, out: list[Buffer] | None) -> list[Buffer] | None:
+        """Queued output through every stage, nearest the codec first."""
+        data = b"".join(out) if out else b""
+        for stage in reversed(self.stages):
+            data = stage.send(data)
+        return [data] if data else None

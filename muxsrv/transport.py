@@ -1,0 +1,312 @@
+"""The socket side of a connection: writing, the event mask, closing.
+
+A :class:`Transport` owns one non-blocking socket and knows nothing of
+messages (asyncio's ``_SelectorTransport`` plays the same part);
+:class:`~muxsrv.connection.Connection` adds the codec and the handler on top.
+
+Writing, the asyncio way: try ``send`` at once; keep exactly what it did not
+take in an :class:`~muxsrv.output.OutputQueue` (a running byte count, linear
+cost); ask for ``EVENT_WRITE`` only while output is pending.  Above
+``HIGH_WATER`` pending bytes the connection stops reading and its handler
+hears ``pause_writing``; below ``LOW_WATER``, ``resume_writing``.
+
+State decides the event mask: ``_update_mask`` computes it from state (the
+read side says whether it wants input, ``_wants_input``) and asks the loop to
+change the registration only when it changes.
+
+Closing on purpose never loses queued output: flush, ``shutdown(SHUT_WR)``,
+then read and discard until the peer's EOF or a short timeout (the
+"lingering close").  Every socket error ends the connection through
+``_fatal``: one path, one log line.
+"""
+
+from __future__ import annotations
+
+import _socket
+import contextlib
+import errno
+import logging
+import socket
+from typing import TYPE_CHECKING, Any, Final
+
+from .address import format_address
+from .loop import EVENT_READ, EVENT_WRITE, EventLoop, Timer
+from .output import JOIN_MAX, MAX_IOV, OutputQueue
+
+if TYPE_CHECKING:
+    from .codec import Buffer
+    from .stages import StagePath
+
+__all__ = ["HIGH_WATER", "LINGER_TIMEOUT", "LOW_WATER", "Transport"]
+
+log = logging.getLogger("muxsrv")
+
+#: The most one recv asks for outside a large frame's body (a fresh bytes object
+#: each time, shrunk to what arrived; below glibc's default mmap threshold).
+RECV_SIZE: Final = 64 * 1024
+#: Above this much pending output: stop reading, tell the handler pause_writing ...
+HIGH_WATER: Final = 1024 * 1024
+#: ... and below this, read again and resume_writing (no flapping on every send).
+LOW_WATER: Final = 256 * 1024
+#: How long a closing connection may take to flush its queued output.
+FLUSH_TIMEOUT: Final = 30.0
+#: How long a lingering close waits for the peer's EOF before closing anyway.
+LINGER_TIMEOUT: Final = 2.0
+
+# States.  OPEN: messages go to the handler.  CLOSING: flushing queued output,
+# input discarded.  LINGER: write side shut, discarding input until EOF.
+OPEN: Final = 0
+CLOSING: Final = 1
+LINGER: Final = 2
+CLOSED: Final = 3
+
+_QUIET_ERRNOS: Final = frozenset(
+    {errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED, errno.ETIMEDOUT, errno.ESHUTDOWN}
+)
+
+
+class Transport:
+    """A socket with an output queue and a lingering close; subclasses read."""
+
+    __slots__ = (
+        "_backlog",
+        "_eof",
+        "_in_callback",
+        "_loop",
+        "_mask",
+        "_out",
+        "_peer",
+        "_sock",
+        "_stages",
+        "_state",
+        "_timer",
+        "_writing_paused",
+        "last_active",
+    )
+
+    def __init__(self, loop: EventLoop, sock: _socket.socket, peer: Any) -> None:
+        self._loop = loop
+        self._sock = sock
+        self._peer = peer  # None: asked of the socket when first needed (saves memory)
+        self._stages: StagePath | None = None
+        self._out: list[Buffer] | None = None  # output queued since the last flush
+        self._backlog: OutputQueue | None = None  # what the kernel has not taken yet
+        self._mask = 0
+        self._state = OPEN
+        self._in_callback = False  # inside a handler callback: flushing waits
+        self._eof = False  # the peer shut down its write side
+        self._writing_paused = False  # pending output above the high-water mark
+        self._timer: Timer | None = None
+        self.last_active = loop.now
+
+    # -- what the read side fills in ------------------------------------------
+
+    def handle_event(self, mask: int) -> None:
+        """The loop's entry point: the socket is readable or writable."""
+        raise NotImplementedError
+
+    def _wants_input(self) -> bool:
+        """Open and reading: True unless something holds input back."""
+        return not (self._eof or self._writing_paused)
+
+    def _tell_writing(self, paused: bool) -> None:
+        """Pending output crossed a water mark (pause_writing / resume_writing)."""
+
+    def _maybe_finish(self) -> None:
+        """All output sent: the read side may decide the connection is done."""
+
+    def _closed(self, exc: BaseException | None) -> None:
+        """The socket is closed (once): tell whoever needs to know."""
+
+    # -- the public side ------------------------------------------------------
+
+    @property
+    def peer(self) -> Any:
+        """The peer's address (None once the socket can no longer tell)."""
+        if self._peer is None and self._state != CLOSED:
+            with contextlib.suppress(OSError):
+                self._peer = self._sock.getpeername()
+        return self._peer
+
+    @property
+    def loop(self) -> EventLoop:
+        return self._loop
+
+    @property
+    def closing(self) -> bool:
+        return self._state != OPEN
+
+    @property
+    def pending(self) -> int:
+        """Bytes of output the kernel has not taken yet."""
+        backlog = self._backlog
+        return backlog.nbytes if backlog is not None else 0
+
+    def close(self) -> None:
+        """Deliver what is queued, then a lingering close."""
+        if self._state != OPEN:
+            return
+        self._state = CLOSING
+        self._timer = self._loop.call_later(FLUSH_TIMEOUT, self._flush_timed_out)
+        self._flush()
+
+    def abort(self) -> None:
+        self._close(None)
+
+    # -- output -----------------------------------------------------------
+
+    def _flush(self) -> None:
+        """Send what is queued, keep what the kernel did not take, fix the mask."""
+        if self._in_callback or self._state == CLOSED:
+            return
+        out = self._out
+        if self._stages is not None:
+            out = self._out = self._stages.send(out)
+        if out:
+            self._out = None
+            if self._backlog is not None:
+                self._backlog.extend(out)
+                self._send_backlog()
+            else:
+                # The common case, kept inline: send it all at once.
+                try:
+                    if len(out) == 1:
+                        data = out[0]
+                        total = len(data)
+                        sent = self._sock.send(data)
+                    else:
+                        total = sum(map(len, out))
+                        if total <= JOIN_MAX:
+                            data = b"".join(out)
+                            out = [data]
+                            sent = self._sock.send(data)
+                        else:
+                            sent = self._sock.sendmsg(out[:MAX_IOV])
+                except (BlockingIOError, InterruptedError):
+                    sent = 0
+                except OSError as exc:
+                    self._fatal(exc, "send")
+                    return
+                if sent != total:
+                    backlog = self._backlog = OutputQueue()
+                    backlog.extend(out)
+                    backlog.consume(sent)
+                elif self._mask == EVENT_READ and self._state == OPEN:
+                    # All sent, and nothing else changed the mask: whatever stops
+                    # reading (a pause, held input, EOF) updated it already.
+                    return
+        elif self._backlog is not None:
+            self._send_backlog()
+        if self._state == CLOSED:
+            return
+        if self._backlog is None and self._state == CLOSING:
+            self._start_linger()
+            return
+        self._update_mask()
+        if self._backlog is None:
+            self._maybe_finish()
+
+    def _send_backlog(self) -> None:
+        backlog = self._backlog
+        assert backlog is not None
+        chunk = backlog.chunk()
+        try:
+            sock = self._sock
+            sent = sock.sendmsg(chunk) if isinstance(chunk, list) else sock.send(chunk)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._fatal(exc, "send")
+            return
+        backlog.consume(sent)
+        if not backlog.nbytes:
+            self._backlog = None
+
+    def _update_mask(self) -> None:
+        """Compute the event mask from state; touch the registration only on change."""
+        if self._state == CLOSED:
+            return
+        pending = self.pending
+        if self._writing_paused != (pending > (LOW_WATER if self._writing_paused else HIGH_WATER)):
+            self._writing_paused = not self._writing_paused
+            if self._state == OPEN:
+                self._tell_writing(self._writing_paused)
+            if self._state == CLOSED:
+                return
+        reading = self._wants_input() if self._state == OPEN else not self._eof
+        want = (EVENT_READ if reading else 0) | (EVENT_WRITE if pending else 0)
+        if want == self._mask:
+            return
+        loop = self._loop
+        if self._mask == 0:
+            loop.register(self._sock, want, self)
+        elif want == 0:
+            loop.unregister(self._sock)
+        else:
+            loop.modify(self._sock, want, self)
+        self._mask = want
+
+    # -- closing ----------------------------------------------------------
+
+    def _discard_input(self) -> None:
+        """Closing: read and drop input until EOF (the lingering close)."""
+        try:
+            data = self._sock.recv(RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._close(None)
+            return
+        if not data:
+            self._eof = True
+            if self._state == LINGER:
+                self._close(None)
+            else:
+                self._update_mask()
+
+    def _start_linger(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        try:
+            self._sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self._close(None)
+            return
+        if self._eof:
+            self._close(None)
+            return
+        self._state = LINGER
+        self._timer = self._loop.call_later(LINGER_TIMEOUT, self._close, None)
+        self._update_mask()
+
+    def _flush_timed_out(self) -> None:
+        log.info("closing %s: output not drained in %g s", self._peer_text(), FLUSH_TIMEOUT)
+        self._close(None)
+
+    def _fatal(self, exc: BaseException, what: str) -> None:
+        """The one path for errors: log once, close, and let the server go on."""
+        if isinstance(exc, OSError) and exc.errno in _QUIET_ERRNOS:
+            log.info("%s: %s failed: %s", self._peer_text(), what, exc.strerror)
+        else:
+            log.error("%s: %s failed", self._peer_text(), what, exc_info=exc)
+        self._close(exc)
+
+    def _close(self, exc: BaseException | None) -> None:
+        if self._state == CLOSED:
+            return
+        self._state = CLOSED
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._mask:
+            self._loop.unregister(self._sock)
+            self._mask = 0
+        self._out = self._backlog = None
+        self._sock.close()
+        self._closed(exc)
+
+    def _peer_text(self) -> str:
+        return format_address(self.peer)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self._peer_text()} state={self._state}>"
