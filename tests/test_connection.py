@@ -91,6 +91,27 @@ def test_every_reply_sent_from_eof_received_arrives_after_a_large_request(capaci
         assert handler_of(h).events[-2:] == ["eof", "lost"]
 
 
+class AnswersLater(Recorder):
+    def eof_received(self, conn: Conn) -> None:
+        super().eof_received(conn)
+        conn.work_started()
+        conn.loop.call_later(3.0, self.answer, conn)
+
+    def answer(self, conn: Conn) -> None:
+        conn.send(b"worked on")
+        conn.work_done()
+
+
+def test_work_in_progress_after_eof_keeps_the_connection_until_its_reply() -> None:
+    with Harness(AnswersLater) as h:
+        h.peer_sends(frame(b"q"))
+        h.sock.peer_shuts_down()
+        h.advance(2)
+        assert h.replies() == [b"q"] and not h.closed
+        h.advance(2)
+        assert h.replies() == [b"worked on"] and h.closed == 1
+
+
 class PausesOnFirst(Recorder):
     def message_received(self, conn: Conn, payload: bytes) -> None:
         super().message_received(conn, payload)
