@@ -6,7 +6,8 @@
 One user class, `ScenarioUser`, runs the scenario named by --mux-handler
 (see loadtest/scenarios.py) back to back: build a payload, send it, check the
 reply.  A wrong reply, an error frame or a dropped connection is a Locust
-failure, so it shows in the failure count, `--csv` and `--html`.
+failure, so it shows in the failure count, `--csv` and `--html`; the goodbye
+of a draining server is not (the requests in flight are resent: see muxuser).
 
 Options, on Locust's own command line (and in its web UI):
   --mux-handler echo|upper|exec  scenario; must match the server's --handler (echo)

@@ -14,6 +14,14 @@ The last kind also fails every request still in flight on that connection,
 closes it, and the next request reconnects (after a short, growing pause if
 connecting itself failed, so a dead server is not hammered in a busy loop).
 
+Not a failure: the server's goodbye, the error frame `server shutting down`
+that a draining server sends before it closes a connection at a message
+boundary.  Every request sent before it was answered and none after it was
+read, so the client connects again at once (retrying with the same growing
+pause until the batch's timeout) and resends the requests still in flight, in
+order; their replies are checked and timed like any other, the time to
+reconnect included.  The first goodbye in a process is logged.
+
 A plugin author's locustfile is a few lines (see loadtest/examples/)::
 
     from locust import task
@@ -74,8 +82,11 @@ RECV_SIZE = 256 * 1024
 INLINE_SEND_LIMIT = 64 * 1024
 # Pause after a failed connect: doubles from the first value up to the last.
 CONNECT_BACKOFF = (0.05, 2.0)
+# Connect attempts after a goodbye, at most (with the back-off, about 30 s).
+RECONNECT_ATTEMPTS = 25
 
 log = logging.getLogger(__name__)
+_goodbye_logged = False  # the first goodbye is logged at INFO, the others at DEBUG
 
 
 def parse_host(host: str) -> tuple[str, int]:
@@ -133,6 +144,7 @@ class MuxClient:
         self.request_type = request_type
         self.timeout = timeout
         self.connects = 0  # successful connects; more than one means the user reconnected
+        self.goodbyes = 0  # goodbyes after which the in-flight requests were resent
         self._context = context
         self._sock: socket.socket | None = None
         self._decoder = FrameDecoder()
@@ -155,28 +167,33 @@ class MuxClient:
         replies: list[bytes | None] = []
         start = time.perf_counter()
         start_wall = time.time()
+        deadline = start + self.timeout
         sender: gevent.Greenlet | None = None
         try:
             sock = self._connected()
-            data = b"".join(encode_frame(p) for p in payloads)
-            sock.settimeout(self.timeout)
-            if len(data) <= INLINE_SEND_LIMIT:
-                sock.sendall(data)
-            else:
-                sender = gevent.spawn(sock.sendall, data)
-            for payload in payloads:
-                frame = self._read_frame(sock, start + self.timeout)
+            sender = self._send(sock, payloads)
+            while len(replies) < len(payloads):
+                frame = self._read_frame(sock, deadline)
+                if frame.is_goodbye:
+                    # Every request before it was answered and none after it was
+                    # read: send those again on a new connection.
+                    if sender is not None:
+                        sender.kill()
+                    unanswered = payloads[len(replies) :]
+                    sock = self._reconnect_after_goodbye(deadline, len(unanswered))
+                    sender = self._send(sock, unanswered)
+                    continue
                 elapsed = (time.perf_counter() - start) * 1000
                 if frame.is_error:
                     text = frame.payload.decode("utf-8", "replace")
                     self._fire(name, start_wall, elapsed, len(frame.payload), ServerError(text))
                     replies.append(None)
                     continue
-                failure = _judge(check, payload, frame.payload)
+                failure = _judge(check, payloads[len(replies)], frame.payload)
                 self._fire(name, start_wall, elapsed, len(frame.payload), failure)
                 replies.append(frame.payload if failure is None else None)
             if sender is not None:
-                sender.get()  # every reply is in, so the send has finished
+                sender.join()  # every reply is in, so the send has finished
         except (OSError, ProtocolError) as exc:
             if sender is not None:
                 sender.kill()
@@ -204,6 +221,44 @@ class MuxClient:
             self._sock.close()
             self._sock = None
         self._decoder = FrameDecoder()
+
+    def _send(self, sock: socket.socket, payloads: Sequence[bytes]) -> gevent.Greenlet | None:
+        """Send the requests: at once if small, else from a greenlet, returned, while
+        this one reads the replies.
+
+        A send that fails because the server closed is not an error here: the
+        reader finds out why (replies or a goodbye still buffered, else the end).
+        """
+        data = b"".join(encode_frame(p) for p in payloads)
+        sock.settimeout(self.timeout)
+        if len(data) > INLINE_SEND_LIMIT:
+            return gevent.spawn(_send_all, sock, data)
+        _send_all(sock, data)
+        return None
+
+    def _reconnect_after_goodbye(self, deadline: float, unanswered: int) -> socket.socket:
+        """The server said goodbye: connect again, pausing as after a failed connect,
+        until the batch's deadline; the connect error if no server accepts by then."""
+        global _goodbye_logged
+        self.close()
+        self.goodbyes += 1
+        host, port = self.address
+        if _goodbye_logged:
+            log.debug("%s:%d said goodbye: resending %d requests", host, port, unanswered)
+        else:
+            _goodbye_logged = True
+            log.info("%s:%d is shutting down: reconnecting and resending the requests in "
+                     "flight, not failing them (later goodbyes: DEBUG)", host, port)
+        pause, most = CONNECT_BACKOFF
+        for attempt in range(RECONNECT_ATTEMPTS):
+            try:
+                return self._connected()
+            except OSError:
+                if attempt == RECONNECT_ATTEMPTS - 1 or time.perf_counter() + pause >= deadline:
+                    raise
+            gevent.sleep(pause)
+            pause = min(most, pause * 2)
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
     def _connected(self) -> socket.socket:
         if self._sock is None:
@@ -260,6 +315,13 @@ class MuxClient:
             context=self._context(),
             start_time=start_wall,
         )
+
+
+def _send_all(sock: socket.socket, data: bytes) -> None:
+    # Closed by the server: the reader sees why.  Swallowed here, so a send
+    # greenlet does not die with a traceback gevent would print.
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+        sock.sendall(data)
 
 
 def _judge(check: Check | None, payload: bytes, reply: bytes) -> Exception | None:

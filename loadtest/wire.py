@@ -7,8 +7,10 @@ Locust or gevent (importing Locust monkey-patches the whole process).
 The `length` framing: each message is a 4-byte unsigned big-endian length N,
 then N payload bytes; N = 0 is legal.  A length word with the top bit set is
 an *error frame*, which only the server sends: the low 31 bits count bytes of
-UTF-8 text saying what went wrong.  A client feeds whatever it received to
-`FrameDecoder.receive_data` and calls `maybe_next_frame` until it returns None.
+UTF-8 text saying what went wrong (`GOODBYE`: the server is shutting down,
+and what it did not answer may be resent).  A client feeds whatever it
+received to `FrameDecoder.receive_data` and calls `maybe_next_frame` until it
+returns None.
 
 It is deliberately independent of ``muxsrv.framing``: a load test that checked
 replies with the server's own codec would share that codec's bugs.
@@ -26,6 +28,10 @@ from dataclasses import dataclass
 LENGTH = struct.Struct(">I")
 ERROR_BIT = 0x80000000  # set in the length word of an error frame, which only the server sends
 SIZE_MASK = ERROR_BIT - 1  # the rest of the word is the payload size
+# The text of the error frame a draining server sends before it closes a
+# connection at a message boundary: every message sent before it was answered
+# and none after it was read, so a client may resend those on a new connection.
+GOODBYE = b"server shutting down"
 # A length above this is taken for a corrupt stream rather than a reply the
 # client should wait for; 64 MiB is far above any payload a load test sends.
 DEFAULT_MAX_PAYLOAD = 64 << 20
@@ -49,6 +55,11 @@ class Frame:
 
     payload: bytes
     is_error: bool = False
+
+    @property
+    def is_goodbye(self) -> bool:
+        """The server's goodbye (see GOODBYE), not a reply to any request."""
+        return self.is_error and self.payload == GOODBYE
 
 
 def encode_frame(payload: bytes) -> bytes:

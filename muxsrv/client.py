@@ -9,6 +9,17 @@ It frames with the same sans-IO codecs as the server.  An error frame from the
 server raises :class:`ServerError` carrying the server's message; the end of
 the connection raises :class:`ConnectionClosed`; timeouts raise
 ``TimeoutError``.
+
+A server that shuts down says goodbye: the error frame ``server shutting
+down`` at a message boundary, then the close.  Every message sent before it
+was answered and none after it was read, so the client keeps, in order, the
+messages whose reply has not arrived; on the goodbye it connects to the same
+address again and resends them, and the caller sees each reply once, in
+order, as if nothing had happened.  If no server accepts within
+``reconnect_timeout``, :class:`ServerGone` is raised.  Only ``length`` framing
+has an error channel, so only it resends; ``resend=False`` turns it off (for a
+handler that keeps per-connection state, which a new connection starts
+afresh: then the goodbye is a ServerError like any other).
 """
 
 from __future__ import annotations
@@ -19,10 +30,12 @@ import selectors
 import socket
 import struct
 import sys
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from types import TracebackType
 
+from .connection import SHUTTING_DOWN
 from .framing import (
     ENCODERS,
     FRAMINGS,
@@ -35,7 +48,15 @@ from .framing import (
 )
 from .handlers.exec_protocol import ExecResult, ReplyError, decode_reply
 
-__all__ = ["Client", "ConnectionClosed", "ExecResult", "ReplyError", "ServerError", "main"]
+__all__ = [
+    "Client",
+    "ConnectionClosed",
+    "ExecResult",
+    "ReplyError",
+    "ServerError",
+    "ServerGone",
+    "main",
+]
 
 #: One recv's size (below glibc's default mmap threshold, so it is cheap to allocate) ...
 _RECV_SIZE = 64 * 1024
@@ -43,6 +64,15 @@ _RECV_SIZE = 64 * 1024
 _BODY_RECV_MAX = 4 * 1024 * 1024
 #: Seconds to wait for the connection and each reply, unless told otherwise.
 DEFAULT_TIMEOUT = 10.0
+#: After a goodbye, how long to keep trying to connect again: a restarted
+#: server listens well within this, and a server that is gone for good is
+#: reported instead of waited for.
+RECONNECT_TIMEOUT = 10.0
+#: Pause between those attempts: doubles from the first value up to the last,
+#: so a quick restart is caught quickly and a slow one is not hammered ...
+RECONNECT_BACKOFF = (0.05, 1.0)
+#: ... and at most this many attempts (about 14 fit in RECONNECT_TIMEOUT).
+RECONNECT_ATTEMPTS = 20
 
 
 class ServerError(Exception):
@@ -57,8 +87,15 @@ class ConnectionClosed(ConnectionError):
     """The server closed the connection before the expected reply."""
 
 
+class ServerGone(ConnectionClosed):
+    """The server said goodbye and no server accepted a new connection in time."""
+
+
 class Client:
-    """One connection to a muxsrv server (not thread-safe)."""
+    """One connection to a muxsrv server (not thread-safe).
+
+    ``reconnects`` counts the goodbyes after which it connected again and resent.
+    """
 
     def __init__(
         self,
@@ -67,20 +104,39 @@ class Client:
         framing: str = "length",
         timeout: float | None = 10.0,
         max_frame: int = MAX_FRAME_LIMIT,
+        *,
+        resend: bool = True,
+        reconnect_timeout: float = RECONNECT_TIMEOUT,
     ) -> None:
         if framing not in FRAMINGS:
             raise ValueError(f"unknown framing {framing!r}; choose from {', '.join(FRAMINGS)}")
         self.framing = framing
         self.timeout = timeout
+        self.address = (host, port)
+        self.reconnect_timeout = reconnect_timeout
+        self.reconnects = 0
         self._encode = ENCODERS[framing]
-        self._decoder: Decoder = (
-            LengthDecoder(max_frame, accept_errors=True)
-            if framing == "length"
-            else make_decoder(framing, max_frame)
-        )
+        self._max_frame = max_frame
+        self._decoder = self._new_decoder()
         self._inbox: deque[bytes] = deque()
-        self._sock = socket.create_connection((host, port), timeout=timeout)
-        self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._resend = resend and framing == "length"  # the others have no error channel
+        #: What was sent and not yet answered, encoded, oldest first (only to resend).
+        self._unanswered: deque[bytes] = deque()
+        #: Reconnecting since a goodbye with no reply since: give up at this time.
+        self._give_up_at: float | None = None
+        self._write_shut = False
+        self._sock = self._connect(timeout)
+
+    def _new_decoder(self) -> Decoder:
+        if self.framing == "length":
+            return LengthDecoder(self._max_frame, accept_errors=True)
+        return make_decoder(self.framing, self._max_frame)
+
+    def _connect(self, timeout: float | None) -> socket.socket:
+        sock = socket.create_connection(self.address, timeout=timeout)
+        sock.settimeout(self.timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock
 
     def __enter__(self) -> Client:
         return self
@@ -106,6 +162,7 @@ class Client:
     def shutdown_write(self) -> None:
         """Tell the server we send no more (it still delivers every reply)."""
         self._sock.shutdown(socket.SHUT_WR)
+        self._write_shut = True
 
     def encode(self, payload: Buffer) -> bytes:
         if self.framing == "line" and b"\n" in bytes(payload):
@@ -116,12 +173,19 @@ class Client:
 
     def send(self, payload: Buffer) -> None:
         """Send one message."""
-        self._sock.sendall(self.encode(payload))
+        data = self.encode(payload)
+        if self._resend:
+            self._unanswered.append(data)
+        try:
+            self._sock.sendall(data)
+        except (BrokenPipeError, ConnectionResetError):
+            if not self._goodbye_waiting():
+                raise
+            self._resume()
 
     def recv(self) -> bytes:
         """The next reply; raises ServerError for an error frame."""
-        while not self._inbox:
-            self._receive_some()
+        self._fill(1)
         return self._check(self._inbox.popleft())
 
     def request(self, payload: Buffer) -> bytes:
@@ -152,52 +216,149 @@ class Client:
         """
         if self.framing == "raw":
             raise ValueError("pipeline() needs length or line framing: raw has no boundaries")
-        items = list(payloads)
-        count = len(items)
-        data = memoryview(b"".join(self.encode(p) for p in items))
-        replies: list[bytes] = []
-        with selectors.DefaultSelector() as sel:
-            self._sock.setblocking(False)
-            try:
-                sel.register(self._sock, selectors.EVENT_READ | selectors.EVENT_WRITE)
-                while data or len(self._inbox) + len(replies) < count:
-                    while self._inbox and len(replies) < count:
-                        replies.append(self._inbox.popleft())
-                    if not data and len(replies) >= count:
-                        break
-                    if not data:
-                        sel.modify(self._sock, selectors.EVENT_READ)
-                    ready = sel.select(self.timeout)
-                    if not ready:
-                        raise TimeoutError(f"no reply within {self.timeout} s")
-                    mask = ready[0][1]
-                    if mask & selectors.EVENT_WRITE and data:
-                        with contextlib.suppress(BlockingIOError):
-                            data = data[self._sock.send(data) :]
-                    if mask & selectors.EVENT_READ:
-                        with contextlib.suppress(BlockingIOError):
-                            self._receive_some()
-                while self._inbox and len(replies) < count:
-                    replies.append(self._inbox.popleft())
-            except ConnectionError:
-                # Closed or reset early: if the server said why (an error frame, as
-                # for a message over its --max-frame), that is the error to raise.
-                for reply in (*replies, *self._inbox):
-                    self._check(reply)
-                raise
-            finally:
-                self._sock.settimeout(self.timeout)
+        frames = [self.encode(p) for p in payloads]
+        if self._resend:
+            self._unanswered.extend(frames)
+        try:
+            self._transmit(b"".join(frames))
+            self._fill(len(frames))
+        except ServerGone:
+            raise
+        except ConnectionError:
+            # Closed or reset early: if the server said why (an error frame, as
+            # for a message over its --max-frame), that is the error to raise.
+            for reply in self._inbox:
+                self._check(reply)
+            raise
+        replies = [self._inbox.popleft() for _ in frames]
         return [self._check(r) for r in replies]
 
-    def _receive_some(self) -> None:
+    # -- receiving, and resending after a goodbye -----------------------------
+
+    def _fill(self, count: int) -> None:
+        """Receive until the inbox holds ``count`` replies."""
+        while len(self._inbox) < count:
+            if self._receive_some():
+                self._resume()
+
+    def _transmit(self, data: bytes) -> None:
+        """Send ``data``, reading replies into the inbox meanwhile; after a goodbye,
+        send what is unanswered on the new connection instead."""
+        view = memoryview(data)
+        with selectors.DefaultSelector() as sel:
+            while view:
+                sock = self._sock
+                sock.setblocking(False)
+                sel.register(sock, selectors.EVENT_READ | selectors.EVENT_WRITE)
+                try:
+                    view, goodbye = self._send_reading(sel, sock, view)
+                finally:
+                    sel.unregister(sock)
+                    sock.settimeout(self.timeout)
+                if goodbye:
+                    self._reconnect()
+                    view = memoryview(b"".join(self._unanswered))
+
+    def _send_reading(
+        self, sel: selectors.BaseSelector, sock: socket.socket, view: memoryview
+    ) -> tuple[memoryview, bool]:
+        """Send on ``sock`` until done or the server's goodbye: (what is left, goodbye?)."""
+        while view:
+            ready = sel.select(self.timeout)
+            if not ready:
+                raise TimeoutError(f"no reply within {self.timeout} s")
+            mask = ready[0][1]
+            if mask & selectors.EVENT_WRITE:
+                try:
+                    view = view[sock.send(view) :]
+                except BlockingIOError:
+                    pass
+                except (BrokenPipeError, ConnectionResetError):
+                    if not self._goodbye_waiting():
+                        raise
+                    return view, True
+            if mask & selectors.EVENT_READ:
+                with contextlib.suppress(BlockingIOError):
+                    if self._receive_some():
+                        return view, True
+        return view, False
+
+    def _receive_some(self) -> bool:
+        """Receive once into the inbox; True if that brought the server's goodbye
+        (the connection is then over)."""
         decoder = self._decoder
         want = decoder.want  # inside a large reply: ask for just the rest of its body
         data = self._sock.recv(min(want, _BODY_RECV_MAX) if want else _RECV_SIZE)
         if not data:
             raise ConnectionClosed("the server closed the connection")
-        self._inbox.extend(decoder.feed(data))
+        messages = decoder.feed(data)
+        if not self._resend:
+            self._inbox.extend(messages)
+        else:
+            for message in messages:
+                if isinstance(message, ErrorFrame) and message.text == SHUTTING_DOWN:
+                    return True  # nothing follows a goodbye
+                self._inbox.append(message)
+                if self._unanswered:
+                    self._unanswered.popleft()
+                self._give_up_at = None  # a reply: the server is back
         if decoder.error is not None:
             raise ConnectionClosed(f"bad data from the server: {decoder.error}")
+        return False
+
+    def _goodbye_waiting(self) -> bool:
+        """A send failed: read what the server sent before it went (its replies, an
+        error frame saying why); True if that ends with its goodbye."""
+        sock = self._sock
+        sock.setblocking(False)
+        try:
+            # Bounded: the server is gone, so only what is already buffered comes.
+            while not self._receive_some():
+                pass
+        except OSError:  # BlockingIOError: all read; or the end, or a reset
+            return False
+        finally:
+            sock.settimeout(self.timeout)
+        return True
+
+    def _resume(self) -> None:
+        """After a goodbye: connect again and resend what was not answered."""
+        self._reconnect()
+        self._transmit(b"".join(self._unanswered))
+        if self._write_shut:
+            self._sock.shutdown(socket.SHUT_WR)
+
+    def _reconnect(self) -> None:
+        """Replace the connection the server closed with a goodbye by a new one."""
+        self._sock.close()
+        self._decoder = self._new_decoder()
+        now = time.monotonic()
+        if self._give_up_at is None:
+            self._give_up_at = now + self.reconnect_timeout
+        pause, most = RECONNECT_BACKOFF
+        failure: OSError | None = None
+        for _attempt in range(RECONNECT_ATTEMPTS):
+            remaining = self._give_up_at - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                self._sock = self._connect(min(remaining, self.timeout or remaining))
+            except OSError as exc:
+                failure = exc
+                time.sleep(max(0.0, min(pause, self._give_up_at - time.monotonic())))
+                pause = min(most, pause * 2)
+                continue
+            self.reconnects += 1
+            if not self._unanswered:
+                self._give_up_at = None  # no reply will come to say the server is back
+            return
+        host, port = self.address
+        reason = f": {failure.strerror or failure}" if failure else ""
+        raise ServerGone(
+            f"the server shut down and none accepted at {host}:{port} within "
+            f"{self.reconnect_timeout:g} s{reason}; {len(self._unanswered)} request(s) "
+            "unanswered"
+        ) from failure
 
     @staticmethod
     def _check(message: bytes) -> bytes:

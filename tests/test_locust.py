@@ -27,12 +27,12 @@ import threading
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from support import ROOT, frame, recv_exact, running_server, wait_for
+from support import ROOT, ServerProcess, frame, recv_exact, running_server, wait_for
 
 sys.path.insert(0, str(ROOT))  # `loadtest` is not installed with the package
 
@@ -44,6 +44,7 @@ from loadtest.scenarios import (
 )
 from loadtest.wire import (
     ERROR_BIT,
+    GOODBYE,
     FrameDecoder,
     ProtocolError,
     WrongReply,
@@ -104,6 +105,20 @@ def run_locust(
     seconds: int = 3,
 ) -> LocustRun:
     """Run Locust headless against `host` for `seconds`; return its CSV figures."""
+    proc = start_locust(tmp_path, host, *options, locustfile=locustfile, users=users,
+                        seconds=seconds)
+    return finish_locust(proc, tmp_path, seconds)
+
+
+def start_locust(
+    tmp_path: Path,
+    host: str,
+    *options: str,
+    locustfile: Path = LOCUSTFILE,
+    users: int = 10,
+    seconds: int = 3,
+) -> subprocess.Popen[bytes]:
+    """Start Locust headless against `host` for `seconds`, its CSV files in `tmp_path`."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     prefix = tmp_path / "locust"
     command = locust_command(
@@ -117,7 +132,7 @@ def run_locust(
         "--only-summary",
         *options,
     )  # fmt: skip
-    proc = subprocess.Popen(
+    return subprocess.Popen(
         command,
         cwd=ROOT,
         stdin=subprocess.DEVNULL,
@@ -125,6 +140,11 @@ def run_locust(
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
+
+
+def finish_locust(proc: subprocess.Popen[bytes], tmp_path: Path, seconds: int) -> LocustRun:
+    """Wait for a started Locust to end; its CSV figures."""
+    prefix = tmp_path / "locust"
     try:
         out, _ = proc.communicate(timeout=seconds + LOCUST_GRACE)
     except subprocess.TimeoutExpired:
@@ -146,13 +166,17 @@ def tcp(host: str, port: int) -> str:
 
 # ------------------------------------------------------- a stand-in that misbehaves
 
-# reply(index on this connection, payload) -> bytes to send, or None to hang up
+# reply(index on this connection, payload) -> bytes to send, or None to hang up;
+# GOODBYE_FRAME: say goodbye and close at that boundary, as a draining muxsrv does.
 ReplyPolicy = Callable[[int, bytes], bytes | None]
 
 
 def error_frame(text: str) -> bytes:
     data = text.encode()
     return struct.pack(">I", ERROR_BIT | len(data)) + data
+
+
+GOODBYE_FRAME = error_frame(GOODBYE.decode())
 
 
 @contextmanager
@@ -170,6 +194,13 @@ def stand_in_server(policy: ReplyPolicy) -> Iterator[tuple[str, int]]:
                     if out is None:
                         return
                     sock.sendall(out)
+                    if out == GOODBYE_FRAME:
+                        # What the client sent after this is never read: drop it until
+                        # the client closes (a lingering close, as muxsrv's).
+                        sock.shutdown(socket.SHUT_WR)
+                        while sock.recv(65536):
+                            pass
+                        return
                     index += 1
             except OSError:  # the client went away (EOF is a ConnectionError)
                 return
@@ -206,6 +237,14 @@ def corrupting(index: int, payload: bytes) -> bytes | None:
 
 
 GOOD_PER_CONNECTION = sum(1 for i in range(DROP_AFTER) if i % 10 not in (3, 6))
+
+
+GOODBYE_AFTER = 5  # replies per connection before the stand-in says goodbye
+
+
+def saying_goodbye(index: int, payload: bytes) -> bytes | None:
+    """Echo GOODBYE_AFTER messages, then say goodbye instead of answering the next."""
+    return GOODBYE_FRAME if index == GOODBYE_AFTER else frame(payload)
 
 
 def reverse(index: int, payload: bytes) -> bytes | None:
@@ -330,6 +369,72 @@ def test_pipelined_failures_are_counted_per_request(tmp_path: Path) -> None:
     assert run.returncode == 1, run.describe()
     assert 0 < run.failures < run.requests, run.describe()
     assert "ServerError('stand-in refuses this message')" in "\n".join(run.errors), run.errors
+
+
+@needs_locust
+@pytest.mark.parametrize("pipeline", [1, 7])
+def test_goodbye_is_not_a_failure_the_requests_in_flight_are_resent(
+    tmp_path: Path, pipeline: int
+) -> None:
+    """Bug caught: the goodbye of a draining server counted as a failure, or the
+    requests in flight resent wrongly (the echo check sees any reply out of place)."""
+    users = 3
+    with stand_in_server(saying_goodbye) as (host, port):
+        run = run_locust(
+            tmp_path, tcp(host, port), "--mux-pipeline", str(pipeline), users=users, seconds=2
+        )
+    assert run.returncode == 0, run.describe()
+    assert run.failures == 0, run.describe()
+    # More than a connection's worth per user: every user went through goodbyes.
+    assert run.requests > 3 * users * GOODBYE_AFTER, run.describe()
+    assert "is shutting down: reconnecting and resending" in run.output, run.output[-3000:]
+
+
+@needs_locust
+@pytest.mark.parametrize(("pipeline", "size"), [(1, 64), (8, 20_000)])
+def test_a_server_restart_on_the_same_port_fails_nothing(
+    tmp_path: Path, pipeline: int, size: int
+) -> None:
+    """Bug caught: requests failed (or lost) when the real server drains on SIGTERM and
+    a new one takes over its port while the users keep sending."""
+    users = 4
+    first = ServerProcess(["--port", "0", "--handler", "echo", "--drain-timeout", "1"])
+    servers = [first]
+    proc: subprocess.Popen[bytes] | None = None
+    try:
+        first.wait_started()
+        idle_fds = first.open_fds()
+        proc = start_locust(
+            tmp_path,
+            tcp(first.host, first.port),
+            "--mux-pipeline", str(pipeline),
+            "--mux-size", str(size),
+            users=users,
+            seconds=10,
+        )  # fmt: skip
+        wait_for(lambda: first.open_fds() >= idle_fds + users, timeout=20,
+                 what="every user connected to the first server")
+        first.signal(signal.SIGTERM)
+        assert first.wait(15) == 0, first.stderr_text()
+        second = ServerProcess(["--port", str(first.port), "--handler", "echo"])
+        servers.append(second)
+        second.wait_started()
+        idle_fds = second.open_fds()
+        wait_for(lambda: second.open_fds() >= idle_fds + users or proc.poll() is not None,
+                 timeout=20, what="every user connected to the second server")
+        assert proc.poll() is None, "Locust ended before every user reached the new server"
+        run = finish_locust(proc, tmp_path, 10)
+    finally:
+        if proc is not None:
+            stop_group(proc)
+        for srv in servers:
+            with suppress(Exception):
+                srv.stop()
+    assert run.returncode == 0, run.describe()
+    assert run.failures == 0, run.describe()
+    assert run.requests > 100, run.describe()
+    assert "is shutting down: reconnecting and resending" in run.output, run.output[-3000:]
+    assert "shutting down: draining 4 connections" in first.stderr_text()
 
 
 @needs_locust
