@@ -35,7 +35,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from types import TracebackType
 
-from .connection import SHUTTING_DOWN
+from .codec import SHUTTING_DOWN
 from .framing import (
     ENCODERS,
     FRAMINGS,

@@ -22,6 +22,7 @@ __all__ = [
     "ERROR_FLAG",
     "MAX_BATCH",
     "MAX_FRAME_LIMIT",
+    "SHUTTING_DOWN",
     "Buffer",
     "Decoder",
     "ErrorFrame",
@@ -29,6 +30,9 @@ __all__ = [
     "as_payload",
 ]
 
+#: The error frame a draining server sends before it closes: every message before
+#: it was answered, none after it was read, so a client may resend those.
+SHUTTING_DOWN: Final = "server shutting down"
 #: The length word's top bit marks an error frame (server to client only).
 ERROR_FLAG: Final = 0x80000000
 #: The largest --max-frame: with the top bit reserved, a length word holds 2**31-1.

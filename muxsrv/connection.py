@@ -32,7 +32,7 @@ import logging
 from collections import deque
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
-from .codec import Buffer, Decoder, as_payload
+from .codec import SHUTTING_DOWN, Buffer, Decoder, as_payload
 from .loop import EVENT_READ, EVENT_WRITE
 from .stages import StagePath
 from .transport import OPEN, RECV_SIZE, Transport
@@ -48,8 +48,6 @@ log = logging.getLogger("muxsrv")
 
 #: The most one recv of a large frame's body asks for (bytes are allocated first).
 BODY_RECV_MAX: Final = 4 * 1024 * 1024
-#: What a draining server tells a client before it closes (the client may resend).
-SHUTTING_DOWN: Final = "server shutting down"
 
 
 class Owner(Protocol):

@@ -17,6 +17,8 @@ before a close was handed over, and the connection ended exactly once.
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
@@ -114,7 +116,7 @@ class ConnectionMachine(RuleBasedStateMachine):
     def arrive(self, payloads: list[bytes], cuts: list[int]) -> None:
         stream = b"".join(frame(p) for p in payloads)
         points = sorted({c % (len(stream) + 1) for c in cuts} | {0, len(stream)})
-        self.h.peer_sends(*(stream[a:b] for a, b in zip(points, points[1:], strict=False)))
+        self.h.peer_sends(*(stream[a:b] for a, b in pairwise(points)))
         self.sent += payloads
 
     @rule(n=st.one_of(st.none(), st.integers(min_value=0, max_value=300)))
