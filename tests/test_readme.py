@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from support import ROOT, running_server
 
 from muxsrv.client import Client
@@ -30,7 +31,22 @@ def python_blocks() -> dict[str, str]:
 
 
 def test_readme_examples_exist() -> None:
-    assert {"reverse.py", "counter.py"} <= set(python_blocks())
+    assert {"reverse.py", "counter.py", "test_counter.py"} <= set(python_blocks())
+
+
+def test_harness_example_passes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    blocks = python_blocks()
+    for name in ("counter.py", "test_counter.py"):
+        (tmp_path / name).write_text(blocks[name])
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in ("counter", "test_counter"):
+        sys.modules.pop(name, None)
+    import test_counter  # type: ignore[import-not-found]
+
+    tests = [getattr(test_counter, n) for n in dir(test_counter) if n.startswith("test_")]
+    assert tests
+    for test in tests:
+        test()
 
 
 def test_function_example_runs(tmp_path: Path) -> None:
