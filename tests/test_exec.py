@@ -496,11 +496,19 @@ def test_a_client_that_reads_nothing_costs_about_the_high_water_mark(tmp_path: P
             s.settimeout(30)
             s.connect(srv.address)
             s.sendall(b"".join(frame(c) for c in numbered_commands()))
-            # Quiet: every command that started has ended (all 200, on the old code).  At
-            # least 5 ran: 4 replies fit under the high-water mark, and the kernel took some.
-            wait_for(lambda: 5 <= srv.log_count(r"exit 0 in") == srv.log_count(r"started: 'yes"),
-                     30, what="no command running")
-            ran = srv.log_count(r"exit 0 in")
+            # Quiet: every command that started has ended, and the server has no child (all
+            # 200 ran, on the old code).  At least 5 ran: 4 replies fit under the high-water
+            # mark, and the kernel took some.
+            wait_for(lambda: srv.log_count(r"started: 'yes") >= 5
+                     and srv.log_count(r"exit 0 in") == srv.log_count(r"started: ")
+                     and not children(srv.pid), 30, what="no command running")
+            ran = srv.log_count(r"started: 'yes")
+            # And it stays quiet: a command on another connection, there and back, and
+            # no other one started meanwhile (the server logs in order).
+            warm.sendall(frame(b"true round trip"))
+            assert not recv_frame(warm)[0]
+            srv.wait_log(rf"pid {started_pid(srv, 'true round trip')} exit 0 in")
+            assert srv.log_count(r"started: 'yes") == ran
             replies = [recv_frame(s) for _ in range(PIPELINED)]
         grew = peak_rss(srv.pid) - before
     print(f"\n{PIPELINED} x {OUTPUT_EACH >> 10} KiB pipelined, not read: {ran} ran, server "
