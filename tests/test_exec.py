@@ -462,6 +462,33 @@ def test_no_command_starts_while_the_output_waits_above_high_water(
     assert peak <= HIGH_WATER + OUTPUT_EACH + 4096, peak
 
 
+def test_the_idle_timeout_spares_no_work_that_waits_for_a_client_reading_nothing(
+    tmp_path: Path,
+) -> None:
+    """Bug caught: commands queued behind unread output counting as work in progress, so
+    a client that never reads held its connection (and queue) for ever."""
+    factory = ExecHandler.configure(exec_options("--exec-cwd", str(tmp_path)))
+    loop = EventLoop()
+    owner = Owner(loop)
+    sock, peer = loopback_pair(buffer=128 * 1024)
+    conn = Connection(owner, sock, sock.getpeername(), make_decoder("length", MiB), None,
+                      factory())
+    try:
+        conn.start()
+        peer.sendall(b"".join(frame(c) for c in numbered_commands()[:20]))
+        assert loop.run_until(lambda: conn.pending > HIGH_WATER and loop.watched_fds == 0, 30)
+        assert not conn.owes_nothing()  # commands wait: work in progress
+        conn.check_idle(conn.last_active + 299, 300)
+        assert not conn.closing
+        conn.check_idle(conn.last_active + 300, 300)
+        assert conn.closing
+    finally:
+        peer.close()
+        conn.abort()
+        loop.run_once(max_wait=0)  # connection_lost
+        loop.close()
+
+
 def test_commands_waiting_on_output_count_their_bytes_against_the_queue(tmp_path: Path) -> None:
     """Bug caught: a queue bounded only by its count (32 command lines of up to
     --max-frame each) while writing is paused and nothing runs."""
