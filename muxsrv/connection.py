@@ -533,6 +533,7 @@ class Connection:
             self._tell_writing(self._writing_paused)
             if self._state == CLOSED:
                 return
+            pending = self.pending  # the handler may have sent (resume_writing does)
         if self._state == OPEN:
             reading = not (self._eof or self._paused or self._writing_paused or self._held
                            or self._decoder.more)

@@ -26,7 +26,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import ROOT, ServerProcess, frame, recv_frame, running_server, wait_for
+from support import (
+    ROOT,
+    Owner,
+    ServerProcess,
+    frame,
+    loopback_pair,
+    recv_frame,
+    running_server,
+    wait_for,
+)
 
 from muxsrv import plugins
 from muxsrv.cli import build_parser
@@ -340,33 +349,6 @@ def numbered_output(i: int) -> bytes:
 
 def numbered_commands() -> list[bytes]:
     return [b"yes %d | head -c %d" % (i, OUTPUT_EACH) for i in range(PIPELINED)]
-
-
-class Owner:
-    """What a Connection needs of the server that accepted it."""
-
-    def __init__(self, loop: EventLoop) -> None:
-        self.loop = loop
-        self.closed: list[Connection] = []
-
-    def connection_closed(self, conn: Connection) -> None:
-        self.closed.append(conn)
-
-
-def loopback_pair(buffer: int) -> tuple[socket.socket, socket.socket]:
-    """(server side, client side) of a TCP connection on 127.0.0.1, small kernel buffers.
-
-    Small, and fixed (no autotuning), so that the kernel cannot hide how much of
-    the output the server itself holds: it takes a few hundred KiB at most.
-    """
-    with socket.create_server(("127.0.0.1", 0)) as listener:
-        peer = socket.socket()
-        peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffer)  # before connect
-        peer.connect(listener.getsockname())
-        sock, _ = listener.accept()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, buffer)
-    sock.setblocking(False)
-    return sock, peer
 
 
 def test_no_command_starts_while_the_output_waits_above_high_water(
