@@ -494,6 +494,30 @@ def test_commands_waiting_on_output_count_their_bytes_against_the_queue(tmp_path
     assert [decode_reply(r).stdout for r in conn.replies] == [b"x" * 20_000 + b"\n"] * 4
 
 
+def test_a_slot_granted_while_writing_is_paused_is_given_back(tmp_path: Path) -> None:
+    """Bug caught: a command waiting for a slot starting although its connection's
+    output went above high water meanwhile."""
+    factory = ExecHandler.configure(
+        exec_options("--exec-cwd", str(tmp_path), "--exec-max-procs", "1"))
+    loop = EventLoop()
+    a, b = FakeConn(loop), FakeConn(loop)
+    first, second = factory(), factory()
+    try:
+        for handler, conn in ((first, a), (second, b)):
+            handler.connection_made(conn)  # type: ignore[arg-type]
+        first.message_received(a, b"echo a")  # type: ignore[arg-type]
+        second.message_received(b, b"echo b")  # type: ignore[arg-type]  # waits: no slot
+        second.pause_writing(b)  # type: ignore[arg-type]
+        assert loop.run_until(lambda: a.work == 0, 30)
+        assert factory.slots.running == 0 and b.work == 1 and loop.watched_fds == 0
+        second.resume_writing(b)  # type: ignore[arg-type]
+        assert loop.run_until(lambda: b.work == 0, 30)
+    finally:
+        loop.close()
+    assert [decode_reply(r).stdout for r in a.replies + b.replies] == [b"a\n", b"b\n"]
+    assert factory.slots.running == 0
+
+
 def test_a_client_that_reads_nothing_costs_about_the_high_water_mark(tmp_path: Path) -> None:
     """The same, end to end: the server's peak memory, then every reply in order."""
     with exec_server(tmp_path) as srv, srv.connect() as warm:
