@@ -373,7 +373,9 @@ class Connection(Transport):
     # -- ending -----------------------------------------------------------
 
     def check_idle(self, now: float, timeout: float) -> None:
-        if self._work == 0 and now - self.last_active >= timeout and self._state == OPEN:
+        # Work waiting for a peer that reads nothing (writing paused) spares nobody.
+        if ((self._work == 0 or self._writing_paused) and now - self.last_active >= timeout
+                and self._state == OPEN):
             log.info("closing %s: idle for %.3g s", self._peer_text(), timeout)
             self._queue_error(f"idle timeout ({timeout:g} s)")
             self.close()

@@ -35,9 +35,13 @@ The guarantees:
 * ``connection_lost`` runs exactly once, from the loop, never inside another
   callback (``conn.abort()`` inside ``message_received`` returns first);
   sends after it are ignored;
-* ``pause_writing`` may be called from inside ``conn.send``; a handler that
-  produces output on its own (a timer, a child process) should stop until
-  ``resume_writing``.  Reading pauses meanwhile too.
+* ``pause_writing`` may be called from inside ``conn.send`` (outside other
+  callbacks: sends inside them only queue, and count when they return); a
+  handler that produces output on its own (a timer, a child process) should
+  stop until ``resume_writing``, and may send from inside it.  Reading pauses
+  meanwhile too; messages already received are still handed over (at most
+  what one read brought, or one large message), so bound your own queue with
+  ``pause_reading``.
 
 ``conn`` (a :class:`Conn`) can send replies at any time (now or later),
 close, pause reading, mark work in progress (so idle timeouts and the

@@ -60,8 +60,17 @@ class EventSource(Protocol):
     def handle_event(self, mask: int) -> None: ...
 
 
+def _cancelled() -> None:
+    """What a cancelled handle holds instead of its callback."""
+
+
 class Handle:
-    """A callback scheduled on the loop; ``cancel()`` stops it from running."""
+    """A callback scheduled on the loop; ``cancel()`` stops it from running.
+
+    Cancelling also lets go of the callback and its arguments: a cancelled timer
+    stays in the heap until it is due or the heap is rebuilt, and must not keep
+    what its callback refers to alive meanwhile (a finished command's output).
+    """
 
     __slots__ = ("_args", "_callback", "cancelled")
 
@@ -72,6 +81,7 @@ class Handle:
 
     def cancel(self) -> None:
         self.cancelled = True
+        self._callback, self._args = _cancelled, ()
 
     def _run(self) -> None:
         try:
@@ -95,6 +105,7 @@ class Timer(Handle):
     def cancel(self) -> None:
         if not self.cancelled:
             self.cancelled = True
+            self._callback, self._args = _cancelled, ()
             if self._loop is not None:
                 self._loop._timer_cancelled()
 

@@ -233,6 +233,7 @@ class Transport:
                 self._tell_writing(self._writing_paused)
             if self._state == CLOSED:
                 return
+            pending = self.pending  # the handler may have sent (resume_writing does)
         reading = self._wants_input() if self._state == OPEN else not self._eof
         want = (EVENT_READ if reading else 0) | (EVENT_WRITE if pending else 0)
         if want == self._mask:

@@ -231,3 +231,35 @@ def recv_until_eof(sock: socket.socket, limit: int = 64 << 20) -> bytes:
         chunks.append(chunk)
         total += len(chunk)
     return b"".join(chunks)
+
+
+# -- a Connection in-process ------------------------------------------------------
+
+
+class Owner:
+    """What a ``muxsrv.connection.Connection`` needs of the server that accepted it."""
+
+    def __init__(self, loop: Any) -> None:
+        self.loop = loop
+        self.closed: list[Any] = []
+
+    def connection_closed(self, conn: Any) -> None:
+        self.closed.append(conn)
+
+
+def loopback_pair(buffer: int | None = None) -> tuple[socket.socket, socket.socket]:
+    """(server side, non-blocking; client side) of a TCP connection on 127.0.0.1.
+
+    With ``buffer``, the kernel's buffers are that small and fixed (no autotuning),
+    so the kernel cannot hide how much of the output the server itself holds.
+    """
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        peer = socket.socket()
+        if buffer is not None:
+            peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffer)  # before connect
+        peer.connect(listener.getsockname())
+        sock, _ = listener.accept()
+    if buffer is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, buffer)
+    sock.setblocking(False)
+    return sock, peer

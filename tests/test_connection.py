@@ -230,6 +230,47 @@ def test_pause_writing_above_high_water_and_resume_below_low_water() -> None:
         assert sum(map(len, h.replies())) == 64 * 64 * 1024
 
 
+class ResumesAtOnce(Recorder):
+    """Sends from inside resume_writing, the natural way to go on."""
+
+    def connection_made(self, conn: Conn) -> None:
+        super().connection_made(conn)
+        self.sent = 0
+        self.paused = False
+        conn.loop.call_soon(self.produce, conn)
+
+    def produce(self, conn: Conn) -> None:
+        while not self.paused and self.sent < 20:
+            self.sent += 1
+            conn.send(bytes([self.sent]) * 600_000)
+
+    def pause_writing(self, conn: Conn) -> None:
+        super().pause_writing(conn)
+        self.paused = True
+
+    def resume_writing(self, conn: Conn) -> None:
+        super().resume_writing(conn)
+        self.paused = False
+        self.produce(conn)
+
+
+def test_replies_sent_from_resume_writing_are_all_delivered() -> None:
+    """Bug caught: the event mask computed from the pending bytes seen before
+    resume_writing ran: what it sent after the backlog drained was never written."""
+    with Harness(ResumesAtOnce) as h:
+        h.sock.capacity = 0
+        h.run()
+        replies: list[bytes] = []
+        for _ in range(100):
+            h.sock.allow(h.conn.pending)  # the peer takes exactly the backlog ...
+            h.run()  # ... and resume_writing sends into a full socket again
+            replies += h.replies()
+            if len(replies) == 20:
+                break
+        assert replies == [bytes([i]) * 600_000 for i in range(1, 21)]
+        assert handler_of(h).events.count("resume_writing") >= 2
+
+
 # -- 4. linear cost, bounded batches, bounded memory ------------------------------
 
 

@@ -20,16 +20,28 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import Any
 
 import pytest
-from support import ROOT, ServerProcess, running_server, wait_for
+from support import (
+    ROOT,
+    Owner,
+    ServerProcess,
+    frame,
+    loopback_pair,
+    recv_frame,
+    running_server,
+    wait_for,
+)
 
 from muxsrv import plugins
 from muxsrv.cli import build_parser
 from muxsrv.client import Client, ExecResult
+from muxsrv.connection import Connection
+from muxsrv.framing import make_decoder
 from muxsrv.handler import ConfigError
 from muxsrv.handlers import exec as exec_module
 from muxsrv.handlers import exec_config, exec_process
@@ -44,6 +56,7 @@ from muxsrv.handlers.exec_protocol import (
     encode_reply,
 )
 from muxsrv.loop import EventLoop
+from muxsrv.transport import HIGH_WATER
 
 MiB = 1 << 20
 SECRET = "muxsrv-test-secret-4417"
@@ -321,6 +334,222 @@ def test_a_connection_queue_is_bounded_by_pausing_and_answered_in_order(tmp_path
         loop.close()
     assert conn.trace == ["pause at 32", "resume at 9"]  # 8 still queued + the one answered
     assert [decode_reply(r).stdout for r in conn.replies] == [b"%d\n" % i for i in range(40)]
+
+
+# -- back-pressure: a client that does not read ----------------------------------
+
+PIPELINED = 200
+OUTPUT_EACH = 256 * 1024
+
+
+def numbered_output(i: int) -> bytes:
+    """What ``yes I | head -c OUTPUT_EACH`` writes: tells every reply from the others."""
+    line = b"%d\n" % i
+    return (line * (OUTPUT_EACH // len(line) + 1))[:OUTPUT_EACH]
+
+
+def numbered_commands() -> list[bytes]:
+    return [b"yes %d | head -c %d" % (i, OUTPUT_EACH) for i in range(PIPELINED)]
+
+
+def test_no_command_starts_while_the_output_waits_above_high_water(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bug caught: commands starting however much of their output the client left unread.
+
+    200 pipelined commands of 256 KiB each, on a real Connection whose peer reads
+    nothing: the server used to run them all and hold the whole 50 MiB.
+    """
+    started: list[exec_process.Child] = []
+
+    class CountedChild(exec_process.Child):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            started.append(self)
+
+    monkeypatch.setattr(exec_module, "Child", CountedChild)
+    factory = ExecHandler.configure(exec_options("--exec-cwd", str(tmp_path)))
+    handler = factory()
+    loop = EventLoop()
+    owner = Owner(loop)
+    sock, peer = loopback_pair(buffer=128 * 1024)
+    conn = Connection(owner, sock, sock.getpeername(), make_decoder("length", MiB), None, handler)
+    peak = 0
+
+    def held() -> int:
+        """What this connection costs: output not yet sent, plus running commands' output."""
+        return conn.pending + sum(child.size for child in started if child.returncode is None)
+
+    def turn() -> None:
+        nonlocal peak
+        loop.run_once(max_wait=0.05)
+        peak = max(peak, held())
+
+    def run_until(done: Callable[[], bool], timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while not done() and time.monotonic() < deadline:
+            turn()
+        return done()
+
+    try:
+        conn.start()
+        peer.sendall(b"".join(frame(c) for c in numbered_commands()))
+        # Quiet once no command runs: everything ran, or the rest wait for the reader.
+        assert run_until(lambda: bool(started) and loop.watched_fds == 0, 30)
+        stalled, stalled_peak = len(started), peak
+        # Only what the kernel took and the high-water mark's worth ran, not 200.
+        assert stalled <= 12, stalled
+        assert conn.pending > HIGH_WATER
+        assert stalled_peak <= HIGH_WATER + OUTPUT_EACH + 4096, stalled_peak
+        assert handler._queued_bytes <= exec_module.PAUSE_BYTES  # the queue, too, is bounded
+        assert len(handler._queue) <= exec_module.PAUSE_AT
+
+        # Now the client reads: every reply arrives, complete and in order.
+        peer.setblocking(False)
+        received = bytearray()
+        replies: list[bytes] = []
+
+        def read_replies() -> bool:
+            for _ in range(16):  # bounded per turn
+                try:
+                    data = peer.recv(1 << 20)
+                except BlockingIOError:
+                    break
+                assert data, "the server closed the connection"
+                received.extend(data)
+            while len(received) >= 4:
+                (size,) = struct.unpack(">I", received[:4])
+                assert not size & 0x80000000, bytes(received[4 : 4 + (size & 0x7FFFFFFF)])
+                if len(received) < 4 + size:
+                    break
+                replies.append(bytes(received[4 : 4 + size]))
+                del received[: 4 + size]
+            return len(replies) == PIPELINED
+
+        assert run_until(read_replies, 50), f"{len(replies)} replies"
+        assert conn.owes_nothing() and not received
+    finally:
+        peer.close()
+        loop.run_until(lambda: bool(owner.closed), 5)
+        loop.run_once(max_wait=0)  # connection_lost
+        conn.abort()
+        loop.close()
+    print(f"\n{PIPELINED} x {OUTPUT_EACH >> 10} KiB pipelined, client not reading: "
+          f"{stalled} commands ran, server held at most {stalled_peak / MiB:.2f} MiB; "
+          f"{peak / MiB:.2f} MiB at most while the client read all {len(replies)}")
+    assert len(started) == PIPELINED
+    for i, reply in enumerate(replies):
+        result = decode_reply(reply)
+        assert (result.exit_code, result.truncated) == (0, False), i
+        assert result.stdout == numbered_output(i), i
+    assert peak <= HIGH_WATER + OUTPUT_EACH + 4096, peak
+
+
+def test_the_idle_timeout_spares_no_work_that_waits_for_a_client_reading_nothing(
+    tmp_path: Path,
+) -> None:
+    """Bug caught: commands queued behind unread output counting as work in progress, so
+    a client that never reads held its connection (and queue) for ever."""
+    factory = ExecHandler.configure(exec_options("--exec-cwd", str(tmp_path)))
+    loop = EventLoop()
+    owner = Owner(loop)
+    sock, peer = loopback_pair(buffer=128 * 1024)
+    conn = Connection(owner, sock, sock.getpeername(), make_decoder("length", MiB), None,
+                      factory())
+    try:
+        conn.start()
+        peer.sendall(b"".join(frame(c) for c in numbered_commands()[:20]))
+        assert loop.run_until(lambda: conn.pending > HIGH_WATER and loop.watched_fds == 0, 30)
+        assert not conn.owes_nothing()  # commands wait: work in progress
+        conn.check_idle(conn.last_active + 299, 300)
+        assert not conn.closing
+        conn.check_idle(conn.last_active + 300, 300)
+        assert conn.closing
+    finally:
+        peer.close()
+        conn.abort()
+        loop.run_once(max_wait=0)  # connection_lost
+        loop.close()
+
+
+def test_commands_waiting_on_output_count_their_bytes_against_the_queue(tmp_path: Path) -> None:
+    """Bug caught: a queue bounded only by its count (32 command lines of up to
+    --max-frame each) while writing is paused and nothing runs."""
+    factory = ExecHandler.configure(exec_options("--exec-cwd", str(tmp_path)))
+    loop = EventLoop()
+    conn = FakeConn(loop)
+    handler = factory()
+    handler.connection_made(conn)  # type: ignore[arg-type]
+    try:
+        handler.pause_writing(conn)  # type: ignore[arg-type]
+        long_command = b"echo " + b"x" * 20_000
+        for _ in range(4):
+            handler.message_received(conn, long_command)  # type: ignore[arg-type]
+        assert conn.trace == ["pause at 4"]  # 80 KB queued: stop reading
+        assert loop.watched_fds == 0  # and nothing runs while writing is paused
+        handler.resume_writing(conn)  # type: ignore[arg-type]
+        assert loop.run_until(lambda: conn.work == 0, 30)
+    finally:
+        loop.close()
+    assert conn.trace == ["pause at 4", "resume at 1"]  # 0 queued + the one answered
+    assert [decode_reply(r).stdout for r in conn.replies] == [b"x" * 20_000 + b"\n"] * 4
+
+
+def test_a_slot_granted_while_writing_is_paused_is_given_back(tmp_path: Path) -> None:
+    """Bug caught: a command waiting for a slot starting although its connection's
+    output went above high water meanwhile."""
+    factory = ExecHandler.configure(
+        exec_options("--exec-cwd", str(tmp_path), "--exec-max-procs", "1"))
+    loop = EventLoop()
+    a, b = FakeConn(loop), FakeConn(loop)
+    first, second = factory(), factory()
+    try:
+        for handler, conn in ((first, a), (second, b)):
+            handler.connection_made(conn)  # type: ignore[arg-type]
+        first.message_received(a, b"echo a")  # type: ignore[arg-type]
+        second.message_received(b, b"echo b")  # type: ignore[arg-type]  # waits: no slot
+        second.pause_writing(b)  # type: ignore[arg-type]
+        assert loop.run_until(lambda: a.work == 0, 30)
+        assert factory.slots.running == 0 and b.work == 1 and loop.watched_fds == 0
+        second.resume_writing(b)  # type: ignore[arg-type]
+        assert loop.run_until(lambda: b.work == 0, 30)
+    finally:
+        loop.close()
+    assert [decode_reply(r).stdout for r in a.replies + b.replies] == [b"a\n", b"b\n"]
+    assert factory.slots.running == 0
+
+
+def test_a_client_that_reads_nothing_costs_about_the_high_water_mark(tmp_path: Path) -> None:
+    """The same, end to end: the server's peak memory, then every reply in order."""
+    with exec_server(tmp_path) as srv, srv.connect() as warm:
+        warm.sendall(frame(b"true"))
+        assert not recv_frame(warm)[0]
+        before = srv.rss_bytes()
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 128 * 1024)
+            s.settimeout(30)
+            s.connect(srv.address)
+            s.sendall(b"".join(frame(c) for c in numbered_commands()))
+            # Quiet: every command that started has ended, and the server has no child (all
+            # 200 ran, on the old code).  At least 5 ran: 4 replies fit under the high-water
+            # mark, and the kernel took some.
+            wait_for(lambda: srv.log_count(r"started: 'yes") >= 5
+                     and srv.log_count(r"exit 0 in") == srv.log_count(r"started: ")
+                     and not children(srv.pid), 30, what="no command running")
+            ran = srv.log_count(r"started: 'yes")
+            # And it stays quiet: a command on another connection, there and back, and
+            # no other one started meanwhile (the server logs in order).
+            warm.sendall(frame(b"true round trip"))
+            assert not recv_frame(warm)[0]
+            srv.wait_log(rf"pid {started_pid(srv, 'true round trip')} exit 0 in")
+            assert srv.log_count(r"started: 'yes") == ran
+            replies = [recv_frame(s) for _ in range(PIPELINED)]
+        grew = peak_rss(srv.pid) - before
+    print(f"\n{PIPELINED} x {OUTPUT_EACH >> 10} KiB pipelined, not read: {ran} ran, server "
+          f"peak RSS {grew / MiB:.1f} MiB above its idle RSS")
+    assert grew < 16 * MiB, grew / MiB  # not the 50 MiB of output
+    for i, (is_error, reply) in enumerate(replies):
+        assert not is_error and decode_reply(reply).stdout == numbered_output(i), i
 
 
 def test_a_command_that_cannot_start_gets_an_error_frame_and_frees_its_slot(

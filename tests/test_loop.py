@@ -9,6 +9,7 @@ import signal
 import socket
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from time import monotonic
 
@@ -86,6 +87,23 @@ def test_a_timer_can_cancel_later_timers(loop: EventLoop) -> None:
     loop.call_at(monotonic() - 1, cancel_all)
     loop.run_until(lambda: False, 0.05)
     assert ran == ["canceller"]
+
+
+def test_a_cancelled_callback_is_let_go_at_once(loop: EventLoop) -> None:
+    """Bug caught: a cancelled timer keeping its callback's object alive until it is due
+    (a finished command's whole output, held for --exec-timeout after its reply left)."""
+
+    class Owner:
+        def on_timeout(self) -> None:
+            raise AssertionError("cancelled, yet it ran")
+
+    timer_owner, soon_owner = Owner(), Owner()
+    gone = [weakref.ref(timer_owner), weakref.ref(soon_owner)]
+    loop.call_later(3600, timer_owner.on_timeout).cancel()
+    loop.call_soon(soon_owner.on_timeout).cancel()
+    del timer_owner, soon_owner
+    assert [ref() for ref in gone] == [None, None]
+    loop.run_once(max_wait=0)
 
 
 def test_call_later_waits(loop: EventLoop) -> None:

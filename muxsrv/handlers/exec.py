@@ -15,6 +15,15 @@ command, so one long pipeline cannot hold a slot), then runs as a
 :class:`~.exec_process.Child` watched by the server's own loop.  Nothing here
 ever waits: a child's pipes and exit are events like a socket's.
 
+Back-pressure, both ways.  While the connection's output is above the
+high-water mark (``pause_writing``) no new command starts: the queue waits
+for ``resume_writing``.  A command that was already running finishes (its
+output is bounded by ``--exec-max-output``).  And the queue itself is bounded,
+by count and by bytes: past ``PAUSE_AT`` commands or ``PAUSE_BYTES`` of
+command lines, reading pauses.  So a client that pipelines without reading
+costs the server about one command's output, the high-water mark and the
+queue's bytes, however long its pipeline.
+
 Every received command is "work in progress" for the connection until its
 reply is queued, so idle timeouts spare it and the shutdown drain waits for
 it; after the drain, ``connection_lost`` kills what still runs.  A client
@@ -57,6 +66,10 @@ log = logging.getLogger("muxsrv")
 PAUSE_AT: Final = 32
 #: ... and read again once it is down to this many.
 RESUME_AT: Final = 8
+#: Likewise by bytes: command lines may be up to --max-frame each, and a queue of
+#: them waiting behind unread output must not cost more than that output may.
+PAUSE_BYTES: Final = 64 * 1024
+RESUME_BYTES: Final = 16 * 1024
 #: How much of a command line a log line shows.
 LOG_COMMAND_MAX: Final = 200
 
@@ -125,10 +138,12 @@ class ExecHandler(Handler):
         self._conn: Conn | None = None
         self._peer = "unknown peer"
         self._queue: deque[bytes] = deque()  # received, not answered; the head runs
+        self._queued_bytes = 0  # their sizes, together
         self._argv: list[bytes] | list[str] = []  # the head's, while it waits for a slot
         self._waiting = False
         self._child: Child | None = None
-        self._paused = False
+        self._paused = False  # reading, by us: the queue is full
+        self._writing_paused = False  # by the connection: its output is above high water
         self._lost = False
 
     # -- the handler interface ---------------------------------------------------
@@ -139,16 +154,28 @@ class ExecHandler(Handler):
 
     def message_received(self, conn: Conn, payload: bytes) -> None:
         self._queue.append(payload)
+        self._queued_bytes += len(payload)
         conn.work_started()
-        if len(self._queue) >= PAUSE_AT and not self._paused:
+        if not self._paused and (len(self._queue) >= PAUSE_AT
+                                 or self._queued_bytes >= PAUSE_BYTES):
             self._paused = True
             conn.pause_reading()
         self._next()
+
+    def pause_writing(self, conn: Conn) -> None:
+        self._writing_paused = True  # _next starts nothing until resume_writing
+
+    def resume_writing(self, conn: Conn) -> None:
+        self._writing_paused = False
+        # From the loop, not from inside the connection's own output bookkeeping
+        # (which is where this is called from): _next may send a reply at once.
+        conn.loop.call_soon(self._next)
 
     def connection_lost(self, conn: Conn, exc: BaseException | None) -> None:
         self._lost = True
         dropped = len(self._queue) - (self._child is not None)
         self._queue.clear()
+        self._queued_bytes = 0
         if self._waiting:
             self._waiting = False
             self._service.slots.cancel(self)
@@ -160,8 +187,12 @@ class ExecHandler(Handler):
     # -- running the queue -----------------------------------------------------
 
     def _next(self) -> None:
-        """Start on the head of the queue unless a command is running or waiting."""
-        while self._queue and self._child is None and not self._waiting and not self._lost:
+        """Start on the head of the queue unless a command is running or waiting.
+
+        Nothing starts while writing is paused: resume_writing calls this again.
+        """
+        while (self._queue and self._child is None and not self._waiting
+               and not self._writing_paused and not self._lost):
             try:
                 self._argv = command_argv(self._queue[0], self._config.allowed)
             except Refused as exc:
@@ -175,6 +206,9 @@ class ExecHandler(Handler):
 
     def slot_granted(self) -> None:
         self._waiting = False
+        if self._writing_paused:  # paused while in line: give the slot back, wait
+            self._service.slots.release()
+            return
         config = self._config
         command = self._queue[0]
         try:
@@ -219,7 +253,7 @@ class ExecHandler(Handler):
             status = CANNOT_EXECUTE
         else:  # out of processes, descriptors or memory: the server's trouble
             assert self._conn is not None
-            self._queue.popleft()
+            self._pop()
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
             self._conn.send_error(f"cannot start the command: {reason}")
             self._done_one()
@@ -234,14 +268,17 @@ class ExecHandler(Handler):
         """Send the reply to the head of the queue and move on."""
         conn = self._conn
         assert conn is not None
-        self._queue.popleft()
+        self._pop()
         if not conn.closing:
             conn.send(payload, *more)
         self._done_one()
 
+    def _pop(self) -> None:
+        self._queued_bytes -= len(self._queue.popleft())
+
     def _done_one(self) -> None:
         assert self._conn is not None
-        if self._paused and len(self._queue) <= RESUME_AT:
+        if self._paused and len(self._queue) <= RESUME_AT and self._queued_bytes <= RESUME_BYTES:
             self._paused = False
             self._conn.resume_reading()
         self._conn.work_done()  # last: with nothing owed after EOF, this closes
