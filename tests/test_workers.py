@@ -169,8 +169,8 @@ def test_a_served_port_is_refused(first: str, second: str) -> None:
         run = subprocess.run(
             [sys.executable, "-m", "muxsrv", "--port", str(srv.port), "--handler", "upper",
              "--workers", second],
-            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
-            text=True, timeout=30, stdin=subprocess.DEVNULL,
+            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), TOKEN: srv.token},
+            capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL,
         )
         assert (run.returncode, run.stderr) == (
             2, f"muxsrv: error: cannot listen on 127.0.0.1:{srv.port}: Address already in use\n"
