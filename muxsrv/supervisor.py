@@ -151,6 +151,7 @@ class _Supervisor:
         self.due: list[float] = [0.0] * count  # when each missing worker may start
         self.backoff = Backoff()
         self.stopping = False
+        self.killed = False  # by kill_all: a SIGKILL while stopping is no news
         self.kill_at = math.inf
         self.status = 0
         self.failure = ""  # why a worker could not listen
@@ -254,7 +255,7 @@ class _Supervisor:
                 self.stop()
             return
         if self.stopping:
-            if code not in _CLEAN_EXITS:
+            if code not in _CLEAN_EXITS and not (self.killed and code == -signal.SIGKILL):
                 log.warning("worker %d %s while stopping", pid, _how(code))
                 self.status = 1
             return
@@ -277,7 +278,7 @@ class _Supervisor:
             log.info("%s: stopping %d workers", signal.Signals(signum).name, len(self.workers))
             self.stop()
         else:
-            log.warning("second signal: killing %d workers", len(self.workers))
+            log.warning("second signal: killing the %d workers still running", len(self.workers))
             self.kill_all()
 
     def stop(self) -> None:
@@ -289,6 +290,7 @@ class _Supervisor:
     def kill_all(self) -> None:
         if self.workers:
             self.status = 1
+            self.killed = True
             self._signal_all(signal.SIGKILL)
         self.kill_at = math.inf
 

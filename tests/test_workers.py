@@ -347,7 +347,8 @@ def test_a_second_signal_kills_the_workers_and_exits_1() -> None:
             srv.wait_log(r"draining 1 connections")
             srv.signal(signal.SIGTERM)
             assert srv.wait(timeout=10) == 1
-        assert srv.log_count(r"second signal: killing [12] workers") == 1
+        assert srv.log_count(r"second signal: killing the [12] workers still running") == 1
+        assert "while stopping" not in srv.stderr_text()
         srv.all_gone()
 
 
