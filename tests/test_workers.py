@@ -312,7 +312,7 @@ def test_sigterm_during_the_forks_stops_every_worker() -> None:
             srv.signal(signal.SIGTERM)
             started = time.monotonic()
             assert srv.wait(timeout=10) == 0, srv.stderr_text()
-            assert time.monotonic() - started < 2 + 1
+            assert time.monotonic() - started < 2 + 2  # the drain timeout, and some slack
             srv.all_gone()
 
 
