@@ -121,6 +121,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         drain_timeout=options.drain_timeout,
         handler_name=known.handler,
     )
+    if options.workers != 1 and not hasattr(signal, "sigtimedwait"):
+        _fail(f"--workers needs signal.sigtimedwait, which {sys.platform} lacks")
     try:
         if options.workers == 1:
             return serve(settings, function=function, factory=factory)
