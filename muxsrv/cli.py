@@ -4,12 +4,14 @@ Parsing runs in two steps so that a handler can declare its own options:
 first ``--handler`` alone is read and the plugin found and loaded, then the
 full parser, with the plugin's options added, reads everything.  Every
 mistake a user can make (bad value, unknown handler, broken plugin, refused
-configuration) ends with one line on stderr and exit status 2.
+configuration, a port already in use) ends with one line on stderr and exit
+status 2; any other failure to listen, with one line and exit status 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import signal
@@ -18,13 +20,14 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from . import __version__, plugins
+from .address import format_address
 from .framing import FRAMINGS
 from .handler import ConfigError, HandlerFactory, HandlerFunction
 from .loop import EventLoop
 from .options import max_frame, parse_size, positive_int, seconds, whole_number
-from .server import Server, Settings
+from .server import CannotListen, Server, Settings
+from .supervisor import supervise
 from .tuning import keep_large_buffers_mapped, raise_open_files_limit
-from .workers import supervise
 
 __all__ = ["main", "parse_size", "positive_int", "seconds", "whole_number"]
 
@@ -118,12 +121,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         drain_timeout=options.drain_timeout,
         handler_name=known.handler,
     )
-    if options.workers == 1:
-        return serve(settings, function=function, factory=factory)
-    count = options.workers or os.cpu_count() or 1
-    return supervise(
-        settings, count, lambda worker: serve(worker, function=function, factory=factory)
-    )
+    if options.workers != 1 and not hasattr(signal, "sigtimedwait"):
+        _fail(f"--workers needs signal.sigtimedwait, which {sys.platform} lacks")
+    try:
+        if options.workers == 1:
+            return serve(settings, function=function, factory=factory)
+        count = options.workers or os.cpu_count() or 1
+        return supervise(
+            settings, count, lambda worker: serve(worker, function=function, factory=factory)
+        )
+    except CannotListen as exc:
+        sys.stderr.write(f"muxsrv: error: {exc}\n")
+        return 2 if exc.errno == errno.EADDRINUSE else 1
 
 
 def serve(
@@ -132,28 +141,33 @@ def serve(
     function: HandlerFunction | None = None,
     factory: HandlerFactory | None = None,
 ) -> int:
+    """Listen and serve until a signal has drained; the exit status.
+
+    Raises CannotListen.  As a worker (``reuse_port``), only the first SIGINT or
+    SIGTERM counts: a Ctrl-C reaches the whole process group and the parent
+    forwards it as well; the parent deals with a second one.
+    """
     soft, _hard = raise_open_files_limit()
     tuned = keep_large_buffers_mapped()
     loop = EventLoop()
-    server = Server(loop, settings, function=function, factory=factory)
     try:
-        addresses = server.listen()
-    except OSError as exc:
+        server = Server(loop, settings, function=function, factory=factory)
+
+        def stop() -> None:
+            if not (settings.reuse_port and server.draining):
+                server.shutdown()
+
+        # Before listening, so that no signal finds a listener without its handler.
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop)
+        where = ", ".join(format_address(address) for address in server.listen())
+        worker = f", worker pid {os.getpid()}" if settings.reuse_port else ""
         sys.stderr.write(
-            f"muxsrv: error: cannot listen on {settings.host}:{settings.port}: {exc.strerror}\n"
+            f"muxsrv: listening on {where} "
+            f"(handler {settings.handler_name}, framing {settings.framing}{worker})\n"
         )
-        return 1
-    where = ", ".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in addresses)
-    worker = f", worker pid {os.getpid()}" if settings.reuse_port else ""
-    sys.stderr.write(
-        f"muxsrv: listening on {where} "
-        f"(handler {settings.handler_name}, framing {settings.framing}{worker})\n"
-    )
-    sys.stderr.flush()
-    log.debug("open files limit: %d; allocator thresholds raised: %s", soft, tuned)
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, server.shutdown)
-    try:
+        sys.stderr.flush()
+        log.debug("open files limit: %d; allocator thresholds raised: %s", soft, tuned)
         server.run()
     finally:
         loop.close()

@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     from .handler import HandlerFactory, HandlerFunction
     from .stages import Stage
 
-__all__ = ["Server", "Settings"]
+__all__ = ["CannotListen", "Server", "Settings", "bind_addresses"]
 
 log = logging.getLogger("muxsrv")
 
@@ -76,6 +76,17 @@ class Settings:
     drain_timeout: float = 5.0
     reuse_port: bool = False
     handler_name: str = "echo"
+
+
+class CannotListen(OSError):
+    """Binding or listening failed; ``str()`` names the address and the reason."""
+
+    def __init__(self, host: str, port: int, cause: OSError) -> None:
+        super().__init__(cause.errno, cause.strerror)
+        self.address = format_address((host, port))
+
+    def __str__(self) -> str:
+        return f"cannot listen on {self.address}: {self.strerror}"
 
 
 class _RateLimitedLog:
@@ -143,8 +154,14 @@ class Server:
     # -- listening ----------------------------------------------------------
 
     def listen(self, sock: socket.socket | None = None) -> list[tuple[str, int]]:
-        """Bind the listening sockets (or adopt ``sock``); return their addresses."""
-        socks = [sock] if sock is not None else _bind(self.settings)
+        """Bind the listening sockets (or adopt ``sock``); return their addresses.
+
+        Raises CannotListen (an OSError) naming the address.
+        """
+        try:
+            socks = [sock] if sock is not None else _bind(self.settings)
+        except OSError as exc:
+            raise CannotListen(self.settings.host, self.settings.port, exc) from exc
         for lsock in socks:
             lsock.setblocking(False)
             listener = _Listener(self, lsock)
@@ -315,19 +332,24 @@ class Server:
         self.loop.run_until(lambda: self.loop.watched_fds == 0, HANDLER_CLEANUP_TIMEOUT)
 
 
+def bind_addresses(host: str, port: int) -> list[tuple[int, int, int, tuple[Any, ...]]]:
+    """``(family, type, proto, sockaddr)`` for each address ``host`` resolves to, once each."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    seen = set()
+    found = []
+    for family, type_, proto, _name, addr in infos:
+        if (family, addr[0]) not in seen:
+            seen.add((family, addr[0]))
+            found.append((int(family), int(type_), proto, tuple(addr)))
+    return found
+
+
 def _bind(settings: Settings) -> list[socket.socket]:
     """Listening sockets for every address ``host`` resolves to, on one port."""
-    infos = socket.getaddrinfo(
-        settings.host, settings.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-    )
     socks: list[socket.socket] = []
     port = settings.port
-    seen = set()
     try:
-        for family, type_, proto, _name, addr in infos:
-            if (family, addr[0]) in seen:
-                continue
-            seen.add((family, addr[0]))
+        for family, type_, proto, addr in bind_addresses(settings.host, port):
             sock = socket.socket(family, type_, proto)
             socks.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

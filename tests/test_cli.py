@@ -105,16 +105,27 @@ def test_startup_line() -> None:
             assert sock.recv(10) == b"UP\n"
 
 
-def test_cannot_listen_is_one_line() -> None:
-    """Bug caught: a busy port ending in a traceback."""
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_busy_port_is_one_line_exit_2(workers: str) -> None:
+    """Bug caught: a busy port ending in a traceback, or not reported as a mistake (2)."""
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        run = run_muxsrv("--port", str(port))
-    assert run.returncode == 1
+        run = run_muxsrv("--port", str(port), "--workers", workers)
+    assert run.returncode == 2
     assert run.stderr == (
         f"muxsrv: error: cannot listen on 127.0.0.1:{port}: Address already in use\n"
+    )
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_cannot_listen_is_one_line_exit_1(workers: str) -> None:
+    """Bug caught: an address that is not ours ending in a traceback, or exit 0."""
+    run = run_muxsrv("--host", "192.0.2.1", "--port", "0", "--workers", workers)  # TEST-NET-1
+    assert run.returncode == 1
+    assert run.stderr == (
+        "muxsrv: error: cannot listen on 192.0.2.1:0: Cannot assign requested address\n"
     )
 
 
