@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 from .codec import SHUTTING_DOWN, Buffer, Decoder, as_payload
 from .loop import EVENT_READ, EVENT_WRITE
 from .stages import StagePath
-from .transport import OPEN, RECV_SIZE, Transport
+from .transport import CLOSED, OPEN, RECV_SIZE, Transport
 
 if TYPE_CHECKING:
     from .handler import Handler, HandlerFunction
@@ -135,7 +135,9 @@ class Connection(Transport):
 
     def resume_reading(self) -> None:
         self._paused = False
-        if self._held or self._decoder.more:
+        decoder = self._decoder
+        if self._held or decoder.more or decoder.error is not None or (self._eof
+                                                                       and not self._eof_told):
             self._schedule_step()  # what was received first, from the loop
         else:
             self._update_mask()
@@ -164,6 +166,8 @@ class Connection(Transport):
             self._flush()
             return
         if self._state != OPEN:
+            if self._state == CLOSED:
+                return  # closed earlier in this turn, by another descriptor's callback
             self._discard_input()
             if mask & EVENT_WRITE:
                 self._flush()
@@ -204,7 +208,7 @@ class Connection(Transport):
         if decoder.more:
             self._schedule_step()  # the rest of this batch, from the loop
             self._update_mask()  # (read no more until then)
-        elif decoder.error is not None and not self._held:
+        elif decoder.error is not None and not (self._held or self._paused):
             self._input_done()
 
     def _deliver(self, messages: list[bytes]) -> None:
@@ -278,8 +282,8 @@ class Connection(Transport):
         messages = self._decoder.eof()
         if messages:
             self._deliver(messages)
-        if not self._held and self._state == OPEN:
-            self._input_done()
+        if not (self._held or self._paused) and self._state == OPEN:
+            self._input_done()  # else once the handler resumes reading
         self._flush()
 
     def _handler_failed(self, exc: Exception) -> bool:
@@ -329,13 +333,22 @@ class Connection(Transport):
         """Received bytes through every stage; what reaches the codec."""
         path = self._stages
         assert path is not None
-        data = path.receive(data)
+        try:
+            data = path.receive(data)
+        except Exception as exc:
+            self._fatal(exc, "stage receive")
+            return b""
         if path.error is not None:
             self._violation(path.error, frame=False)
             return b""
         if not path.stages:
             self._stages = None
-        if not self._made and path.ready:
+        if not self._made:
+            if not path.ready:
+                if data:
+                    self._fatal(RuntimeError("a stage passed bytes on before it was ready"),
+                                "stage receive")
+                return b""
             self._connection_made()
         return data if self._state == OPEN else b""
 
@@ -363,8 +376,9 @@ class Connection(Transport):
 
     def _maybe_finish(self) -> None:
         """After EOF with nothing owed the connection is done: decided from the loop."""
-        if self._eof and self._state == OPEN and self.owes_nothing():
-            self._schedule_step()
+        if (self._eof and self._state == OPEN and (self._eof_told or not self._paused)
+                and self.owes_nothing()):
+            self._schedule_step()  # (paused before eof_received: resume_reading steps)
 
     def _finish_if_owed_nothing(self) -> None:
         if self._eof and self._eof_told and self._state == OPEN and self.owes_nothing():

@@ -13,6 +13,12 @@ the server's own state machine, deterministic from the first byte to the last::
     h.run()                              # until nothing more can happen now
     assert h.replies() == [b"HI"]
     h.advance(30)                        # time passes: timers fire
+
+What is not modelled: the clock does not move during a turn of the loop, so a
+``call_later(0, ...)`` made by a timer runs in that same turn (with a real
+clock, on the next); a handler that re-arms a 0-delay timer forever keeps
+``run()`` from settling.  The peer cannot close with unread data (a reset
+after FIN): it shuts down, or it resets.
 """
 
 from __future__ import annotations
@@ -32,6 +38,9 @@ from .loop import EVENT_READ, EVENT_WRITE, EventLoop
 from .stages import Stage
 
 __all__ = ["FakeClock", "FakeSelector", "FakeSocket", "Harness", "frame"]
+
+#: The most buffers one ``sendmsg`` takes on Linux.
+IOV_MAX = 1024
 
 
 def frame(payload: bytes) -> bytes:
@@ -143,6 +152,9 @@ class FakeSocket:
         self._check()
         if self._reset:
             raise ConnectionResetError(errno.ECONNRESET, "Connection reset by peer")
+        buffers = list(buffers)
+        if len(buffers) > IOV_MAX:
+            raise OSError(errno.EMSGSIZE, "Message too long")  # as Linux refuses it
         data = b"".join(buffers)
         self.send_calls += 1
         self.offered += len(data)

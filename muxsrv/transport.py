@@ -161,7 +161,11 @@ class Transport:
             return
         out = self._out
         if self._stages is not None:
-            out = self._out = self._stages.send(out)
+            try:
+                out = self._out = self._stages.send(out)
+            except Exception as exc:
+                self._fatal(exc, "stage send")
+                return
         if out:
             self._out = None
             if self._backlog is not None:

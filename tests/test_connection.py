@@ -458,3 +458,74 @@ def test_a_lasting_stage_transforms_both_directions() -> None:
         h.peer_sends(bytes((b + 1) % 256 for b in frame(b"abc")))
         h.run()
         assert bytes(h.sock.sent) == bytes((b + 1) % 256 for b in frame(b"abc"))
+
+
+class Boom(Stage):
+    def __init__(self, where: str) -> None:
+        self.where = where
+
+    def receive(self, data: bytes) -> bytes:
+        if self.where == "receive":
+            raise RuntimeError("stage bug")
+        return data
+
+    def send(self, data: bytes) -> bytes:
+        if self.where == "send" and data:
+            raise RuntimeError("stage bug")
+        return data
+
+
+@pytest.mark.parametrize("where", ["receive", "send"])
+def test_a_stage_that_raises_ends_its_connection_like_any_error(where: str) -> None:
+    with Harness(Recorder, stages=[Boom(where)]) as h:
+        h.peer_sends(frame(b"abc"))
+        h.run()
+        assert h.closed == 1 and h.sock.closed
+        assert handler_of(h).events[-1] == "lost"
+
+
+class Eager(Stage):
+    """Breaks the stage contract: passes bytes on while not ready."""
+
+    ready = False
+
+
+def test_a_stage_passing_bytes_before_it_is_ready_never_reaches_the_handler() -> None:
+    with Harness(Recorder, stages=[Eager()]) as h:
+        h.peer_sends(frame(b"x"))
+        h.run()
+        assert handler_of(h).events == [] and h.closed == 1
+
+
+@pytest.mark.parametrize("ending", ["eof", "oversized"])
+def test_what_ends_the_input_waits_while_the_handler_has_paused_reading(ending: str) -> None:
+    class PausesOnLast(Recorder):
+        def message_received(self, conn: Conn, payload: bytes) -> None:
+            super().message_received(conn, payload)
+            if payload == b"last":
+                conn.pause_reading()
+                conn.loop.call_later(1.0, self.late, conn)
+
+        def late(self, conn: Conn) -> None:
+            conn.send(b"late reply")
+            conn.resume_reading()
+
+    # The line framing's last message arrives with the EOF; a length prefix too
+    # large in the same read as the message before it.
+    framing = "line" if ending == "eof" else "length"
+    with Harness(PausesOnLast, framing=framing, max_frame=100) as h:
+        if ending == "eof":
+            h.peer_sends(b"a\nlast")
+            h.sock.peer_shuts_down()
+        else:
+            h.peer_sends(frame(b"a") + frame(b"last") + struct.pack(">I", 1000))
+        h.run()
+        assert "eof" not in handler_of(h).events and not h.sock.shut_wr  # paused: it waits
+        h.advance(1.5)
+        if ending == "eof":
+            assert h.sock.sent == b"a\nlast\nlate reply\n"
+            assert handler_of(h).events[-2:] == ["eof", "lost"]
+        else:
+            replies = h.replies()
+            assert replies[:3] == [b"a", b"last", b"late reply"]
+            assert isinstance(replies[3], ErrorFrame)
