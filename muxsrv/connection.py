@@ -35,7 +35,17 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 from .codec import SHUTTING_DOWN, Buffer, Decoder, as_payload
 from .loop import EVENT_READ, EVENT_WRITE
 from .stages import StagePath
-from .transport import CLOSED, OPEN, RECV_SIZE, Transport
+from .transport import (
+    CLOSED,
+    EOF_TOLD,
+    IN_CALLBACK,
+    MADE,
+    OPEN,
+    RECV_SIZE,
+    STEP_PENDING,
+    WRITING_PAUSED,
+    Transport,
+)
 
 if TYPE_CHECKING:
     from .handler import Handler, HandlerFunction
@@ -63,14 +73,11 @@ class Connection(Transport):
 
     __slots__ = (
         "_decoder",
-        "_eof_told",
         "_fn",
         "_handler",
         "_held",
-        "_made",
         "_owner",
         "_paused",
-        "_step_pending",
         "_work",
     )
 
@@ -91,12 +98,9 @@ class Connection(Transport):
         self._handler = handler
         if stages:
             self._stages = StagePath(stages)
-        self._eof_told = False  # the handler was told of EOF (eof_received)
         self._paused = False  # by the handler (pause_reading)
         self._held: deque[bytes] | None = None  # received while the handler paused
         self._work = 0
-        self._made = False  # connection_made was called
-        self._step_pending = False
 
     # -- the Conn API for handlers --------------------------------------------
 
@@ -136,8 +140,8 @@ class Connection(Transport):
     def resume_reading(self) -> None:
         self._paused = False
         decoder = self._decoder
-        if self._held or decoder.more or decoder.error is not None or (self._eof
-                                                                       and not self._eof_told):
+        told = self._flags & EOF_TOLD
+        if self._held or decoder.more or decoder.error is not None or (self._eof and not told):
             self._schedule_step()  # what was received first, from the loop
         else:
             self._update_mask()
@@ -225,7 +229,7 @@ class Connection(Transport):
             return
         handler = self._handler
         assert handler is not None
-        self._in_callback = True
+        self._flags |= IN_CALLBACK
         try:
             for i, payload in enumerate(messages):
                 if self._state != OPEN:
@@ -240,11 +244,11 @@ class Connection(Transport):
                     if not self._handler_failed(exc):
                         return
         finally:
-            self._in_callback = False
+            self._flags &= ~IN_CALLBACK
 
     def _step(self) -> None:
         """From the loop: go on with input held back, then see whether we are done."""
-        self._step_pending = False
+        self._flags &= ~STEP_PENDING
         if self._state != OPEN:
             return
         if self._held and not self._paused:
@@ -253,14 +257,15 @@ class Connection(Transport):
         if not (self._held or self._paused or self._state != OPEN):
             if self._decoder.more:
                 self._decode(b"")
-            elif self._decoder.error is not None or (self._eof and not self._eof_told):
+            elif self._decoder.error is not None or (self._eof
+                                                     and not self._flags & EOF_TOLD):
                 self._input_done()
         self._flush()
         self._finish_if_owed_nothing()
 
     def _schedule_step(self) -> None:
-        if not self._step_pending:
-            self._step_pending = True
+        if not self._flags & STEP_PENDING:
+            self._flags |= STEP_PENDING
             self._loop.call_soon(self._step)
 
     def _input_done(self) -> None:
@@ -269,10 +274,10 @@ class Connection(Transport):
         if decoder.error is not None:
             self._violation(decoder.error)
             return
-        self._eof_told = True
+        self._flags |= EOF_TOLD
         if decoder.buffered:
             log.info("%s closed mid-message; %d bytes dropped", self._peer_text(), decoder.buffered)
-        if self._handler is not None and self._made:
+        if self._handler is not None and self._flags & MADE:
             self._callback(self._handler.eof_received, "eof_received")
 
     def _read_eof(self) -> None:
@@ -314,17 +319,17 @@ class Connection(Transport):
 
     def _callback(self, method: Any, name: str) -> None:
         """Call a handler method (sends inside it only queue); one flush after."""
-        self._in_callback = True
+        self._flags |= IN_CALLBACK
         try:
             method(self)
         except Exception as exc:
-            self._in_callback = False
+            self._flags &= ~IN_CALLBACK
             self._fatal(exc, f"handler {name}")
             return
-        self._in_callback = False
+        self._flags &= ~IN_CALLBACK
 
     def _connection_made(self) -> None:
-        self._made = True
+        self._flags |= MADE
         if self._handler is not None:
             self._callback(self._handler.connection_made, "connection_made")
             self._flush()
@@ -343,7 +348,7 @@ class Connection(Transport):
             return b""
         if not path.stages:
             self._stages = None
-        if not self._made:
+        if not self._flags & MADE:
             if not path.ready:
                 if data:
                     self._fatal(RuntimeError("a stage passed bytes on before it was ready"),
@@ -355,12 +360,12 @@ class Connection(Transport):
     # -- what the transport asks ----------------------------------------------
 
     def _wants_input(self) -> bool:
-        return not (self._eof or self._paused or self._writing_paused or self._held
+        return not (self._eof or self._paused or self._flags & WRITING_PAUSED or self._held
                     or self._decoder.more)
 
     def _tell_writing(self, paused: bool) -> None:
         handler = self._handler
-        if handler is None or not self._made:
+        if handler is None or not self._flags & MADE:
             return
         try:
             if paused:
@@ -376,19 +381,19 @@ class Connection(Transport):
 
     def _maybe_finish(self) -> None:
         """After EOF with nothing owed the connection is done: decided from the loop."""
-        if (self._eof and self._state == OPEN and (self._eof_told or not self._paused)
+        if (self._eof and self._state == OPEN and (self._flags & EOF_TOLD or not self._paused)
                 and self.owes_nothing()):
             self._schedule_step()  # (paused before eof_received: resume_reading steps)
 
     def _finish_if_owed_nothing(self) -> None:
-        if self._eof and self._eof_told and self._state == OPEN and self.owes_nothing():
+        if self._eof and self._flags & EOF_TOLD and self._state == OPEN and self.owes_nothing():
             self._close(None)
 
     # -- ending -----------------------------------------------------------
 
     def check_idle(self, now: float, timeout: float) -> None:
         # Work waiting for a peer that reads nothing (writing paused) spares nobody.
-        if ((self._work == 0 or self._writing_paused) and now - self.last_active >= timeout
+        if ((self._work == 0 or self._flags & WRITING_PAUSED) and now - self.last_active >= timeout
                 and self._state == OPEN):
             log.info("closing %s: idle for %.3g s", self._peer_text(), timeout)
             self._queue_error(f"idle timeout ({timeout:g} s)")
@@ -424,7 +429,7 @@ class Connection(Transport):
     def _closed(self, exc: BaseException | None) -> None:
         self._held = None
         self._owner.connection_closed(self)
-        if self._handler is not None and self._made:
+        if self._handler is not None and self._flags & MADE:
             self._loop.call_soon(self._connection_lost, exc)
 
     def _connection_lost(self, exc: BaseException | None) -> None:

@@ -60,6 +60,15 @@ CLOSING: Final = 1
 LINGER: Final = 2
 CLOSED: Final = 3
 
+# Flags (one int: an idle connection's size counts).  Inside a handler callback:
+# flushing waits for its end.  Pending output above the high-water mark.
+IN_CALLBACK: Final = 1
+WRITING_PAUSED: Final = 2
+# The connection's own: connection_made called; eof_received called; a step queued.
+MADE: Final = 4
+EOF_TOLD: Final = 8
+STEP_PENDING: Final = 16
+
 _QUIET_ERRNOS: Final = frozenset(
     {errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED, errno.ETIMEDOUT, errno.ESHUTDOWN}
 )
@@ -71,7 +80,7 @@ class Transport:
     __slots__ = (
         "_backlog",
         "_eof",
-        "_in_callback",
+        "_flags",
         "_loop",
         "_mask",
         "_out",
@@ -80,7 +89,6 @@ class Transport:
         "_stages",
         "_state",
         "_timer",
-        "_writing_paused",
         "last_active",
     )
 
@@ -93,9 +101,8 @@ class Transport:
         self._backlog: OutputQueue | None = None  # what the kernel has not taken yet
         self._mask = 0
         self._state = OPEN
-        self._in_callback = False  # inside a handler callback: flushing waits
+        self._flags = 0  # IN_CALLBACK, WRITING_PAUSED, and the read side's own
         self._eof = False  # the peer shut down its write side
-        self._writing_paused = False  # pending output above the high-water mark
         self._timer: Timer | None = None
         self.last_active = loop.now
 
@@ -107,7 +114,7 @@ class Transport:
 
     def _wants_input(self) -> bool:
         """Open and reading: True unless something holds input back."""
-        return not (self._eof or self._writing_paused)
+        return not (self._eof or self._flags & WRITING_PAUSED)
 
     def _tell_writing(self, paused: bool) -> None:
         """Pending output crossed a water mark (pause_writing / resume_writing)."""
@@ -157,7 +164,7 @@ class Transport:
 
     def _flush(self) -> None:
         """Send what is queued, keep what the kernel did not take, fix the mask."""
-        if self._in_callback or self._state == CLOSED:
+        if self._flags & IN_CALLBACK or self._state == CLOSED:
             return
         out = self._out
         if self._stages is not None:
@@ -231,10 +238,11 @@ class Transport:
         if self._state == CLOSED:
             return
         pending = self.pending
-        if self._writing_paused != (pending > (LOW_WATER if self._writing_paused else HIGH_WATER)):
-            self._writing_paused = not self._writing_paused
+        paused = bool(self._flags & WRITING_PAUSED)
+        if paused != (pending > (LOW_WATER if paused else HIGH_WATER)):
+            self._flags ^= WRITING_PAUSED
             if self._state == OPEN:
-                self._tell_writing(self._writing_paused)
+                self._tell_writing(not paused)
             if self._state == CLOSED:
                 return
             pending = self.pending  # the handler may have sent (resume_writing does)
