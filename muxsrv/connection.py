@@ -37,10 +37,12 @@ from .loop import EVENT_READ, EVENT_WRITE
 from .stages import StagePath
 from .transport import (
     CLOSED,
+    EOF,
     EOF_TOLD,
     IN_CALLBACK,
     MADE,
     OPEN,
+    PAUSED,
     RECV_SIZE,
     STEP_PENDING,
     WRITING_PAUSED,
@@ -71,13 +73,16 @@ class Owner(Protocol):
 class Connection(Transport):
     """A client connection; handlers see it through the :class:`~muxsrv.handler.Conn` API."""
 
+    #: Whether this class runs the byte path's stages (the plain one never looks).
+    takes_stages = False
+
     __slots__ = (
         "_decoder",
         "_fn",
         "_handler",
         "_held",
         "_owner",
-        "_paused",
+        "_stages",
         "_work",
     )
 
@@ -96,9 +101,11 @@ class Connection(Transport):
         self._decoder = decoder
         self._fn = function
         self._handler = handler
+        self._stages: StagePath | None = None
         if stages:
+            if not self.takes_stages:
+                raise TypeError("a connection with stages is a muxsrv.staged.StagedConnection")
             self._stages = StagePath(stages)
-        self._paused = False  # by the handler (pause_reading)
         self._held: deque[bytes] | None = None  # received while the handler paused
         self._work = 0
 
@@ -134,14 +141,14 @@ class Connection(Transport):
         super().close()
 
     def pause_reading(self) -> None:
-        self._paused = True
+        self._flags |= PAUSED
         self._update_mask()
 
     def resume_reading(self) -> None:
-        self._paused = False
+        self._flags &= ~PAUSED
         decoder = self._decoder
-        told = self._flags & EOF_TOLD
-        if self._held or decoder.more or decoder.error is not None or (self._eof and not told):
+        eof_untold = self._flags & (EOF | EOF_TOLD) == EOF
+        if self._held or decoder.more or decoder.error is not None or eof_untold:
             self._schedule_step()  # what was received first, from the loop
         else:
             self._update_mask()
@@ -190,9 +197,15 @@ class Connection(Transport):
         if not data:
             self._read_eof()
             return
-        if self._stages is not None:
-            data = self._stages_in(data)
-        if data:
+        fn = self._fn
+        if fn is not None:  # the function form: decode, call, encode in one pass
+            out = self._out
+            if out is None:
+                out = self._out = []
+            decoder.respond(data, fn, out, self._handler_failed)
+            if decoder.more or decoder.error is not None:
+                self._cut_short()
+        else:
             self._decode(data)
         self._flush()
 
@@ -200,7 +213,7 @@ class Connection(Transport):
         """Cut messages out of ``data``; hand them over; note what stopped the cutting."""
         decoder = self._decoder
         fn = self._fn
-        if fn is not None:  # the function form: decode, call, encode in one pass
+        if fn is not None:  # (handle_event inlines this for fresh bytes)
             out = self._out
             if out is None:
                 out = self._out = []
@@ -209,10 +222,15 @@ class Connection(Transport):
             messages = decoder.feed(data)
             if messages:
                 self._deliver(messages)
+        self._cut_short()
+
+    def _cut_short(self) -> None:
+        """The decoder stopped before the end of its bytes: a full batch, or an error."""
+        decoder = self._decoder
         if decoder.more:
             self._schedule_step()  # the rest of this batch, from the loop
             self._update_mask()  # (read no more until then)
-        elif decoder.error is not None and not (self._held or self._paused):
+        elif decoder.error is not None and not (self._held or self._flags & PAUSED):
             self._input_done()
 
     def _deliver(self, messages: list[bytes]) -> None:
@@ -234,7 +252,7 @@ class Connection(Transport):
             for i, payload in enumerate(messages):
                 if self._state != OPEN:
                     return
-                if self._paused:
+                if self._flags & PAUSED:
                     self._held = deque(messages[i:])  # no more until resumed
                     self._update_mask()
                     return
@@ -251,13 +269,13 @@ class Connection(Transport):
         self._flags &= ~STEP_PENDING
         if self._state != OPEN:
             return
-        if self._held and not self._paused:
+        if self._held and not self._flags & PAUSED:
             held, self._held = self._held, None
             self._deliver(list(held))
-        if not (self._held or self._paused or self._state != OPEN):
+        if not (self._held or self._flags & PAUSED or self._state != OPEN):
             if self._decoder.more:
                 self._decode(b"")
-            elif self._decoder.error is not None or (self._eof
+            elif self._decoder.error is not None or (self._flags & EOF
                                                      and not self._flags & EOF_TOLD):
                 self._input_done()
         self._flush()
@@ -282,12 +300,12 @@ class Connection(Transport):
 
     def _read_eof(self) -> None:
         """The peer shut down its write side: final messages, then eof_received."""
-        self._eof = True
+        self._flags |= EOF
         self._update_mask()
         messages = self._decoder.eof()
         if messages:
             self._deliver(messages)
-        if not (self._held or self._paused) and self._state == OPEN:
+        if not (self._held or self._flags & PAUSED) and self._state == OPEN:
             self._input_done()  # else once the handler resumes reading
         self._flush()
 
@@ -334,33 +352,10 @@ class Connection(Transport):
             self._callback(self._handler.connection_made, "connection_made")
             self._flush()
 
-    def _stages_in(self, data: bytes) -> bytes:
-        """Received bytes through every stage; what reaches the codec."""
-        path = self._stages
-        assert path is not None
-        try:
-            data = path.receive(data)
-        except Exception as exc:
-            self._fatal(exc, "stage receive")
-            return b""
-        if path.error is not None:
-            self._violation(path.error, frame=False)
-            return b""
-        if not path.stages:
-            self._stages = None
-        if not self._flags & MADE:
-            if not path.ready:
-                if data:
-                    self._fatal(RuntimeError("a stage passed bytes on before it was ready"),
-                                "stage receive")
-                return b""
-            self._connection_made()
-        return data if self._state == OPEN else b""
-
     # -- what the transport asks ----------------------------------------------
 
     def _wants_input(self) -> bool:
-        return not (self._eof or self._paused or self._flags & WRITING_PAUSED or self._held
+        return not (self._flags & (EOF | PAUSED | WRITING_PAUSED) or self._held
                     or self._decoder.more)
 
     def _tell_writing(self, paused: bool) -> None:
@@ -381,12 +376,14 @@ class Connection(Transport):
 
     def _maybe_finish(self) -> None:
         """After EOF with nothing owed the connection is done: decided from the loop."""
-        if (self._eof and self._state == OPEN and (self._flags & EOF_TOLD or not self._paused)
+        flags = self._flags
+        if (flags & EOF and self._state == OPEN and (flags & EOF_TOLD or not flags & PAUSED)
                 and self.owes_nothing()):
             self._schedule_step()  # (paused before eof_received: resume_reading steps)
 
     def _finish_if_owed_nothing(self) -> None:
-        if self._eof and self._flags & EOF_TOLD and self._state == OPEN and self.owes_nothing():
+        told = self._flags & (EOF | EOF_TOLD) == EOF | EOF_TOLD
+        if told and self._state == OPEN and self.owes_nothing():
             self._close(None)
 
     # -- ending -----------------------------------------------------------
@@ -438,4 +435,5 @@ class Connection(Transport):
             self._handler.connection_lost(self, exc)
         except Exception:
             log.exception("%s: handler connection_lost failed", self._peer_text())
+
 

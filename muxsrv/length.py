@@ -46,6 +46,10 @@ _CONCAT_MAX: Final = 4096
 #: The headers of every such reply, packed once: a lookup beats a pack per message.
 _HEADERS: Final = tuple(pack_header(n) for n in range(_CONCAT_MAX + 1))
 
+#: Data shorter than this holds at most ``MAX_BATCH`` frames (4 bytes each at least).
+_BATCH_BYTES: Final = 4 * MAX_BATCH + 4
+#: The loop over frames when there are too few bytes to count them (never ends itself).
+_UNCOUNTED: Final = repeat(None)
 #: Pieces of a large body smaller than this are gathered into one bytearray
 #: (a bytes object per piece costs ~33 bytes each: a body dripped in one byte
 #: per segment would cost 30 times its size).
@@ -172,8 +176,10 @@ class LengthDecoder(Decoder):
         limit = self.max_frame
         unpack = _unpack_header
         headers = _HEADERS
-        for _ in repeat(None, MAX_BATCH):
-            if end - pos < 4:
+        last = end - 4  # the last position a header can start at
+        # Fewer bytes than _BATCH_BYTES cannot hold a whole batch: no count then.
+        for _ in _UNCOUNTED if end < _BATCH_BYTES else repeat(None, MAX_BATCH):
+            if pos > last:
                 break
             (n,) = unpack(data, pos)
             start = pos + 4
@@ -206,7 +212,7 @@ class LengthDecoder(Decoder):
                 self._tail = b""
                 return False
         else:
-            if end - pos >= 4:
+            if pos <= last:
                 self._tail = data[pos:]
                 self.more = True
                 return False

@@ -35,6 +35,7 @@ from .address import format_address
 from .connection import Connection
 from .framing import make_decoder
 from .loop import EVENT_READ, EventLoop
+from .staged import StagedConnection
 from .transport import LINGER_TIMEOUT
 
 if TYPE_CHECKING:
@@ -174,10 +175,10 @@ class Server:
 
     def _connection(self, sock: _socket.socket, peer: Any, handler: Any) -> Connection:
         settings = self.settings
-        return Connection(
-            self, sock, peer, make_decoder(settings.framing, settings.max_frame),
-            self._function, handler, self._stages() if self._stages is not None else None,
-        )
+        decoder = make_decoder(settings.framing, settings.max_frame)
+        stages = self._stages() if self._stages is not None else None
+        kind = StagedConnection if stages else Connection
+        return kind(self, sock, peer, decoder, self._function, handler, stages)
 
     def _accept(self, lsock: socket.socket) -> None:
         settings = self.settings

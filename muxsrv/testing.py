@@ -35,6 +35,7 @@ from .framing import LengthDecoder, make_decoder
 from .handler import HandlerFactory, HandlerFunction
 from .length import encode_length
 from .loop import EVENT_READ, EVENT_WRITE, EventLoop
+from .staged import StagedConnection
 from .stages import Stage
 
 __all__ = ["FakeClock", "FakeSelector", "FakeSocket", "Harness", "frame"]
@@ -274,7 +275,8 @@ class Harness:
         self.closed = 0
         self.handler = handler() if handler is not None else None
         sock: Any = self.sock  # a socket as far as the connection can tell
-        self.conn = Connection(self, sock, self.sock.getpeername(),
+        kind = StagedConnection if stages else Connection
+        self.conn = kind(self, sock, self.sock.getpeername(),
                                make_decoder(framing, max_frame), function, self.handler, stages)
         self._client = LengthDecoder(MAX_FRAME_LIMIT, accept_errors=True)
         self._read = 0

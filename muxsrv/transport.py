@@ -35,7 +35,6 @@ from .output import JOIN_MAX, MAX_IOV, OutputQueue
 
 if TYPE_CHECKING:
     from .codec import Buffer
-    from .stages import StagePath
 
 __all__ = ["HIGH_WATER", "LINGER_TIMEOUT", "LOW_WATER", "Transport"]
 
@@ -64,10 +63,14 @@ CLOSED: Final = 3
 # flushing waits for its end.  Pending output above the high-water mark.
 IN_CALLBACK: Final = 1
 WRITING_PAUSED: Final = 2
-# The connection's own: connection_made called; eof_received called; a step queued.
-MADE: Final = 4
-EOF_TOLD: Final = 8
-STEP_PENDING: Final = 16
+# The peer shut down its write side.
+EOF: Final = 4
+# The connection's own: connection_made called; eof_received called; a step queued;
+# reading paused by the handler.
+MADE: Final = 8
+EOF_TOLD: Final = 16
+STEP_PENDING: Final = 32
+PAUSED: Final = 64
 
 _QUIET_ERRNOS: Final = frozenset(
     {errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED, errno.ETIMEDOUT, errno.ESHUTDOWN}
@@ -79,14 +82,12 @@ class Transport:
 
     __slots__ = (
         "_backlog",
-        "_eof",
         "_flags",
         "_loop",
         "_mask",
         "_out",
         "_peer",
         "_sock",
-        "_stages",
         "_state",
         "_timer",
         "last_active",
@@ -96,13 +97,11 @@ class Transport:
         self._loop = loop
         self._sock = sock
         self._peer = peer  # None: asked of the socket when first needed (saves memory)
-        self._stages: StagePath | None = None
         self._out: list[Buffer] | None = None  # output queued since the last flush
         self._backlog: OutputQueue | None = None  # what the kernel has not taken yet
         self._mask = 0
         self._state = OPEN
-        self._flags = 0  # IN_CALLBACK, WRITING_PAUSED, and the read side's own
-        self._eof = False  # the peer shut down its write side
+        self._flags = 0  # IN_CALLBACK, WRITING_PAUSED, EOF, and the read side's own
         self._timer: Timer | None = None
         self.last_active = loop.now
 
@@ -114,7 +113,7 @@ class Transport:
 
     def _wants_input(self) -> bool:
         """Open and reading: True unless something holds input back."""
-        return not (self._eof or self._flags & WRITING_PAUSED)
+        return not self._flags & (EOF | WRITING_PAUSED)
 
     def _tell_writing(self, paused: bool) -> None:
         """Pending output crossed a water mark (pause_writing / resume_writing)."""
@@ -167,12 +166,6 @@ class Transport:
         if self._flags & IN_CALLBACK or self._state == CLOSED:
             return
         out = self._out
-        if self._stages is not None:
-            try:
-                out = self._out = self._stages.send(out)
-            except Exception as exc:
-                self._fatal(exc, "stage send")
-                return
         if out:
             self._out = None
             if self._backlog is not None:
@@ -246,7 +239,7 @@ class Transport:
             if self._state == CLOSED:
                 return
             pending = self.pending  # the handler may have sent (resume_writing does)
-        reading = self._wants_input() if self._state == OPEN else not self._eof
+        reading = self._wants_input() if self._state == OPEN else not self._flags & EOF
         want = (EVENT_READ if reading else 0) | (EVENT_WRITE if pending else 0)
         if want == self._mask:
             return
@@ -271,7 +264,7 @@ class Transport:
             self._close(None)
             return
         if not data:
-            self._eof = True
+            self._flags |= EOF
             if self._state == LINGER:
                 self._close(None)
             else:
@@ -285,7 +278,7 @@ class Transport:
         except OSError:
             self._close(None)
             return
-        if self._eof:
+        if self._flags & EOF:
             self._close(None)
             return
         self._state = LINGER

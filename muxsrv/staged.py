@@ -1,0 +1,79 @@
+"""A connection whose bytes pass through stages (PROXY header, TLS, an auth gate).
+
+:class:`StagedConnection` is a :class:`~muxsrv.connection.Connection` whose
+reads and flushes first run the connection's :class:`~muxsrv.stages.StagePath`;
+the plain class never checks for stages, so a plaintext connection keeps its
+hot path.  Once every stage has left the path, each call checks once and hands
+over to the plain code.  A stage that raises, reports a violation, or passes
+bytes on before it is ready ends its connection alone.
+"""
+
+from __future__ import annotations
+
+from .connection import Connection
+from .loop import EVENT_READ
+from .transport import CLOSED, IN_CALLBACK, MADE, OPEN, RECV_SIZE
+
+__all__ = ["StagedConnection"]
+
+
+class StagedConnection(Connection):
+    """A connection with stages: bytes pass through them both ways."""
+
+    takes_stages = True
+
+    __slots__ = ()
+
+    def handle_event(self, mask: int) -> None:
+        """Received bytes go through the stages first (a plain connection never looks)."""
+        if self._stages is None or not mask & EVENT_READ or self._state != OPEN:
+            super().handle_event(mask)
+            return
+        self.last_active = self._loop.now
+        try:
+            data = self._sock.recv(RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._fatal(exc, "recv")
+            return
+        if not data:
+            self._read_eof()
+            return
+        data = self._stages_in(data)
+        if data:
+            self._decode(data)
+        self._flush()
+
+    def _flush(self) -> None:
+        path = self._stages
+        if path is not None and not self._flags & IN_CALLBACK and self._state != CLOSED:
+            try:
+                self._out = path.send(self._out)
+            except Exception as exc:
+                self._fatal(exc, "stage send")
+                return
+        super()._flush()
+
+    def _stages_in(self, data: bytes) -> bytes:
+        """Received bytes through every stage; what reaches the codec."""
+        path = self._stages
+        assert path is not None
+        try:
+            data = path.receive(data)
+        except Exception as exc:
+            self._fatal(exc, "stage receive")
+            return b""
+        if path.error is not None:
+            self._violation(path.error, frame=False)
+            return b""
+        if not path.stages:
+            self._stages = None
+        if not self._flags & MADE:
+            if not path.ready:
+                if data:
+                    self._fatal(RuntimeError("a stage passed bytes on before it was ready"),
+                                "stage receive")
+                return b""
+            self._connection_made()
+        return data if self._state == OPEN else b""
