@@ -481,13 +481,10 @@ def test_malformed_host_is_refused_at_start() -> None:
 def test_impossible_mux_option_is_refused_with_one_line(option: str, value: str, why: str) -> None:
     """Refused by Locust's parser, before any user starts (nothing listens on the
     port, so a run that started would log connect failures and the stats table)."""
+    host = f"tcp://127.0.0.1:{free_port()}"
+    command = locust_command(LOCUSTFILE, "--headless", "-u", "1", "-t", "5s", "--host", host)
     proc = subprocess.run(
-        locust_command(
-            LOCUSTFILE,
-            "--headless", "-u", "1", "-t", "5s",
-            "--host", f"tcp://127.0.0.1:{free_port()}",
-            option, value,
-        ),  # fmt: skip
+        [*command, option, value],
         cwd=ROOT,
         stdin=subprocess.DEVNULL,
         capture_output=True,

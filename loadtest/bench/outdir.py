@@ -18,6 +18,8 @@ from servers import HERE, ROOT
 
 RESULTS = HERE / "results"  # committed: rewritten only with --write-results
 RUNS = HERE / "runs"  # one folder per run; in .gitignore
+# As --help shows them: relative to the repository.
+SHOWN = {"results": RESULTS.relative_to(ROOT), "runs": RUNS.relative_to(ROOT)}
 
 
 def add_arguments(parser: argparse.ArgumentParser, what: str) -> None:
@@ -27,13 +29,13 @@ def add_arguments(parser: argparse.ArgumentParser, what: str) -> None:
         "--out",
         type=Path,
         metavar="DIR",
-        help=f"where {what} go (default: a new folder under {RUNS.relative_to(ROOT)}/, "
+        help=f"where {what} go (default: a new folder under {SHOWN['runs']}/, "
         "which git ignores)",
     )
     group.add_argument(
         "--write-results",
         action="store_true",
-        help=f"write {what} into {RESULTS.relative_to(ROOT)}/, replacing the committed ones",
+        help=f"write {what} into {SHOWN['results']}/, replacing the committed ones",
     )
 
 
