@@ -11,9 +11,13 @@ of a draining server is not (the requests in flight are resent: see muxuser).
 
 Options, on Locust's own command line (and in its web UI):
   --mux-handler echo|upper|exec  scenario; must match the server's --handler (echo)
-  --mux-size BYTES               payload size for echo and upper (64)
-  --mux-pipeline N               requests in flight per user (1)
-  --mux-timeout SECONDS          per batch, connect included (30)
+  --mux-size BYTES               payload size for echo and upper, 0 to 64M (64)
+  --mux-pipeline N               requests in flight per user, 1 or more (1)
+  --mux-timeout SECONDS          per batch, connect included, more than 0 (30)
+
+An impossible value (--mux-timeout 0, --mux-pipeline 0, --mux-size -1, an
+unknown --mux-handler) is refused with one line and exit status 2, before any
+user starts, as muxsrv refuses its own options.
 
 Thousands of users need as many open files: the soft limit is raised to the
 hard limit on import.  Use --processes N (or --master and --worker) to spread
@@ -39,26 +43,46 @@ from locust.runners import MasterRunner
 
 from loadtest.muxuser import MuxUser, parse_host, raise_open_file_limit
 from loadtest.scenarios import SCENARIOS
+from loadtest.wire import DEFAULT_MAX_PAYLOAD
+from muxsrv.options import parse_size, positive_int
 
 DEFAULT_HOST = "tcp://127.0.0.1:9999"  # where `python -m muxsrv` listens by default
 # Descriptors a Locust process needs besides one socket per user: its own
 # files, the web UI, the master-worker link.
 SPARE_FILES = 100
+# The largest --mux-size: a bigger reply than this is, to the client's decoder,
+# a corrupt stream (loadtest.wire); the server's own ceiling (2^31-1) is higher.
+MAX_SIZE = DEFAULT_MAX_PAYLOAD
 
 log = logging.getLogger(__name__)
 OPEN_FILES = raise_open_file_limit()
 
 
-def _at_least(minimum: int) -> Any:
-    def parse(text: str) -> int:
-        value = int(text)
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, not {value}")
-        return value
+def payload_size(text: str) -> int:
+    """--mux-size: bytes (K, M suffixes as the server's --max-frame), up to the largest
+    reply this client reads."""
+    value = parse_size(text)
+    if not 0 <= value <= MAX_SIZE:
+        raise argparse.ArgumentTypeError(
+            f"must be from 0 to {MAX_SIZE >> 20}M bytes (the largest reply the load test reads)"
+        )
+    return value
 
-    return parse
+
+def positive_seconds(text: str) -> float:
+    """--mux-timeout: a finite number of seconds, more than 0 (0 would fail every batch)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError("must be a finite number of seconds, more than 0")
+    return value
 
 
+# Each type raises argparse.ArgumentTypeError, which Locust's parser reports as
+# one line, `locust: error: argument --mux-...: <why>`, and exit status 2,
+# before any user starts: the way muxsrv refuses its own options.
 @events.init_command_line_parser.add_listener  # type: ignore[untyped-decorator]
 def add_options(parser: Any) -> None:
     parser.add_argument(
@@ -69,25 +93,27 @@ def add_options(parser: Any) -> None:
     )
     parser.add_argument(
         "--mux-size",
-        type=_at_least(0),
+        type=payload_size,
         default=64,
         metavar="BYTES",
-        help="Payload size for the echo and upper scenarios. Default: 64",
+        help="Payload size for the echo and upper scenarios, 0 to 64M; the server's "
+        "--max-frame must allow it. Default: 64",
     )
     parser.add_argument(
         "--mux-pipeline",
-        type=_at_least(1),
+        type=positive_int,
         default=1,
         metavar="N",
-        help="Requests each user keeps in flight (sent together, replies read in order). "
-        "Default: 1",
+        help="Requests each user keeps in flight (sent together, replies read in order), "
+        "at least 1. Default: 1",
     )
     parser.add_argument(
         "--mux-timeout",
-        type=float,
+        type=positive_seconds,
         default=30.0,
         metavar="SECONDS",
-        help="A batch that takes longer fails and its connection is dropped. Default: 30",
+        help="A batch that takes longer fails and its connection is dropped; more than 0. "
+        "Default: 30",
     )
 
 

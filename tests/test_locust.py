@@ -17,6 +17,7 @@ import csv
 import importlib.util
 import json
 import os
+import re
 import signal
 import socket
 import socketserver
@@ -463,6 +464,40 @@ def test_malformed_host_is_refused_at_start() -> None:
     )
     assert proc.returncode == 2, proc.stderr.decode()[-2000:]
     assert b"is not of the form tcp://HOST:PORT" in proc.stderr
+
+
+@needs_locust
+@pytest.mark.parametrize(
+    ("option", "value", "why"),
+    [
+        ("--mux-timeout", "0", "more than 0"),  # every batch would fail at once
+        ("--mux-timeout", "nan", "more than 0"),
+        ("--mux-timeout", "soon", "not a number of seconds"),
+        ("--mux-pipeline", "0", "at least 1"),
+        ("--mux-size", "-1", "from 0 to 64M"),
+        ("--mux-size", "65M", "from 0 to 64M"),  # replies the client would take for corrupt
+        ("--mux-handler", "nope", "invalid choice"),
+    ],
+)
+def test_impossible_mux_option_is_refused_with_one_line(option: str, value: str, why: str) -> None:
+    """Refused by Locust's parser, before any user starts (nothing listens on the
+    port, so a run that started would log connect failures and the stats table)."""
+    host = f"tcp://127.0.0.1:{free_port()}"
+    command = locust_command(LOCUSTFILE, "--headless", "-u", "1", "-t", "5s", "--host", host)
+    proc = subprocess.run(
+        [*command, option, value],
+        cwd=ROOT,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        timeout=LOCUST_GRACE,
+    )
+    err = proc.stderr.decode("utf-8", "replace")
+    assert proc.returncode == 2, err[-2000:]
+    assert err.count("\n") == 1, err[-2000:]  # one line: no usage, no traceback
+    # `locust: error: ...` (`__main__.py: ...` under python -m, as here)
+    assert re.match(rf"\S+: error: argument {option}: ", err), err
+    assert why in err, err
+    assert proc.stdout == b"", proc.stdout[-2000:]
 
 
 # ----------------------------------------------------------------------- web UI

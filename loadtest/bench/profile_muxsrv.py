@@ -9,8 +9,10 @@ time (which call paths cost).  Needs ``pip install py-spy``.
     python loadtest/bench/profile_muxsrv.py --scenario rr100 --seconds 5
     python loadtest/bench/profile_muxsrv.py --scenario pipe --handler upper
 
-Writes results/profile-<scenario>[-<handler>].md and the raw collapsed stacks
-next to it (.txt, loadable by speedscope or flamegraph.pl).
+Writes profile-<scenario>[-<handler>].md and the raw collapsed stacks next
+to it (.txt, loadable by speedscope or flamegraph.pl) into a new folder under
+runs/, which git ignores; --write-results replaces the committed ones in
+results/, --out DIR writes anywhere (see outdir.py).
 """
 
 from __future__ import annotations
@@ -24,10 +26,10 @@ import subprocess
 import sys
 
 import cbuild
+import outdir
 import servers
 from scenarios import SCENARIOS, Generator
 
-RESULTS = servers.HERE / "results"
 FRAME_RE = re.compile(r"^(?P<func>.*?) \((?P<file>[^:()]+)(?::\d+)?\)$")
 
 
@@ -86,11 +88,13 @@ def main() -> int:
     p.add_argument("--handler", default="echo", choices=["echo", "upper"])
     p.add_argument("--seconds", type=float, default=5.0)
     p.add_argument("--top", type=int, default=25)
+    outdir.add_arguments(p, "profile-*.md and .txt")
     args = p.parse_args()
     if shutil.which("py-spy") is None:
         print("py-spy is not installed: pip install py-spy", file=sys.stderr)
         return 2
     cbuild.build_all()
+    results = outdir.choose(args)
     sc = next(s for s in load if s.key == args.scenario)
     spec = next(s for s in servers.SERVERS if s.name == "muxsrv")
     if args.handler == "upper":
@@ -99,8 +103,7 @@ def main() -> int:
     server_cpu, gen_cpu = (cpus[-1], cpus[0]) if len(cpus) > 1 else (None, None)
     srv = servers.start(spec, server_cpu)
     stem = f"profile-{sc.key}" + ("" if args.handler == "echo" else f"-{args.handler}")
-    raw_path = RESULTS / f"{stem}.txt"
-    RESULTS.mkdir(exist_ok=True)
+    raw_path = results / f"{stem}.txt"
     gen_args = ["--port", str(srv.port), "--conns", str(sc.conns), "--depth", str(sc.depth)]
     gen_args += ["--size", str(sc.size), "--warmup", "0.5", "--duration", str(args.seconds + 1)]
     gen_args += ["--upper"] if spec.upper else []
@@ -140,7 +143,7 @@ def main() -> int:
         *table(by_line, samples, args.top),
         "",
     ]
-    out = RESULTS / f"{stem}.md"
+    out = results / f"{stem}.md"
     out.write_text("\n".join(head))
     print("\n".join(head))
     print(f"wrote {out} and {raw_path}")

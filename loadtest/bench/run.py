@@ -10,8 +10,11 @@ pass/fail line for each of muxsrv's performance targets.
     python loadtest/bench/run.py --max-conns      # ... plus max-conns (about +2 minutes)
     python loadtest/bench/run.py --quick          # one short repeat, for iterating
     python loadtest/bench/run.py --servers muxsrv,uvloop-protocol --scenarios rr100,pipe
+    python loadtest/bench/run.py --max-conns --write-results   # replace the committed results
 
-Writes results/latest.md, results/latest.json and results/latest.png.
+Writes latest.md, latest.json and latest.png (no chart without matplotlib)
+into a new folder under runs/, which git ignores, and prints where; only
+--write-results rewrites the committed ones in results/ (see outdir.py).
 Load repeats are interleaved (repeat 1 of every server, then repeat 2, ...)
 with a fresh server process each time; idle and max-conns run once per server.
 """
@@ -33,6 +36,7 @@ import cbuild
 import chart
 import cpuload
 import machine
+import outdir
 import report
 import scenarios
 import servers
@@ -40,8 +44,8 @@ from scenarios import SCENARIOS, Scenario, Settings
 from servers import SERVERS, ServerSpec
 
 sys.path.insert(0, str(servers.ROOT))  # so that the "muxsrv" spec finds its package
-RESULTS = servers.HERE / "results"
 QUICK = {"repeats": 1, "warmup": 0.3, "duration": 1.0, "idle_conns": 2000}
+NO_CHART = "no chart drawn (matplotlib is not installed)"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -85,7 +89,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default="yield",
         help="how the generator waits: block in epoll_wait, spin, or spin and sched_yield",
     )
-    p.add_argument("--out", type=Path, default=RESULTS, help="where latest.{md,json,png} go")
+    outdir.add_arguments(p, "latest.{md,json,png}")
     # --quick changes only the defaults: explicit options still win.
     quick = "--quick" in (argv if argv is not None else sys.argv[1:])
     p.set_defaults(**(QUICK if quick else {}))
@@ -102,6 +106,35 @@ def pick(
     if unknown:
         raise SystemExit(f"unknown {what}: {', '.join(unknown)} (known: {', '.join(known)})")
     return [n for n in known if n in chosen]
+
+
+def draw_chart(
+    path: Path, table: dict[str, dict[str, report.Cell]], names: list[str],
+    scs: list[Scenario], subtitle: str,
+) -> str | None:  # fmt: skip
+    """Draw the PNG at `path`: None if drawn, else the line saying that none was."""
+    if chart.draw(path, table, names, scs, subtitle):
+        return None
+    why = NO_CHART
+    if path.exists():  # this run's tables beside an older run's chart
+        why += f"; the {path.name} there is from an earlier run"
+    return why
+
+
+@dataclasses.dataclass
+class Written:
+    """What `Bench.write` left, and where."""
+
+    text: str  # the report, as written to latest.md
+    clean: bool  # no reply failed verification and no server failed
+    out: Path
+    files: list[str]  # names in `out`
+    no_chart: str | None  # why there is no PNG, or None
+
+    def where(self) -> list[str]:
+        """The closing lines: which files are in which folder, and any missing chart."""
+        lines = [f"wrote {', '.join(self.files)} in {self.out}"]
+        return [*lines, self.no_chart] if self.no_chart else lines
 
 
 def raise_nofile() -> None:
@@ -229,14 +262,15 @@ class Bench:
                     if self.applies(spec, sc):
                         self.session(spec, [sc], sc.key)
 
-    def write(self, started: float, argv: list[str]) -> tuple[str, bool]:
-        out: Path = self.args.out
-        out.mkdir(parents=True, exist_ok=True)
+    def write(self, started: float, argv: list[str]) -> Written:
+        out = outdir.choose(self.args)
         (out / "latest.json").write_text(json.dumps({"runs": self.runs}, indent=1, default=str))
         table = report.summarize(self.runs)
         names = [s.name for s in self.specs if s.name in table]
         scs = self.scenarios
         goals = report.targets(table, scs)
+        subtitle = f"{machine.cpu_model()}, median of {self.args.repeats}"
+        no_chart = draw_chart(out / "latest.png", table, names, scs, subtitle)
         minutes = (time.monotonic() - started) / 60
         s = self.settings
         how = [
@@ -296,14 +330,13 @@ class Bench:
             for key, cell in cells.items()
             if cell.failed
         ]
-        if self.notes or failures:
-            sections.append(("Notes", [f"- {n}" for n in [*self.notes, *failures]]))
+        notes = [*self.notes, *failures, *([no_chart] if no_chart else [])]
+        if notes:
+            sections.append(("Notes", [f"- {n}" for n in notes]))
         text = report.write_markdown(out / "latest.md", sections, "muxsrv side-by-side benchmark")
-        subtitle = f"{machine.cpu_model()}, median of {self.args.repeats}"
-        if not chart.draw(out / "latest.png", table, names, scs, subtitle):
-            print("matplotlib is not installed: no chart", flush=True)
         self.goals = goals
-        return text, not failures
+        files = ["latest.md", "latest.json", *([] if no_chart else ["latest.png"])]
+        return Written(text, not failures, out, files, no_chart)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -319,16 +352,17 @@ def main(argv: list[str] | None = None) -> int:
         print("nothing to run", file=sys.stderr)
         return 2
     bench.run()
-    text, clean = bench.write(started, argv)
+    written = bench.write(started, argv)
     print()
-    print(text)
-    print(f"wrote {args.out / 'latest.md'}, latest.json, latest.png")
+    print(written.text)
     print("\ntargets:")
     for t in bench.goals:
         verdict = "n/a " if t.passed is None else ("PASS" if t.passed else "FAIL")
         shaky = "  (disturbed: rerun)" if t.shaky else ""
         print(f"  {verdict}  {t.what}: {t.measured} (needed {t.need}){shaky}", flush=True)
-    return 0 if clean else 1
+    print()
+    print("\n".join(written.where()), flush=True)  # last, where it is seen
+    return 0 if written.clean else 1
 
 
 if __name__ == "__main__":
