@@ -63,6 +63,13 @@ DRAIN_SWEEP: Final = 0.05
 #: After the drain timeout, how long goodbyes may take to finish closing.
 DRAIN_GRACE: Final = LINGER_TIMEOUT + 0.5
 _FD_EXHAUSTED: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+#: getaddrinfo's answers that the name has no address (not "try again later"):
+#: like a busy port, a mistake in the command line.
+_NO_SUCH_NAME: Final = frozenset(
+    getattr(socket, name)
+    for name in ("EAI_NONAME", "EAI_NODATA", "EAI_ADDRFAMILY")
+    if hasattr(socket, name)
+)
 
 
 @dataclass
@@ -79,11 +86,18 @@ class Settings:
 
 
 class CannotListen(OSError):
-    """Binding or listening failed; ``str()`` names the address and the reason."""
+    """Binding or listening failed; ``str()`` names the address and the reason.
+
+    ``mistake``: the address asked for cannot be had as given (the port is in
+    use, the host name resolves to nothing), rather than refused by the system.
+    """
 
     def __init__(self, host: str, port: int, cause: OSError) -> None:
         super().__init__(cause.errno, cause.strerror)
         self.address = format_address((host, port))
+        self.mistake = cause.errno == errno.EADDRINUSE or (
+            isinstance(cause, socket.gaierror) and cause.errno in _NO_SUCH_NAME
+        )
 
     def __str__(self) -> str:
         return f"cannot listen on {self.address}: {self.strerror}"
@@ -333,8 +347,14 @@ class Server:
 
 
 def bind_addresses(host: str, port: int) -> list[tuple[int, int, int, tuple[Any, ...]]]:
-    """``(family, type, proto, sockaddr)`` for each address ``host`` resolves to, once each."""
-    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    """``(family, type, proto, sockaddr)`` for each address ``host`` resolves to, once each.
+
+    Raises OSError (``socket.gaierror`` if the name does not resolve).
+    """
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except UnicodeError:  # "a..b", a label over 63 characters: no name at all (IDNA)
+        raise socket.gaierror(socket.EAI_NONAME, "not a valid host name") from None
     seen = set()
     found = []
     for family, type_, proto, _name, addr in infos:
