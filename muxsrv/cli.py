@@ -6,7 +6,7 @@ full parser, with the plugin's options added, reads everything.  Neither
 takes abbreviations: ``--h`` is not ``--handler``, and a handler's options
 added later cannot change what a short prefix meant.  Every mistake a user
 can make (bad value, unknown handler, broken plugin, refused configuration,
-a host name that resolves to nothing, a port already in use) ends with one
+a host name that does not resolve, a port already in use) ends with one
 line on stderr and exit status 2; any other failure to listen, with one line
 and exit status 1.
 """

@@ -63,13 +63,6 @@ DRAIN_SWEEP: Final = 0.05
 #: After the drain timeout, how long goodbyes may take to finish closing.
 DRAIN_GRACE: Final = LINGER_TIMEOUT + 0.5
 _FD_EXHAUSTED: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
-#: getaddrinfo's answers that the name has no address (not "try again later"):
-#: like a busy port, a mistake in the command line.
-_NO_SUCH_NAME: Final = frozenset(
-    getattr(socket, name)
-    for name in ("EAI_NONAME", "EAI_NODATA", "EAI_ADDRFAMILY")
-    if hasattr(socket, name)
-)
 
 
 @dataclass
@@ -89,15 +82,13 @@ class CannotListen(OSError):
     """Binding or listening failed; ``str()`` names the address and the reason.
 
     ``mistake``: the address asked for cannot be had as given (the port is in
-    use, the host name resolves to nothing), rather than refused by the system.
+    use, the host name does not resolve), rather than refused by the system.
     """
 
     def __init__(self, host: str, port: int, cause: OSError) -> None:
         super().__init__(cause.errno, cause.strerror)
         self.address = format_address((host, port))
-        self.mistake = cause.errno == errno.EADDRINUSE or (
-            isinstance(cause, socket.gaierror) and cause.errno in _NO_SUCH_NAME
-        )
+        self.mistake = isinstance(cause, socket.gaierror) or cause.errno == errno.EADDRINUSE
 
     def __str__(self) -> str:
         return f"cannot listen on {self.address}: {self.strerror}"
