@@ -2,16 +2,18 @@
 
 Parsing runs in two steps so that a handler can declare its own options:
 first ``--handler`` alone is read and the plugin found and loaded, then the
-full parser, with the plugin's options added, reads everything.  Every
-mistake a user can make (bad value, unknown handler, broken plugin, refused
-configuration, a port already in use) ends with one line on stderr and exit
-status 2; any other failure to listen, with one line and exit status 1.
+full parser, with the plugin's options added, reads everything.  Neither
+takes abbreviations: ``--h`` is not ``--handler``, and a handler's options
+added later cannot change what a short prefix meant.  Every mistake a user
+can make (bad value, unknown handler, broken plugin, refused configuration,
+a host name that does not resolve, a port already in use) ends with one
+line on stderr and exit status 2; any other failure to listen, with one line
+and exit status 1.
 """
 
 from __future__ import annotations
 
 import argparse
-import errno
 import logging
 import os
 import signal
@@ -19,12 +21,12 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from . import __version__, plugins
+from . import plugins
 from .address import format_address
 from .framing import FRAMINGS
 from .handler import ConfigError, HandlerFactory, HandlerFunction
 from .loop import EventLoop
-from .options import max_frame, parse_size, positive_int, seconds, whole_number
+from .options import max_frame, parse_size, positive_int, program_version, seconds, whole_number
 from .server import CannotListen, Server, Settings
 from .supervisor import supervise
 from .tuning import keep_large_buffers_mapped, raise_open_files_limit
@@ -43,13 +45,25 @@ _port = whole_number(0, 65535, "must be from 0 to 65535 (0: any free port)", "a 
 _workers = whole_number(0, None, "must be 0 (one per CPU) or more")
 
 
+def _host(text: str) -> str:
+    # getaddrinfo finds nothing for "", so it would fail as "cannot listen on :9999";
+    # socket.bind would take it as every IPv4 address.  Say which is meant instead.
+    if not text:
+        raise argparse.ArgumentTypeError(
+            "empty; for every address give 0.0.0.0 (IPv4) or :: (IPv6)"
+        )
+    return text
+
+
 def build_parser(handler: plugins.LoadedPlugin | None = None) -> argparse.ArgumentParser:
     parser = _Parser(
         prog="muxsrv",
         description="A single-threaded multiplexing TCP server with handler plugins.",
+        allow_abbrev=False,
     )
     add = parser.add_argument
-    add("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    add("--host", type=_host, default="127.0.0.1",
+        help="address or name to listen on (default: 127.0.0.1; 0.0.0.0: every IPv4 address)")
     add("--port", type=_port, default=9999, help="port (default: 9999; 0: any free port)")
     add("--handler", default="echo",
         help="built-in (echo, upper, exec), entry-point name, or package.module:attribute "
@@ -71,7 +85,7 @@ def build_parser(handler: plugins.LoadedPlugin | None = None) -> argparse.Argume
              "restarts them (default: 1, no parent; 0: one per CPU)")
     add("--log-level", default="info", type=str.lower,
         choices=("debug", "info", "warning", "error"), help="(default: info)")
-    add("--version", action="version", version=f"muxsrv {__version__}")
+    add("--version", action="version", version=program_version("muxsrv"))
     if handler is not None and handler.form == "class":
         handler.handler_class.add_arguments(parser)
     return parser
@@ -91,7 +105,7 @@ def load_handler(name: str) -> plugins.LoadedPlugin:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    pre = _Parser(prog="muxsrv", add_help=False)
+    pre = _Parser(prog="muxsrv", add_help=False, allow_abbrev=False)
     pre.add_argument("--handler", default="echo")
     known, _rest = pre.parse_known_args(args)
     loaded = load_handler(known.handler)
@@ -132,7 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     except CannotListen as exc:
         sys.stderr.write(f"muxsrv: error: {exc}\n")
-        return 2 if exc.errno == errno.EADDRINUSE else 1
+        return 2 if exc.mistake else 1
 
 
 def serve(

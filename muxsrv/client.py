@@ -47,6 +47,7 @@ from .framing import (
     make_decoder,
 )
 from .handlers.exec_protocol import ExecResult, ReplyError, decode_reply
+from .options import program_version
 
 __all__ = [
     "Client",
@@ -372,7 +373,7 @@ class Client:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="muxsrv-client",
+        prog="muxsrv-client", allow_abbrev=False,
         description="Send each MESSAGE to a muxsrv server and print each reply on its own "
         "line; with no MESSAGE, an interactive prompt.",
         epilog="With --exec (a server started with --handler exec): like `ssh host COMMAND`, "
@@ -392,6 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--exec", nargs="?", const="", metavar="COMMAND",
                         help="run COMMAND (and any MESSAGE words after it, joined with spaces) "
                         "on an exec server; with no COMMAND, an interactive $ prompt")
+    parser.add_argument("--version", action="version", version=program_version("muxsrv-client"))
     return parser
 
 

@@ -3,17 +3,22 @@
 A handler that declares ``--NAME-...`` options (``Handler.add_arguments``)
 uses these instead of reaching into ``cli``: importing this module pulls in
 nothing of the server.  Each type raises ``argparse.ArgumentTypeError`` with a
-message that reads well after ``argument --flag:``.
+message that reads well after ``argument --flag:``.  ``program_version`` is
+what ``--version`` prints, for the server's and the client's command lines.
 """
 
 from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
+from importlib import metadata
 
+from . import __version__
 from .framing import MAX_FRAME_LIMIT
 
-__all__ = ["max_frame", "parse_size", "positive_int", "seconds", "whole_number"]
+__all__ = [
+    "max_frame", "parse_size", "positive_int", "program_version", "seconds", "whole_number",
+]
 
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 
@@ -65,3 +70,12 @@ def seconds(text: str) -> float:
     if not value >= 0 or value == float("inf"):
         raise argparse.ArgumentTypeError("must be a finite number of seconds, 0 or more")
     return value
+
+
+def program_version(prog: str) -> str:
+    """``"PROG VERSION"``: the installed distribution's version, else the package's own."""
+    try:
+        number = metadata.version("muxsrv")
+    except metadata.PackageNotFoundError:  # run from a checkout, never installed
+        number = __version__
+    return f"{prog} {number}"

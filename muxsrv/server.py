@@ -80,11 +80,16 @@ class Settings:
 
 
 class CannotListen(OSError):
-    """Binding or listening failed; ``str()`` names the address and the reason."""
+    """Binding or listening failed; ``str()`` names the address and the reason.
+
+    ``mistake``: the address asked for cannot be had as given (the port is in
+    use, the host name does not resolve), rather than refused by the system.
+    """
 
     def __init__(self, host: str, port: int, cause: OSError) -> None:
         super().__init__(cause.errno, cause.strerror)
         self.address = format_address((host, port))
+        self.mistake = isinstance(cause, socket.gaierror) or cause.errno == errno.EADDRINUSE
 
     def __str__(self) -> str:
         return f"cannot listen on {self.address}: {self.strerror}"
@@ -334,8 +339,14 @@ class Server:
 
 
 def bind_addresses(host: str, port: int) -> list[tuple[int, int, int, tuple[Any, ...]]]:
-    """``(family, type, proto, sockaddr)`` for each address ``host`` resolves to, once each."""
-    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    """``(family, type, proto, sockaddr)`` for each address ``host`` resolves to, once each.
+
+    Raises OSError (``socket.gaierror`` if the name does not resolve).
+    """
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except UnicodeError:  # "a..b", a label over 63 characters: no name at all (IDNA)
+        raise socket.gaierror(socket.EAI_NONAME, "not a valid host name") from None
     seen = set()
     found = []
     for family, type_, proto, _name, addr in infos:

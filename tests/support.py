@@ -45,13 +45,14 @@ def wait_for(
 
 
 class ServerProcess:
-    """A muxsrv started as a user starts it: `python -m muxsrv ARGS`."""
+    """A muxsrv started as a user starts it: `python -m muxsrv ARGS` (or the whole `argv`)."""
 
     def __init__(
         self,
         args: Sequence[str],
         env: dict[str, str] | None = None,
         preexec_fn: Callable[[], None] | None = None,
+        argv: Sequence[str] | None = None,
     ) -> None:
         full_env = dict(os.environ)
         full_env["PYTHONPATH"] = str(ROOT) + os.pathsep + full_env.get("PYTHONPATH", "")
@@ -60,7 +61,7 @@ class ServerProcess:
             full_env.update(env)
         self.args = list(args)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "muxsrv", *self.args],
+            [sys.executable, "-m", "muxsrv", *self.args] if argv is None else list(argv),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,

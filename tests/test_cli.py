@@ -1,4 +1,4 @@
-"""The server's command line: start-up line, mistakes (one line, exit 2), signals."""
+"""The command lines: start-up line, mistakes (one line, exit 2), signals, --version."""
 
 from __future__ import annotations
 
@@ -7,11 +7,13 @@ import signal
 import socket
 import subprocess
 import sys
+import tomllib
+from importlib import metadata
 
 import pytest
 from support import LISTEN_RE, ROOT, frame, recv_frame, running_server
 
-from muxsrv import __version__, cli
+from muxsrv import __version__, cli, client, options
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -55,6 +57,11 @@ def test_unknown_handler_names_it_and_the_available_ones() -> None:
         (["--workers", "-1"], "argument --workers: must be 0 (one per CPU) or more"),
         (["--no-such-option"], "unrecognized arguments: --no-such-option"),
         (["--handler"], "argument --handler: expected one argument"),
+        # No abbreviations, in either parsing step, nor for a handler's own options:
+        (["--h"], "unrecognized arguments: --h"),
+        (["--ver"], "unrecognized arguments: --ver"),
+        (["--handler", "exec", "--exec-t"], "unrecognized arguments: --exec-t"),
+        (["--host", ""], "argument --host: empty; for every address give 0.0.0.0 (IPv4) or ::"),
     ],
 )
 def test_bad_values_one_line_exit_2(
@@ -129,9 +136,57 @@ def test_cannot_listen_is_one_line_exit_1(workers: str) -> None:
     )
 
 
-def test_version() -> None:
-    run = run_muxsrv("--version")
-    assert run.returncode == 0 and run.stdout == f"muxsrv {__version__}\n"
+@pytest.mark.parametrize("workers", ["1", "2"])
+@pytest.mark.parametrize(
+    ("host", "reason"),
+    [("no.such.host.invalid", ""), ("a..b", "not a valid host name")],  # RFC 2606; bad IDNA
+)
+def test_a_host_that_does_not_resolve_is_one_line_exit_2(
+    host: str, reason: str, workers: str
+) -> None:
+    """Bug caught: an unresolvable --host ending in a traceback (an invalid name), or not
+    reported as the mistake in the command line that the README says it is (exit 2)."""
+    run = run_muxsrv("--host", host, "--port", "0", "--workers", workers)
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.count("\n") == 1
+    assert run.stderr.startswith(f"muxsrv: error: cannot listen on {host}:0: {reason}")
+
+
+def test_client_takes_no_abbreviations(capsys: pytest.CaptureFixture[str]) -> None:
+    """Bug caught: `--ho x` quietly taken as `--host x` (and `--h` as whichever came first)."""
+    with pytest.raises(SystemExit) as info:
+        client.build_parser().parse_args(["--ho", "example.org", "hello"])
+    assert info.value.code == 2
+    assert "unrecognized arguments: --ho" in capsys.readouterr().err
+
+
+def project_version() -> str:
+    with open(ROOT / "pyproject.toml", "rb") as f:
+        return str(tomllib.load(f)["project"]["version"])
+
+
+@pytest.mark.parametrize(("module", "prog"), [("muxsrv", "muxsrv"),
+                                              ("muxsrv.client", "muxsrv-client")])
+def test_version(module: str, prog: str) -> None:
+    """Bug caught: a program without --version, or printing another version than the one
+    the project declares."""
+    run = subprocess.run(
+        [sys.executable, "-m", module, "--version"],
+        cwd=ROOT, capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL,
+    )
+    assert (run.returncode, run.stdout, run.stderr) == (0, f"{prog} {project_version()}\n", "")
+
+
+def test_version_when_not_installed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bug caught: --version failing from a checkout that was never installed, or the
+    package's own version drifting from pyproject.toml's."""
+
+    def not_installed(name: str) -> str:
+        raise metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(metadata, "version", not_installed)
+    assert options.program_version("muxsrv") == f"muxsrv {project_version()}"
+    assert __version__ == project_version()
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])

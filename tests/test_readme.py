@@ -1,19 +1,22 @@
-"""The README's plugin examples are real: extract them, run them, talk to them.
+"""The README's set-up and plugin examples are real: extract them, run them, talk to them.
 
 Catches a README that drifts from the handler interface (renamed method, a
-changed `configure` contract, a broken import) and a `.ci/run` that no longer
+changed `configure` contract, a broken import), a set-up command that does
+not work on a machine with only `python3`, and a `.ci/run` that no longer
 runs the README's test command.
 """
 
 from __future__ import annotations
 
 import re
+import shlex
 import subprocess
 import sys
+from contextlib import suppress
 from pathlib import Path
 
 import pytest
-from support import ROOT, running_server
+from support import ROOT, ServerProcess, running_server
 
 from muxsrv.client import Client
 
@@ -72,8 +75,76 @@ def test_class_example_runs_with_its_own_option(tmp_path: Path) -> None:
     assert bad.stderr.strip().splitlines() == ["muxsrv: error: --counter-start must be 0 or more"]
 
 
-def test_ci_runs_the_readme_test_command() -> None:
-    command = "python -m pip install -e '.[test]' && python -m pytest"
-    assert command in README
-    ci_lines = (ROOT / ".ci" / "run").read_text().splitlines()
-    assert command in ci_lines
+def setup_section() -> str:
+    return README.split("## Set-up", 1)[1].split("\n## ", 1)[0]
+
+
+def setup_commands() -> tuple[str, str]:
+    """The set-up section's two commands (one-line ``sh`` blocks, no prompt): run, test."""
+    blocks = re.findall(r"```sh\n(.*?)```", setup_section(), re.S)
+    commands = [b.strip() for b in blocks if b.count("\n") == 1 and not b.startswith("$")]
+    assert len(commands) == 2, commands
+    return commands[0], commands[1]
+
+
+def test_setup_commands_need_only_python3() -> None:
+    """Bug caught: `python` or a `pip` outside a virtual environment in the set-up, which
+    Debian's own Python lacks or refuses (externally-managed-environment)."""
+    run, test = setup_commands()
+    assert run.startswith("python3 -m muxsrv ")
+    steps = [step.split() for step in test.split("&&")]
+    assert steps[0] == ["python3", "-m", "venv", ".venv"]
+    assert all(step[0].startswith(".venv/bin/") for step in steps[1:]), steps
+    assert "pytest" in steps[-1]
+
+
+def test_ci_runs_exactly_the_readme_test_command() -> None:
+    """Bug caught: CI testing something other than what the README tells users to run."""
+    _run, test = setup_commands()
+    lines = (ROOT / ".ci" / "run").read_text().splitlines()
+    commands = [
+        line for line in lines
+        if line.strip() and not line.startswith("#") and line.split()[0] not in ("set", "cd")
+    ]
+    assert commands == [test]
+
+
+def test_readme_run_command_starts_a_server_that_answers() -> None:
+    """Bug caught: a run command that does not start (a missing module, a wrong option, a
+    `python` the machine lacks), or starts something that does not answer as the README says;
+    and the README's client command beside it printing something else."""
+    run, _test = setup_commands()
+    argv = shlex.split(run)
+    assert argv[0] == "python3"
+    argv[0] = sys.executable
+    srv = ServerProcess([], argv=argv)
+    try:
+        try:
+            srv.wait_started()
+        except AssertionError:
+            # The README's port (9999) may be taken on this machine: then the same with any port.
+            if "Address already in use" not in srv.final_log():
+                raise
+            srv = ServerProcess([], argv=[*argv, "--port", "0"])
+            srv.wait_started()
+        with Client(*srv.address) as c:
+            assert c.request(b"hello") == b"HELLO"
+        client_example(srv.port)
+    finally:
+        with suppress(subprocess.TimeoutExpired):  # stop() has killed it then
+            srv.stop()
+
+
+def client_example(port: int) -> None:
+    """Run the set-up's client example (``$ python3 -m muxsrv.client ...``), check its output."""
+    block = re.search(r"```sh\n\$ (python3 -m muxsrv\.client .*?)\n(.*?)```", setup_section(), re.S)
+    assert block, "no client example in the set-up section"
+    argv = shlex.split(block.group(1))
+    argv[0] = sys.executable
+    if port != 9999:
+        argv += ["--port", str(port)]
+    done = subprocess.run(
+        argv, cwd=ROOT, capture_output=True, timeout=30, stdin=subprocess.DEVNULL
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.decode() == block.group(2)
