@@ -13,7 +13,9 @@ from collections.abc import Callable
 
 from .framing import MAX_FRAME_LIMIT
 
-__all__ = ["max_frame", "parse_size", "positive_int", "seconds", "whole_number"]
+__all__ = [
+    "max_frame", "parse_size", "positive_int", "positive_seconds", "seconds", "whole_number"
+]
 
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 
@@ -58,10 +60,22 @@ positive_int = whole_number(1, None, "must be at least 1")
 
 def seconds(text: str) -> float:
     """An argparse type: a finite number of seconds, 0 or more."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    value = _seconds(text)
     if not value >= 0 or value == float("inf"):
         raise argparse.ArgumentTypeError("must be a finite number of seconds, 0 or more")
     return value
+
+
+def positive_seconds(text: str) -> float:
+    """An argparse type: a finite number of seconds, more than 0 (a wait that waits)."""
+    value = _seconds(text)
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError("must be a finite number of seconds, more than 0")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
