@@ -65,7 +65,8 @@ class _Version(argparse.Action):
         values: str | Sequence[Any] | None,
         option_string: str | None = None,
     ) -> None:
-        parser.exit(message=f"{PROG} {_version()}\n")
+        print(f"{PROG} {_version()}")  # to stdout, as argparse's own version action does
+        parser.exit()
 
 
 def _version() -> str:
