@@ -13,9 +13,9 @@ reply in hex; ``--raw`` writes the bytes as they are, with nothing added.
 
 A connection the server closed between two messages (idle timeout, restart)
 is reported in one line when the next message is about to go, and a new one
-takes its place; at a prompt, so is any connection lost, and the prompt goes
-on.  Option values are checked as the server's are: a mistake is one line
-and exit status 2.
+takes its place.  At a prompt, so does one lost to a timeout or a reset, and
+the prompt goes on; elsewhere that ends the run.  Option values are checked
+as the server's are: a mistake is one line and exit status 2.
 """
 
 from __future__ import annotations
@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: skip them)")
     add("--exec", nargs="?", const="", metavar="COMMAND",
         help="run COMMAND (and any MESSAGE words after it, joined with spaces, as ssh does) "
-        "on an exec server; with no COMMAND, a $ prompt")
+        "on an exec server; with no COMMAND, each line of stdin (a $ prompt on a terminal)")
     add("--version", action=_Version)
     parser.set_defaults(show="text")
     return parser
