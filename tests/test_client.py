@@ -8,7 +8,7 @@ import sys
 import time
 
 import pytest
-from support import PLUGINS, ROOT, plugin_env, running_server
+from support import PLUGINS, ROOT, plugin_env, running_server, wait_for
 
 from muxsrv.client import Client, ConnectionClosed, ServerError
 
@@ -69,6 +69,25 @@ def test_closed_connection_raises_connection_closed() -> None:
             c.recv()
         with pytest.raises(ConnectionClosed):
             c.recv()
+
+
+def test_closed_by_server_between_requests_and_reconnect() -> None:
+    """Bug caught: a connection the server closed while idle taken for an open one (its
+    error frame then read as the next request's reply), or not replaced by reconnect."""
+    args = ("--handler", "upper", "--idle-timeout", "0.3")
+    with running_server(*args) as srv, Client(srv.host, srv.port) as c:
+        assert c.closed_by_server() is None
+        assert c.request(b"a") == b"A"
+        why = wait_for(c.closed_by_server, what="the idle timeout seen by the client")
+        assert why == "idle timeout (0.3 s)"
+        c.reconnect()
+        assert c.closed_by_server() is None
+        assert c.request(b"b") == b"B" and c.reconnects == 1
+    args = ("--handler", "upper", "--framing", "line", "--idle-timeout", "0.3")
+    with running_server(*args) as srv, Client(srv.host, srv.port, framing="line") as c:
+        assert c.request(b"a") == b"A"
+        # No error channel: closed without a word.
+        assert wait_for(lambda: c.closed_by_server() is not None) and c.closed_by_server() == ""
 
 
 def test_timeouts() -> None:
