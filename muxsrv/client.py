@@ -1,4 +1,4 @@
-"""A blocking client for muxsrv, and ``python -m muxsrv.client`` (``muxsrv-client``).
+"""A blocking client for muxsrv (the command line, ``muxsrv-client``, is in client_cli).
 
     with Client("127.0.0.1", 9999) as c:
         c.request(b"hello")                 # -> b"hello" from echo
@@ -24,15 +24,13 @@ afresh: then the goodbye is a ServerError like any other).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import selectors
 import socket
 import struct
-import sys
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from types import TracebackType
 
 from .codec import SHUTTING_DOWN
@@ -47,7 +45,6 @@ from .framing import (
     make_decoder,
 )
 from .handlers.exec_protocol import ExecResult, ReplyError, decode_reply
-from .options import program_version
 
 __all__ = [
     "Client",
@@ -95,7 +92,9 @@ class ServerGone(ConnectionClosed):
 class Client:
     """One connection to a muxsrv server (not thread-safe).
 
-    ``reconnects`` counts the goodbyes after which it connected again and resent.
+    ``timeout`` bounds each reply, and the connect unless ``connect_timeout`` is
+    given.  ``reconnects`` counts the new connections made after the first: after
+    a goodbye (then it resent) or by :meth:`reconnect`.
     """
 
     def __init__(
@@ -108,6 +107,7 @@ class Client:
         *,
         resend: bool = True,
         reconnect_timeout: float = RECONNECT_TIMEOUT,
+        connect_timeout: float | None = None,
     ) -> None:
         if framing not in FRAMINGS:
             raise ValueError(f"unknown framing {framing!r}; choose from {', '.join(FRAMINGS)}")
@@ -126,7 +126,7 @@ class Client:
         #: Reconnecting since a goodbye with no reply since: give up at this time.
         self._give_up_at: float | None = None
         self._write_shut = False
-        self._sock = self._connect(timeout)
+        self._sock = self._connect(timeout if connect_timeout is None else connect_timeout)
 
     def _new_decoder(self) -> Decoder:
         if self.framing == "length":
@@ -159,6 +159,41 @@ class Client:
         with contextlib.suppress(OSError):
             self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         self._sock.close()
+
+    def closed_by_server(self) -> str | None:
+        """Between requests, without waiting: None while the connection is open; else
+        why the server closed it: its last error frame's text (``idle timeout (300 s)``,
+        ``server shutting down``), the error (a reset), or "" if it said nothing."""
+        sock = self._sock
+        if sock.fileno() < 0:
+            return "closed by this client"
+        try:
+            sock.setblocking(False)
+            while not self._receive_some():
+                pass
+        except BlockingIOError:
+            return None  # all read, and open
+        except ConnectionClosed as exc:
+            reason = "" if self._decoder.error is None else str(exc)
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+        else:
+            return SHUTTING_DOWN  # the goodbye, which resending keeps out of the inbox
+        finally:
+            if sock.fileno() >= 0:
+                sock.settimeout(self.timeout)
+        errors = [m for m in self._inbox if isinstance(m, ErrorFrame)]
+        return errors[-1].text if errors else reason
+
+    def reconnect(self) -> None:
+        """A new connection to the same address in place of this one (which the server
+        closed, say), retried as after a goodbye; then ServerGone.  Replies not yet
+        read, and what is unanswered, are dropped: nothing is resent."""
+        self._inbox.clear()
+        self._unanswered.clear()
+        self._give_up_at = None
+        self._write_shut = False
+        self._reconnect()
 
     def shutdown_write(self) -> None:
         """Tell the server we send no more (it still delivers every reply)."""
@@ -368,156 +403,14 @@ class Client:
         return message
 
 
-# -- command line ---------------------------------------------------------
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="muxsrv-client", allow_abbrev=False,
-        description="Send each MESSAGE to a muxsrv server and print each reply on its own "
-        "line; with no MESSAGE, an interactive prompt.",
-        epilog="With --exec (a server started with --handler exec): like `ssh host COMMAND`, "
-        "the remote stdout and stderr go to this stdout and stderr and the exit status is the "
-        "command's (killed by signal N: 128+N; timed out: 124; no server or a protocol "
-        "error: 255).",
-    )
-    parser.add_argument("messages", nargs="*", metavar="MESSAGE")
-    parser.add_argument("--host", default="127.0.0.1", help="(default: 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=9999, help="(default: 9999)")
-    parser.add_argument("--framing", choices=FRAMINGS, default="length",
-                        help="as the server's (default: length)")
-    parser.add_argument("--timeout", type=float, default=None,
-                        help="seconds to wait for the connection and each reply (default: 10; "
-                        "with --exec, 10 to connect and no limit on the reply, which the "
-                        "server's --exec-timeout bounds)")
-    parser.add_argument("--exec", nargs="?", const="", metavar="COMMAND",
-                        help="run COMMAND (and any MESSAGE words after it, joined with spaces) "
-                        "on an exec server; with no COMMAND, an interactive $ prompt")
-    parser.add_argument("--version", action="version", version=program_version("muxsrv-client"))
-    return parser
-
-
-def _print_reply(reply: bytes) -> None:
-    sys.stdout.buffer.write(reply + b"\n")
-    sys.stdout.flush()
-
-
-def _prompt(prompt: str, run: Callable[[str], int]) -> int:
-    """An interactive loop (line editing and history); the status of the last line."""
-    with contextlib.suppress(ImportError):
-        import readline  # noqa: F401  (line editing and history for input())
-    status = 0
-    while True:
-        try:
-            line = input(prompt)
-        except EOFError:
-            print()
-            return status
-        except KeyboardInterrupt:
-            print()
-            return 130
-        if line.strip():
-            status = run(line)
-
-
-def _request_line(client: Client, line: str) -> int:
-    try:
-        _print_reply(client.request(line.encode("utf-8", "surrogateescape")))
-    except ServerError as exc:
-        print(f"server error: {exc.message}", file=sys.stderr)
-        return 1
-    return 0
+# -- command line (muxsrv.client_cli) -----------------------------------------
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    options = parser.parse_args(argv)
-    if options.exec is not None:
-        if options.framing != "length":
-            parser.error("--exec needs --framing length")
-        return _exec_main(options)
-    timeout = DEFAULT_TIMEOUT if options.timeout is None else options.timeout
-    where = f"{options.host}:{options.port}"
-    try:
-        with Client(options.host, options.port, options.framing, timeout) as client:
-            if not options.messages:
-                return _prompt("> ", lambda line: _request_line(client, line))
-            status = 0
-            for text in options.messages:
-                try:
-                    _print_reply(client.request(text.encode("utf-8", "surrogateescape")))
-                except ServerError as exc:
-                    print(f"server error: {exc.message}", file=sys.stderr)
-                    status = 1
-            return status
-    except TimeoutError:
-        print(f"muxsrv-client: error: {where}: timed out after {timeout:g} s", file=sys.stderr)
-    except ConnectionClosed as exc:
-        print(f"muxsrv-client: error: {where}: {exc}", file=sys.stderr)
-    except OSError as exc:
-        print(f"muxsrv-client: error: cannot reach {where}: {exc.strerror or exc}",
-              file=sys.stderr)
-    except ValueError as exc:
-        print(f"muxsrv-client: error: {exc}", file=sys.stderr)
-        return 2
-    return 1
+    """``muxsrv-client`` and ``python -m muxsrv.client``: see :mod:`muxsrv.client_cli`."""
+    from .client_cli import main as cli_main  # not imported by library users
 
-
-# -- --exec: like `ssh host COMMAND` ------------------------------------------
-
-#: Exit status for "no server" and protocol errors, as ssh uses it.
-EXEC_FAILURE = 255
-
-
-def _exec_main(options: argparse.Namespace) -> int:
-    command = " ".join(word for word in (options.exec, *options.messages) if word)
-    where = f"{options.host}:{options.port}"
-    try:
-        client = Client(options.host, options.port, "length",
-                        DEFAULT_TIMEOUT if options.timeout is None else options.timeout)
-    except OSError as exc:
-        print(f"muxsrv-client: error: cannot reach {where}: {exc.strerror or exc}",
-              file=sys.stderr)
-        return EXEC_FAILURE
-    with client:
-        # The server's --exec-timeout bounds the command; ours only if asked for.
-        client.timeout = options.timeout
-        client._sock.settimeout(options.timeout)
-        try:
-            if command:
-                return _exec_run(client, command)
-            return _prompt("$ ", lambda line: _exec_line(client, line))
-        except KeyboardInterrupt:
-            client.abort()  # the reset tells the server to kill the command
-            return 130
-        except TimeoutError:
-            print(f"muxsrv-client: error: {where}: no reply within {options.timeout:g} s",
-                  file=sys.stderr)
-        except (ServerError, ReplyError, ConnectionClosed, OSError) as exc:
-            print(f"muxsrv-client: error: {where}: {exc}", file=sys.stderr)
-    return EXEC_FAILURE
-
-
-def _exec_run(client: Client, command: str) -> int:
-    """Run one command: its stdout to ours, its stderr to ours; return its status."""
-    result = client.exec(command)
-    sys.stdout.buffer.write(result.stdout)
-    sys.stdout.flush()
-    sys.stderr.buffer.write(result.stderr)
-    if result.timed_out:
-        sys.stderr.buffer.write(b"muxsrv-client: timed out (the server's --exec-timeout)\n")
-    if result.truncated:
-        sys.stderr.buffer.write(b"muxsrv-client: output truncated (--exec-max-output)\n")
-    sys.stderr.flush()
-    return result.status
-
-
-def _exec_line(client: Client, line: str) -> int:
-    try:
-        return _exec_run(client, line)
-    except ServerError as exc:
-        print(f"muxsrv-client: server error: {exc.message}", file=sys.stderr)
-        return EXEC_FAILURE
+    return cli_main(argv)
 
 
 if __name__ == "__main__":

@@ -21,8 +21,11 @@ The guarantees handlers get (the handler guide repeats them):
   handler callback (``abort()`` inside ``message_received`` returns first).
 
 Closing on purpose stops handing input to the handler, then closes the
-transport's way: nothing queued is lost.  Every handler error ends the
-connection through ``_fatal``, like a socket error.
+transport's way: nothing queued is lost.  A handler that raises in
+``message_received`` is answered with an error frame; in ``connection_made``,
+before any reply, with that error frame and a graceful close (the client hears
+why, not a reset); anywhere else the error ends the connection through
+``_fatal``, like a socket error.
 """
 
 from __future__ import annotations
@@ -312,8 +315,7 @@ class Connection(Transport):
     def _handler_failed(self, exc: Exception) -> bool:
         """Log a failing handler; answer with an error frame.  False: connection ends."""
         log.error("handler failed on a message from %s", self._peer_text(), exc_info=exc)
-        text = f"handler error ({type(exc).__name__}); details are in the server log"
-        if self._queue_error(text):
+        if self._queue_error(_handler_error(exc)):
             return True
         self.close()
         return False
@@ -348,9 +350,22 @@ class Connection(Transport):
 
     def _connection_made(self) -> None:
         self._flags |= MADE
-        if self._handler is not None:
-            self._callback(self._handler.connection_made, "connection_made")
-            self._flush()
+        handler = self._handler
+        if handler is None:
+            return
+        self._flags |= IN_CALLBACK
+        try:
+            handler.connection_made(self)
+        except Exception as exc:
+            # Before any reply: tell the client why, then close gracefully (what the
+            # handler sent first still goes), instead of a reset through _fatal.
+            log.error("%s: handler connection_made failed", self._peer_text(), exc_info=exc)
+            if self._state == OPEN:
+                self._queue_error(_handler_error(exc))
+                self.close()
+        finally:
+            self._flags &= ~IN_CALLBACK
+        self._flush()
 
     # -- what the transport asks ----------------------------------------------
 
@@ -437,3 +452,6 @@ class Connection(Transport):
             log.exception("%s: handler connection_lost failed", self._peer_text())
 
 
+def _handler_error(exc: Exception) -> str:
+    """The error frame's text for a handler that raised (the traceback goes to the log)."""
+    return f"handler error ({type(exc).__name__}); details are in the server log"

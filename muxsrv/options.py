@@ -17,7 +17,13 @@ from . import __version__
 from .framing import MAX_FRAME_LIMIT
 
 __all__ = [
-    "max_frame", "parse_size", "positive_int", "program_version", "seconds", "whole_number",
+    "max_frame",
+    "parse_size",
+    "positive_int",
+    "positive_seconds",
+    "program_version",
+    "seconds",
+    "whole_number",
 ]
 
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
@@ -63,10 +69,7 @@ positive_int = whole_number(1, None, "must be at least 1")
 
 def seconds(text: str) -> float:
     """An argparse type: a finite number of seconds, 0 or more."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    value = _seconds(text)
     if not value >= 0 or value == float("inf"):
         raise argparse.ArgumentTypeError("must be a finite number of seconds, 0 or more")
     return value
@@ -79,3 +82,18 @@ def program_version(prog: str) -> str:
     except metadata.PackageNotFoundError:  # run from a checkout, never installed
         number = __version__
     return f"{prog} {number}"
+
+
+def positive_seconds(text: str) -> float:
+    """An argparse type: a finite number of seconds, more than 0 (a wait that waits)."""
+    value = _seconds(text)
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError("must be a finite number of seconds, more than 0")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None

@@ -13,7 +13,7 @@ from importlib import metadata
 import pytest
 from support import LISTEN_RE, ROOT, frame, recv_frame, running_server
 
-from muxsrv import __version__, cli, client, options
+from muxsrv import __version__, cli, client_cli, options
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -155,7 +155,7 @@ def test_a_host_that_does_not_resolve_is_one_line_exit_2(
 def test_client_takes_no_abbreviations(capsys: pytest.CaptureFixture[str]) -> None:
     """Bug caught: `--ho x` quietly taken as `--host x` (and `--h` as whichever came first)."""
     with pytest.raises(SystemExit) as info:
-        client.build_parser().parse_args(["--ho", "example.org", "hello"])
+        client_cli.build_parser().parse_args(["--ho", "example.org", "hello"])
     assert info.value.code == 2
     assert "unrecognized arguments: --ho" in capsys.readouterr().err
 

@@ -8,7 +8,7 @@ import sys
 import time
 
 import pytest
-from support import PLUGINS, ROOT, plugin_env, running_server
+from support import PLUGINS, ROOT, plugin_env, running_server, wait_for
 
 from muxsrv.client import Client, ConnectionClosed, ServerError
 
@@ -69,6 +69,25 @@ def test_closed_connection_raises_connection_closed() -> None:
             c.recv()
         with pytest.raises(ConnectionClosed):
             c.recv()
+
+
+def test_closed_by_server_between_requests_and_reconnect() -> None:
+    """Bug caught: a connection the server closed while idle taken for an open one (its
+    error frame then read as the next request's reply), or not replaced by reconnect."""
+    args = ("--handler", "upper", "--idle-timeout", "0.3")
+    with running_server(*args) as srv, Client(srv.host, srv.port) as c:
+        assert c.closed_by_server() is None
+        assert c.request(b"a") == b"A"
+        why = wait_for(c.closed_by_server, what="the idle timeout seen by the client")
+        assert why == "idle timeout (0.3 s)"
+        c.reconnect()
+        assert c.closed_by_server() is None
+        assert c.request(b"b") == b"B" and c.reconnects == 1
+    args = ("--handler", "upper", "--framing", "line", "--idle-timeout", "0.3")
+    with running_server(*args) as srv, Client(srv.host, srv.port, framing="line") as c:
+        assert c.request(b"a") == b"A"
+        # No error channel: closed without a word.
+        assert wait_for(lambda: c.closed_by_server() is not None) and c.closed_by_server() == ""
 
 
 def test_timeouts() -> None:
@@ -137,7 +156,7 @@ def test_client_cli_server_error_is_reported_and_fails() -> None:
         run = run_client("--port", str(srv.port), "a", "boom", "b")
     assert run.returncode == 1
     assert run.stdout == "a\nb\n"
-    assert run.stderr == f"server error: {HANDLER_ERROR}\n"
+    assert run.stderr == f"muxsrv-client: server error: {HANDLER_ERROR}\n"
 
 
 def test_client_cli_connection_refused_is_one_line() -> None:
@@ -160,12 +179,29 @@ def test_client_cli_timeout_is_one_line() -> None:
     assert run.stderr == f"muxsrv-client: error: 127.0.0.1:{srv.port}: timed out after 0.3 s\n"
 
 
-def test_client_cli_interactive_prompt_sends_each_line() -> None:
-    """Bug caught: the prompt loop dropping lines, sending empty ones, or not ending at EOF."""
+def test_client_cli_piped_input_sends_each_line() -> None:
+    """Bug caught: the line loop dropping lines, sending blank ones, or not ending at EOF."""
     with running_server("--handler", "upper") as srv:
         result = subprocess.run(
             [sys.executable, "-m", "muxsrv.client", "--port", str(srv.port)],
             input="hello\n\nwörld\n", capture_output=True, text=True, timeout=30, cwd=ROOT,
         )
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split("> ") == ["", "HELLO\n", "", "WÖRLD\n", "\n"]
+    assert result.stdout == "HELLO\nWÖRLD\n"  # no prompts when piped
+
+
+# -- a handler failing before any reply ------------------------------------------------
+
+
+def test_connection_made_failure_reaches_the_client_as_an_error_frame() -> None:
+    """Bug caught: a handler whose connection_made raises seen by the client as "connection
+    reset by peer" (or a bare close) instead of the server's error frame."""
+    text = "handler error (RuntimeError); details are in the server log"
+    with running_server("--handler", f"{PLUGINS}:FailsOnConnect", env=plugin_env()) as srv:
+        for _ in range(3):
+            with Client(srv.host, srv.port) as c, pytest.raises(ServerError) as info:
+                c.request(b"hi")
+            assert info.value.message == text
+        run = run_client("--port", str(srv.port), "hi")
+    assert (run.returncode, run.stdout) == (1, "")
+    assert text in run.stderr and "reset" not in run.stderr

@@ -8,6 +8,7 @@ write back-pressure, bounded batches, linear output, replies as bytes, stages).
 
 from __future__ import annotations
 
+import logging
 import mmap
 import struct
 import tracemalloc
@@ -529,3 +530,39 @@ def test_what_ends_the_input_waits_while_the_handler_has_paused_reading(ending: 
             replies = h.replies()
             assert replies[:3] == [b"a", b"last", b"late reply"]
             assert isinstance(replies[3], ErrorFrame)
+
+
+# -- a handler failing before any reply ----------------------------------------------
+
+
+class FailsOnConnect(Recorder):
+    def connection_made(self, conn: Conn) -> None:
+        super().connection_made(conn)
+        conn.send(b"hello")  # queued before the failure: still delivered
+        raise RuntimeError("cannot greet")
+
+
+@pytest.mark.parametrize("framing", ["length", "line"])
+def test_connection_made_that_raises_answers_with_an_error_frame_then_closes_gracefully(
+    framing: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Bug caught: a handler failing in connection_made reaching the client as a reset
+    (the socket closed at once, what it sent first dropped) instead of an error frame."""
+    with caplog.at_level(logging.ERROR, logger="muxsrv"), Harness(
+        FailsOnConnect, framing=framing
+    ) as h:
+        h.peer_sends(frame(b"never handed over") if framing == "length" else b"never\n")
+        h.run()
+        if framing == "length":
+            hello, error = h.replies()
+            assert hello == b"hello" and isinstance(error, ErrorFrame)
+            assert error.text == "handler error (RuntimeError); details are in the server log"
+        else:  # no error channel: what was sent, then the close
+            assert h.sock.sent == b"hello\n"
+        assert h.sock.shut_wr and not h.sock.closed  # a lingering close, not a reset
+        h.sock.peer_shuts_down()
+        h.run()
+        assert h.closed == 1 and h.sock.closed and h.sock.used_after_close == 0
+        assert handler_of(h).events == ["made", "lost"]
+    assert caplog.text.count("handler connection_made failed") == 1
+    assert caplog.text.count("RuntimeError: cannot greet") == 1

@@ -146,6 +146,9 @@ def test_handler_returning_none_sends_no_reply() -> None:
         ]
 
 
+CONNECT_FAILED = b"handler error (RuntimeError); details are in the server log"
+
+
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize(
     ("handler", "logged"),
@@ -159,13 +162,18 @@ def test_handler_lifecycle_errors_end_one_connection_not_the_server(
     handler: str, logged: str
 ) -> None:
     """Bug caught: an exception from connection_made, connection_lost or the factory
-    escaping into the loop (a leaked socket, a dead server, no log)."""
+    escaping into the loop (a leaked socket, a dead server, no log); connection_made's
+    reaching the client as a reset instead of an error frame."""
     with running_server("--handler", f"{PLUGINS}:{handler}", env=plugin_env()) as srv:
         baseline = srv.open_fds()
         for _ in range(3):
             with srv.connect() as sock:
                 if handler == "FailsOnLost":
                     assert request(sock, b"hi") == (False, b"hi")
+                elif handler == "FailsOnConnect":  # told why, then a graceful close
+                    sock.sendall(frame(b"hi"))
+                    assert recv_frame(sock) == (True, CONNECT_FAILED)
+                    assert sock.recv(100) == b""
                 else:
                     sock.sendall(frame(b"hi"))
                     # Closed, perhaps with our request unread (a reset): no reply either way.
