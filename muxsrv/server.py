@@ -44,7 +44,7 @@ if TYPE_CHECKING:
     from .handler import HandlerFactory, HandlerFunction
     from .stages import Stage
 
-__all__ = ["CannotListen", "Server", "Settings", "bind_addresses"]
+__all__ = ["CannotListen", "Server", "Settings", "bind_addresses", "bind_sockets"]
 
 log = logging.getLogger("muxsrv")
 
@@ -358,20 +358,29 @@ def bind_addresses(host: str, port: int) -> list[tuple[int, int, int, tuple[Any,
 
 def _bind(settings: Settings) -> list[socket.socket]:
     """Listening sockets for every address ``host`` resolves to, on one port."""
+    backlog = socket.SOMAXCONN if socket.SOMAXCONN > 4096 else 4096
+    return bind_sockets(settings.host, settings.port, settings.reuse_port,
+                        lambda sock: sock.listen(backlog))
+
+
+def bind_sockets(
+    host: str, port: int, reuse_port: bool, then: Callable[[socket.socket], object]
+) -> list[socket.socket]:
+    """A socket bound on every address ``host`` resolves to, all on one port (port 0:
+    the first's), ``then`` called on each after its bind; on OSError all are closed."""
     socks: list[socket.socket] = []
-    port = settings.port
     try:
-        for family, type_, proto, addr in bind_addresses(settings.host, port):
+        for family, type_, proto, addr in bind_addresses(host, port):
             sock = socket.socket(family, type_, proto)
             socks.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if settings.reuse_port:
+            if reuse_port:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             sock.bind((addr[0], port, *addr[2:]))
-            port = sock.getsockname()[1]  # port 0: the others share the first's port
-            sock.listen(socket.SOMAXCONN if socket.SOMAXCONN > 4096 else 4096)
+            port = sock.getsockname()[1]
+            then(sock)
     except OSError:
         for sock in socks:
             sock.close()

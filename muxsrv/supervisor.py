@@ -43,7 +43,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any, Final
 
-from .server import DRAIN_GRACE, HANDLER_CLEANUP_TIMEOUT, CannotListen, Settings, bind_addresses
+from .server import DRAIN_GRACE, HANDLER_CLEANUP_TIMEOUT, CannotListen, Settings, bind_sockets
 
 __all__ = ["Backoff", "reserve", "supervise"]
 
@@ -99,24 +99,16 @@ def reserve(settings: Settings) -> list[socket.socket]:
 
     Raises CannotListen: EADDRINUSE if anything else listens on or holds the port.
     """
-    socks: list[socket.socket] = []
-    port = settings.port
     try:
-        for family, type_, proto, addr in bind_addresses(settings.host, port):
-            sock = socket.socket(family, type_, proto)
-            socks.append(sock)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            sock.bind((addr[0], port, *addr[2:]))
-            port = sock.getsockname()[1]  # port 0: the others share the first's port
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 0)
+        return bind_sockets(settings.host, settings.port, False, _for_our_workers)
     except OSError as exc:
-        for sock in socks:
-            sock.close()
         raise CannotListen(settings.host, settings.port, exc) from exc
-    return socks
+
+
+def _for_our_workers(sock: socket.socket) -> None:
+    """Bound without SO_REUSEPORT (so nobody else held the port): now let workers join."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 0)
 
 
 def supervise(settings: Settings, count: int, run_worker: Callable[[Settings], int]) -> int:
