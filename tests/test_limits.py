@@ -218,19 +218,45 @@ def test_shutdown_after_accepts_resumed_unregisters_the_listener() -> None:
     """Bug caught: shutdown skipping the selector unregister when EMFILE had paused accepts
     and the listener was re-registered since (a closed descriptor left in the selector: the
     next socket or pipe given that number cannot be registered)."""
-    import errno
+    import os
+    import subprocess
+    import sys
 
     from muxsrv.loop import EventLoop
     from muxsrv.server import EMFILE_BACKOFF, Server, Settings
 
     loop = EventLoop()
+    fillers: list[int] = []
+    limits = resource.getrlimit(resource.RLIMIT_NOFILE)
+    server = Server(loop, Settings(port=0, idle_timeout=0), function=lambda p: p)
+    before = {fd for fd in range(1024) if loop.is_registered(fd)}  # the loop's own waker
+    host, port = server.listen()[0]
+    (lfd,) = {fd for fd in range(1024) if loop.is_registered(fd)} - before
+    # A client in another process (its descriptors are its own), told when to connect.
+    client = subprocess.Popen(
+        [sys.executable, "-c", "import socket, sys; sys.stdin.readline(); "
+         f"s = socket.create_connection(({host!r}, {port})); sys.stdin.readline()"],
+        stdin=subprocess.PIPE, text=True,
+    )
     try:
-        server = Server(loop, Settings(port=0, idle_timeout=0), function=lambda p: p)
-        server.listen()
-        lfd = server._listeners[0].sock.fileno()
-        server._pause_accepting(OSError(errno.EMFILE, "Too many open files"))
-        assert not loop.is_registered(lfd)
-        loop.run_until(lambda: loop.is_registered(lfd), EMFILE_BACKOFF * 20)
+        assert client.stdin is not None
+        # No descriptor left for this process: the next accept fails with EMFILE.
+        top = max(int(fd) for fd in os.listdir("/proc/self/fd")) + 1
+        resource.setrlimit(resource.RLIMIT_NOFILE, (top, limits[1]))
+        try:
+            while True:
+                fillers.append(os.open(os.devnull, os.O_RDONLY))
+        except OSError:
+            pass
+        client.stdin.write("connect\n")
+        client.stdin.flush()
+        loop.run_until(lambda: not loop.is_registered(lfd), 10)
+        assert not loop.is_registered(lfd), "EMFILE did not pause accepting"
+        for fd in fillers:
+            os.close(fd)
+        fillers.clear()
+        resource.setrlimit(resource.RLIMIT_NOFILE, limits)
+        loop.run_until(lambda: loop.is_registered(lfd), EMFILE_BACKOFF * 50)
         assert loop.is_registered(lfd), "accepts never resumed"
         server.shutdown()
         assert not loop.is_registered(lfd)
@@ -240,5 +266,11 @@ def test_shutdown_after_accepts_resumed_unregisters_the_listener() -> None:
             loop.add_reader(a.fileno(), lambda: None)
             assert loop.remove_reader(a.fileno())
     finally:
+        for fd in fillers:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, limits)
+        if client.stdin is not None:
+            client.stdin.close()
+        client.wait(10)
         loop.close()
 
