@@ -184,7 +184,21 @@ def test_a_reset_ends_the_connection_once() -> None:
 # -- 3. write back-pressure -------------------------------------------------------
 
 
-class Producer(Recorder):
+class WritingAware(Recorder):
+    """Notes whether writing is paused (``paused``), as a producing handler must."""
+
+    paused = False
+
+    def pause_writing(self, conn: Conn) -> None:
+        super().pause_writing(conn)
+        self.paused = True
+
+    def resume_writing(self, conn: Conn) -> None:
+        super().resume_writing(conn)
+        self.paused = False
+
+
+class Producer(WritingAware):
     """Sends 64 KiB every tick until told to pause; goes on after resume."""
 
     def connection_made(self, conn: Conn) -> None:
@@ -199,13 +213,6 @@ class Producer(Recorder):
             self.sent += 1
         conn.loop.call_later(0.01, self.tick, conn)
 
-    def pause_writing(self, conn: Conn) -> None:
-        super().pause_writing(conn)
-        self.paused = True
-
-    def resume_writing(self, conn: Conn) -> None:
-        super().resume_writing(conn)
-        self.paused = False
 
 
 def test_pause_writing_above_high_water_and_resume_below_low_water() -> None:
@@ -231,7 +238,7 @@ def test_pause_writing_above_high_water_and_resume_below_low_water() -> None:
         assert sum(map(len, h.replies())) == 64 * 64 * 1024
 
 
-class ResumesAtOnce(Recorder):
+class ResumesAtOnce(WritingAware):
     """Sends from inside resume_writing, the natural way to go on."""
 
     def connection_made(self, conn: Conn) -> None:
@@ -245,13 +252,8 @@ class ResumesAtOnce(Recorder):
             self.sent += 1
             conn.send(bytes([self.sent]) * 600_000)
 
-    def pause_writing(self, conn: Conn) -> None:
-        super().pause_writing(conn)
-        self.paused = True
-
     def resume_writing(self, conn: Conn) -> None:
         super().resume_writing(conn)
-        self.paused = False
         self.produce(conn)
 
 
