@@ -54,13 +54,17 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from .codec import Buffer
     from .loop import EventLoop
 
-__all__ = ["ConfigError", "Conn", "Handler", "HandlerFactory", "HandlerFunction"]
+__all__ = ["ConfigError", "Conn", "Handler", "HandlerFactory", "HandlerFunction", "PeerAddress"]
+
+#: A TCP peer's address as ``getpeername()`` gives it: ``(host, port)`` for IPv4,
+#: ``(host, port, flowinfo, scope_id)`` for IPv6.
+PeerAddress = tuple[str, int] | tuple[str, int, int, int]
 
 
 class ConfigError(Exception):
@@ -71,7 +75,7 @@ class Conn(Protocol):
     """The connection as a handler sees it."""
 
     @property
-    def peer(self) -> Any:
+    def peer(self) -> PeerAddress | None:
         """The peer's address, as ``socket.getpeername()`` gives it (None if unknown)."""
         ...
 
@@ -119,7 +123,9 @@ class Conn(Protocol):
         """Stop handing this connection's messages to the handler until resumed."""
         ...
 
-    def resume_reading(self) -> None: ...
+    def resume_reading(self) -> None:
+        """Hand messages over again, those held during the pause first."""
+        ...
 
     def work_started(self) -> None:
         """A reply is being worked on: no idle timeout, and shutdown waits for it."""

@@ -3,6 +3,7 @@ that name the culprit."""
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -206,3 +207,96 @@ def test_plugin_errors_name_the_culprit(
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err == f"muxsrv: error: {info.value}\n"
+
+
+# -- the public API is typed ----------------------------------------------------------
+
+TYPED_PLUGIN = '''
+"""A handler written outside muxsrv, against its public API only."""
+import argparse
+
+from muxsrv import Client, ConfigError, Conn, Handle, Handler, ServerError, Timer
+from muxsrv.testing import Harness
+
+
+class Ticker(Handler):
+    interval = 1.0
+
+    @classmethod
+    def configure(cls, options: argparse.Namespace) -> type[Handler]:
+        if cls.interval <= 0:
+            raise ConfigError("interval must be positive")
+        return cls
+
+    def connection_made(self, conn: Conn) -> None:
+        self.timer: Timer | None = conn.loop.call_later(self.interval, self.tick, conn)
+        self.soon: Handle = conn.loop.call_soon(self.tick, conn)
+        peer = conn.peer
+        self.host: str = peer[0] if peer is not None else "?"
+        self.due: float = self.timer.when
+
+    def tick(self, conn: Conn) -> None:
+        conn.send(b"tick from " + self.host.encode())
+
+    def connection_lost(self, conn: Conn, exc: BaseException | None) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+
+
+def check() -> list[bytes]:
+    with Harness(Ticker) as h:
+        h.advance(1.0)
+        replies: list[bytes] = h.replies()
+    with Client("127.0.0.1", 9999) as c:
+        try:
+            replies.append(c.request(b"x"))
+        except ServerError as exc:
+            replies.append(exc.message.encode())
+    return replies
+'''
+
+
+def test_a_plugin_outside_the_package_passes_mypy_strict(tmp_path: Path) -> None:
+    """Bugs caught: no py.typed (mypy cannot use the package: "missing library stubs or
+    py.typed marker"), Timer/Handle/Client/ServerError not exported from muxsrv, parts of
+    the handler API (conn.peer ...) typed Any so a plugin's own code goes unchecked."""
+    (tmp_path / "ticker.py").write_text(TYPED_PLUGIN)
+    env = {k: v for k, v in os.environ.items() if k not in ("MYPYPATH", "PYTHONPATH")}
+    # On PYTHONPATH, not MYPYPATH: mypy then treats muxsrv as an installed package, which
+    # it only reads if it carries py.typed.
+    env["PYTHONPATH"] = str(ROOT)
+    mypy = Path(sys.executable).with_name("mypy")
+    run = subprocess.run(
+        [str(mypy), "--strict", "--disallow-any-expr", "--no-incremental",
+         "--cache-dir", str(tmp_path / "cache"), "--python-executable", sys.executable,
+         "ticker.py"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "has type" not in run.stdout
+
+
+def test_public_api_exported_with_docstrings_and_import_is_cheap() -> None:
+    """Bugs caught: a name of the public API missing from muxsrv or undocumented; importing
+    muxsrv (as every handler module does) pulling in the client, loop and testing code."""
+    code = (
+        "import sys, muxsrv\n"
+        "heavy = sorted(m for m in ('muxsrv.client', 'muxsrv.loop', 'muxsrv.testing', 'socket')"
+        " if m in sys.modules)\n"
+        "assert not heavy, heavy\n"
+        "for name in muxsrv.__all__:\n"
+        "    if name != '__version__':\n"
+        "        assert getattr(muxsrv, name).__doc__, name\n"
+        "from muxsrv import Client, Handle, ServerError, Timer, testing\n"
+        "from muxsrv.loop import Timer as T\n"
+        "assert Timer is T and testing.Harness\n"
+        "import importlib.resources\n"
+        "assert importlib.resources.files('muxsrv').joinpath('py.typed').is_file()\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=30)
+    assert run.returncode == 0, run.stderr
+    with open(ROOT / "pyproject.toml", "rb") as f:
+        package_data = tomllib.load(f)["tool"]["setuptools"]["package-data"]
+    assert "py.typed" in package_data["muxsrv"]  # shipped in wheels, not just in the checkout
