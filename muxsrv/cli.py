@@ -5,7 +5,8 @@ first ``--handler`` alone is read and the plugin found and loaded, then the
 full parser, with the plugin's options added, reads everything.  Neither
 takes abbreviations: ``--h`` is not ``--handler``, and a handler's options
 added later cannot change what a short prefix meant.  Every mistake a user
-can make (bad value, unknown handler, broken plugin, refused configuration,
+can make (bad value, unknown or ambiguous handler, broken plugin, a plugin
+option that clashes with a core one, a ``configure`` that refuses or fails,
 a host name that does not resolve, a port already in use) ends with one
 line on stderr and exit status 2; any other failure to listen, with one line
 and exit status 1.
@@ -87,8 +88,15 @@ def build_parser(handler: plugins.LoadedPlugin | None = None) -> argparse.Argume
         choices=("debug", "info", "warning", "error"), help="(default: info)")
     add("--version", action="version", version=program_version("muxsrv"))
     if handler is not None and handler.form == "class":
-        handler.handler_class.add_arguments(parser)
+        try:
+            handler.handler_class.add_arguments(parser)
+        except Exception as exc:  # a clash with a core option is an argparse.ArgumentError
+            _fail(f"{plugins.culprit(handler.plugin)}: add_arguments() failed: {_said(exc)}")
     return parser
+
+
+def _said(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _fail(message: str) -> NoReturn:
@@ -125,6 +133,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             factory = loaded.handler_class.configure(options)
         except ConfigError as exc:
             _fail(str(exc))
+        except Exception as exc:
+            _fail(f"{plugins.culprit(loaded.plugin)}: configure() raised {_said(exc)}")
     settings = Settings(
         host=options.host,
         port=options.port,
@@ -133,7 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_conns=options.max_conns,
         idle_timeout=options.idle_timeout,
         drain_timeout=options.drain_timeout,
-        handler_name=known.handler,
+        handler_name=loaded.describe,
     )
     if options.workers != 1 and not hasattr(signal, "sigtimedwait"):
         _fail(f"--workers needs signal.sigtimedwait, which {sys.platform} lacks")

@@ -76,7 +76,7 @@ class Settings:
     idle_timeout: float = 300.0
     drain_timeout: float = 5.0
     reuse_port: bool = False
-    handler_name: str = "echo"
+    handler_name: str = "echo"  # as the start-up line names it: "echo (built-in)"
 
 
 class CannotListen(OSError):

@@ -53,6 +53,7 @@ class ServerProcess:
         env: dict[str, str] | None = None,
         preexec_fn: Callable[[], None] | None = None,
         argv: Sequence[str] | None = None,
+        cwd: Path = ROOT,
     ) -> None:
         full_env = dict(os.environ)
         full_env["PYTHONPATH"] = str(ROOT) + os.pathsep + full_env.get("PYTHONPATH", "")
@@ -66,7 +67,7 @@ class ServerProcess:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             env=full_env,
-            cwd=ROOT,
+            cwd=cwd,
             preexec_fn=preexec_fn,
         )
         self.pid = self.proc.pid

@@ -105,7 +105,9 @@ def test_startup_line() -> None:
     """Bug caught: the start-up line missing, wrong, or naming a port that is not ours."""
     with running_server("--handler", "upper", "--framing", "line") as srv:
         line = srv.lines[0]
-        assert line == f"muxsrv: listening on 127.0.0.1:{srv.port} (handler upper, framing line)"
+        assert line == (
+            f"muxsrv: listening on 127.0.0.1:{srv.port} (handler upper (built-in), framing line)"
+        )
         assert srv.port != 0
         with srv.connect() as sock:
             sock.sendall(b"up\n")

@@ -15,6 +15,7 @@ from support import (
     PLUGIN_DIR,
     PLUGINS,
     ROOT,
+    ServerProcess,
     frame,
     plugin_env,
     recv_frame,
@@ -168,6 +169,69 @@ def test_entry_point_plugin_is_found_by_name(
         assert request(sock, b"abc") == (False, b"cba")
 
 
+def _shadowing_distribution(where: Path) -> None:
+    """A distribution that registers its own 'echo' (and an unrelated 'shout')."""
+    info = where / "loud_echo-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: loud-echo\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text(
+        f"[muxsrv.handlers]\necho = {PLUGINS}:reverse\nshout = {PLUGINS}:reverse\n"
+    )
+
+
+def test_a_plugin_cannot_shadow_a_builtin(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Bug caught: an installed package registering 'echo' silently replaces the built-in
+    while the start-up line still says 'handler echo'."""
+    _shadowing_distribution(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.syspath_prepend(str(PLUGIN_DIR))
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--handler", "echo", "--port", "0"])
+    assert info.value.code == 2
+    assert capsys.readouterr().err == (
+        "muxsrv: error: handler 'echo' is provided by more than one distribution:"
+        " built-in (muxsrv.handlers.builtin:echo) and loud-echo 1.0"
+        f" ({PLUGINS}:reverse); give package.module:attribute to pick one\n"
+    )
+    # The other names are untouched, and the start-up line names each one's origin.
+    assert plugins.load(plugins.find("upper")).describe == "upper (built-in)"
+    assert plugins.load(plugins.find("shout")).describe == "shout (loud-echo 1.0)"
+    env = plugin_env()
+    env["PYTHONPATH"] = f"{tmp_path}:{env['PYTHONPATH']}"
+    with running_server("--handler", "shout", env=env) as srv:
+        assert "(handler shout (loud-echo 1.0), framing length)" in srv.wait_log("listening")
+
+
+def test_console_script_finds_a_module_in_the_current_folder(tmp_path: Path) -> None:
+    """Bug caught: 'muxsrv --handler reverse:reverse' fails from the console script (its
+    sys.path[0] is the script's folder, not the cwd) while 'python -m muxsrv' works."""
+    (tmp_path / "reverse.py").write_text("def reverse(p: bytes) -> bytes:\n    return p[::-1]\n")
+    script = Path(sys.executable).with_name("muxsrv")
+    if not script.exists():
+        pytest.skip("the muxsrv console script is not installed beside this python")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["PYTHONPATH"] = str(ROOT)  # this checkout's muxsrv, but not the cwd
+    srv = ServerProcess([], env=env, argv=[str(script), "--handler", "reverse:reverse",
+                                           "--port", "0"], cwd=tmp_path)
+    try:
+        srv.wait_started()
+        assert "(handler reverse:reverse (reverse.py), framing length)" in srv.wait_log("listening")
+        with srv.connect() as sock:
+            assert request(sock, b"abc") == (False, b"cba")
+    finally:
+        srv.stop()
+    (tmp_path / "reverse.py").unlink()
+    run = subprocess.run(
+        [str(script), "--handler", "reverse:reverse", "--port", "0"],
+        cwd=tmp_path, env=env, capture_output=True, timeout=30, text=True,
+    )
+    assert run.returncode == 2
+    assert run.stderr.startswith("muxsrv: error: handler 'reverse:reverse'")
+    assert "set PYTHONPATH to its folder" in run.stderr and run.stderr.count("\n") == 1
+
+
 # -- plugin errors name the culprit ----------------------------------------------------
 
 
@@ -207,6 +271,29 @@ def test_plugin_errors_name_the_culprit(
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err == f"muxsrv: error: {info.value}\n"
+
+
+@pytest.mark.parametrize(
+    ("attr", "expected"),
+    [
+        ("Clash", "add_arguments() failed: ArgumentError: argument --port: conflicting option"
+                  " string: --port"),
+        ("ConfigureCrashes", "configure() raised KeyError: 'missing-setting'"),
+    ],
+)
+def test_class_plugin_mistakes_are_one_line_naming_the_handler(
+    attr: str, expected: str, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Bug caught: a handler option clashing with --port, or a configure() raising something
+    other than ConfigError, ends in an argparse traceback and exit status 1."""
+    monkeypatch.syspath_prepend(str(PLUGIN_DIR))
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--handler", f"{PLUGINS}:{attr}", "--port", "0"])
+    assert info.value.code == 2
+    assert capsys.readouterr().err == (
+        f"muxsrv: error: handler '{PLUGINS}:{attr}' ({PLUGINS}:{attr}, import path): {expected}\n"
+    )
 
 
 # -- the public API is typed ----------------------------------------------------------

@@ -181,3 +181,19 @@ class FactoryFails(Handler):
             raise RuntimeError("no handler for you")
 
         return factory
+
+
+class Clash(Handler):
+    """Declares an option the core already has."""
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--port", type=int)
+
+
+class ConfigureCrashes(Handler):
+    """configure fails with something other than ConfigError."""
+
+    @classmethod
+    def configure(cls, options: argparse.Namespace) -> HandlerFactory:
+        raise KeyError("missing-setting")
