@@ -81,7 +81,7 @@ class Conn(Protocol):
 
     @property
     def loop(self) -> EventLoop:
-        """The server's event loop: ``call_later``, ``add_reader``, ``now`` ..."""
+        """The server's event loop: ``call_later``, ``add_reader``, ``time()`` ..."""
         ...
 
     @property
