@@ -372,13 +372,14 @@ class Checker:
                 variant: str) -> None:
         if got == expected:
             return
-        j = next((k for k, (a, b) in enumerate(zip(expected, got)) if a != b),
+        j = next((k for k, (a, b) in enumerate(zip(expected, got, strict=False)) if a != b),
                  min(len(expected), len(got)))
         label = labels[j] if j < len(labels) else "no message"
         if j >= len(got):
             problem = f"reply {j} (to {label}) is missing: {len(got)} replies, not {len(expected)}"
         elif j >= len(expected):
-            problem = f"an extra reply {j}: {got[j]!r:.60} ({len(got)} replies, not {len(expected)})"
+            problem = (f"an extra reply {j}: {got[j]!r:.60} "
+                       f"({len(got)} replies, not {len(expected)})")
         else:
             problem = (f"reply {j} (to {label}) differs between splits: {got[j]!r:.60} instead "
                        f"of {expected[j]!r:.60}")
@@ -389,7 +390,7 @@ class Checker:
         """The reference's replies in the order of the messages they answer."""
         if pipelined == stepped or sorted(pipelined) != sorted(stepped):
             return
-        j = next(k for k, (a, b) in enumerate(zip(stepped, pipelined)) if a != b)
+        j = next(k for k, (a, b) in enumerate(zip(stepped, pipelined, strict=False)) if a != b)
         k = next(k for k in range(j, len(stepped)) if stepped[k] == pipelined[j])
         self.fail(f"replies out of order: the reply to {labels[k]} came before the reply "
                   f"to {labels[j]}", REFERENCE)
@@ -509,7 +510,7 @@ def check_handler(
     if real_loop:
         from .checks_real import check_real
 
-        check_real(handler, messages, framing=framing,
+        check_real(handler, messages, framing=framing, seed=seed,
                    max_callback_seconds=max_callback_seconds, timeout=timeout)
         return
     Checker(handler, messages, framing, seed, random_runs, max_splits, max_callback_seconds,
