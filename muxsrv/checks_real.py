@@ -32,7 +32,8 @@ import socket
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .checks import REFERENCE, CheckedHandler, Checker, Probe, checked_function
+from .checks import REFERENCE, Checker
+from .checks_probe import CheckedHandler, Probe, checked_function
 from .codec import MAX_FRAME_LIMIT
 from .connection import Connection
 from .framing import LengthDecoder, make_decoder
