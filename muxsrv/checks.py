@@ -330,7 +330,12 @@ def check_handler(
     ``configure`` returns): a fresh instance per variant.  ``settle_seconds``
     of fake time pass after each step, so timers due by then fire.  With
     ``real_loop`` (handlers that need real file descriptors), the real loop
-    and a socket pair instead, each variant bounded by ``timeout`` seconds.
+    and a socket pair instead, each step waiting at most ``timeout`` seconds:
+    replies are compared over the same splits (fewer two-way splits and
+    random runs) and EOF variants, and order, exceptions, the callback bound
+    and late sends are checked; the one-byte ``send()``, the resets and the
+    non-reading client are not (``settle_seconds``, ``random_runs``,
+    ``max_splits`` and ``unread_bytes`` do not apply).
     Raises :class:`HandlerCheckFailed`, naming the message and the variant.
     """
     if real_loop:

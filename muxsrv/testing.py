@@ -14,6 +14,9 @@ the server's own state machine, deterministic from the first byte to the last::
     assert h.replies() == [b"HI"]
     h.advance(30)                        # time passes: timers fire
 
+``check_handler`` (from :mod:`muxsrv.checks`) runs all of that in every
+variant at once.
+
 What is not modelled: the clock does not move during a turn of the loop, so a
 ``call_later(0, ...)`` made by a timer runs in that same turn (with a real
 clock, on the next); a handler that re-arms a 0-delay timer forever keeps
@@ -27,7 +30,7 @@ import errno
 import selectors
 from collections import deque
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .codec import MAX_FRAME_LIMIT, Buffer
 from .connection import Connection
@@ -38,7 +41,18 @@ from .loop import EVENT_READ, EVENT_WRITE, EventLoop
 from .staged import StagedConnection
 from .stages import Stage
 
-__all__ = ["FakeClock", "FakeSelector", "FakeSocket", "Harness", "frame"]
+if TYPE_CHECKING:  # at run time through __getattr__ (muxsrv.checks imports this module)
+    from .checks import HandlerCheckFailed, check_handler
+
+__all__ = [
+    "FakeClock",
+    "FakeSelector",
+    "FakeSocket",
+    "HandlerCheckFailed",
+    "Harness",
+    "check_handler",
+    "frame",
+]
 
 #: The most buffers one ``sendmsg`` takes on Linux.
 IOV_MAX = 1024
