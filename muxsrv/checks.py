@@ -92,9 +92,18 @@ def encode_messages(messages: Sequence[bytes], framing: str) -> list[bytes]:
 class Checker:
     """One handler, one list of messages, every variant (on the fake loop)."""
 
-    def __init__(self, handler: Any, messages: Sequence[bytes], framing: str, seed: int,
-                 random_runs: int, max_splits: int, max_callback_seconds: float,
-                 settle_seconds: float, unread_bytes: int) -> None:
+    def __init__(
+        self,
+        handler: Any,
+        messages: Sequence[bytes],
+        framing: str,
+        seed: int,
+        random_runs: int,
+        max_splits: int,
+        max_callback_seconds: float,
+        settle_seconds: float,
+        unread_bytes: int,
+    ) -> None:
         if framing not in ("length", "line"):
             raise ValueError(f"check_handler compares messages: framing {framing!r} has none")
         self.function: HandlerFunction | None = None
@@ -134,6 +143,7 @@ class Checker:
             nonlocal seen
             data, seen = bytes(h.sock.sent[seen:]), len(h.sock.sent)
             return client.feed(data)
+
         return h, probe, replies
 
     def fail(self, problem: str, variant: str) -> None:
@@ -148,18 +158,21 @@ class Checker:
                 if probe.problems:
                     self.fail(probe.problems[0], variant)
                 if bound is not None and h.conn.pending > bound:
-                    self.fail(f"output grows without bound while the client does not read "
-                              f"({h.conn.pending} bytes pending, more than {bound}), at "
-                              f"{probe.where()}", variant)
+                    self.fail(
+                        f"output grows without bound while the client does not read "
+                        f"({h.conn.pending} bytes pending, more than {bound}), at "
+                        f"{probe.where()}",
+                        variant,
+                    )
                 if h.selector.settled:
                     return
-            self.fail(f"the loop did not settle in {MAX_TURNS} turns, at {probe.where()}",
-                      variant)
+            self.fail(f"the loop did not settle in {MAX_TURNS} turns, at {probe.where()}", variant)
         finally:
             h.selector.until = None
 
-    def run(self, variant: str, segments: Sequence[bytes], max_send: int | None = None
-            ) -> tuple[list[bytes], int]:
+    def run(
+        self, variant: str, segments: Sequence[bytes], max_send: int | None = None
+    ) -> tuple[list[bytes], int]:
         """Replies to ``segments`` then EOF; and the bytes sent."""
         h, probe, replies = self.start()
         with h:
@@ -180,6 +193,7 @@ class Checker:
             got = replies()
             out.extend(got)
             labels.extend([label] * len(got))
+
         with h:
             self.settle(h, probe, variant)
             collect("connection_made")
@@ -194,32 +208,39 @@ class Checker:
 
     # -- comparing ------------------------------------------------------------
 
-    def compare(self, expected: list[bytes], got: list[bytes], labels: list[str],
-                variant: str) -> None:
+    def compare(
+        self, expected: list[bytes], got: list[bytes], labels: list[str], variant: str
+    ) -> None:
         if got == expected:
             return
-        j = next((k for k, (a, b) in enumerate(zip(expected, got, strict=False)) if a != b),
-                 min(len(expected), len(got)))
+        j = next(
+            (k for k, (a, b) in enumerate(zip(expected, got, strict=False)) if a != b),
+            min(len(expected), len(got)),
+        )
         label = labels[j] if j < len(labels) else "no message"
         if j >= len(got):
             problem = f"reply {j} (to {label}) is missing: {len(got)} replies, not {len(expected)}"
         elif j >= len(expected):
-            problem = (f"an extra reply {j}: {got[j]!r:.60} "
-                       f"({len(got)} replies, not {len(expected)})")
+            problem = (
+                f"an extra reply {j}: {got[j]!r:.60} ({len(got)} replies, not {len(expected)})"
+            )
         else:
-            problem = (f"reply {j} (to {label}) differs between splits: {got[j]!r:.60} instead "
-                       f"of {expected[j]!r:.60}")
+            problem = (
+                f"reply {j} (to {label}) differs between splits: {got[j]!r:.60} instead "
+                f"of {expected[j]!r:.60}"
+            )
         self.fail(problem, variant)
 
-    def check_order(self, pipelined: list[bytes], stepped: list[bytes],
-                    labels: list[str]) -> None:
+    def check_order(self, pipelined: list[bytes], stepped: list[bytes], labels: list[str]) -> None:
         """The reference's replies in the order of the messages they answer."""
         if pipelined == stepped or sorted(pipelined) != sorted(stepped):
             return
         j = next(k for k, (a, b) in enumerate(zip(stepped, pipelined, strict=False)) if a != b)
         k = next(k for k in range(j, len(stepped)) if stepped[k] == pipelined[j])
-        self.fail(f"replies out of order: the reply to {labels[k]} came before the reply "
-                  f"to {labels[j]}", REFERENCE)
+        self.fail(
+            f"replies out of order: the reply to {labels[k]} came before the reply to {labels[j]}",
+            REFERENCE,
+        )
 
     # -- the variants ---------------------------------------------------------
 
@@ -243,7 +264,7 @@ class Checker:
         data, out, at = self.data, [], 0
         while at < len(data):
             size = rng.randint(1, max(1, min(len(data), 64)))
-            out.append(data[at:at + size])
+            out.append(data[at : at + size])
             at += size
         return out
 
@@ -251,16 +272,20 @@ class Checker:
         reference, sent = self.run(REFERENCE, [self.data])
         stepped, labels = self.lockstep("one message at a time, waiting for the replies")
         self.check_order(reference, stepped, labels)
-        self.compare(reference, stepped, labels,
-                     "one message at a time, waiting for the replies")
+        self.compare(reference, stepped, labels, "one message at a time, waiting for the replies")
         self.check_unread(reference, sent)
         self.check_reset(sent)
         variants: list[tuple[str, list[bytes]]] = [
             ("each message in its own segment", self.encoded),
-            ("byte at a time", [self.data[i:i + 1] for i in range(len(self.data))]),
+            ("byte at a time", [self.data[i : i + 1] for i in range(len(self.data))]),
         ]
-        variants += [(f"split at byte {k} (inside message {self.message_at(k)})",
-                      [self.data[:k], self.data[k:]]) for k in self.split_points()]
+        variants += [
+            (
+                f"split at byte {k} (inside message {self.message_at(k)})",
+                [self.data[:k], self.data[k:]],
+            )
+            for k in self.split_points()
+        ]
         for r in range(self.random_runs):
             rng = random.Random(self.seed + r)
             variants.append((f"random chunks (seed {self.seed + r})", self.random_chunks(rng)))
@@ -269,15 +294,17 @@ class Checker:
         variant = "send() takes one byte at a time"
         self.compare(reference, self.run(variant, [self.data], max_send=1)[0], labels, variant)
         for i in range(len(self.encoded)):
-            prefix = b"".join(self.encoded[:i + 1])
+            prefix = b"".join(self.encoded[: i + 1])
             expected = self.run(f"{REFERENCE}, of messages 0-{i}", [prefix])[0]
             variant = f"EOF after message {i}"
-            segments = self.encoded[:i + 1]
+            segments = self.encoded[: i + 1]
             self.compare(expected, self.run(variant, segments)[0], labels, variant)
 
     def check_reset(self, sent: int) -> None:
-        for variant, allow in (("client resets before reading a reply", 0),
-                               ("client resets mid-reply", sent // 2)):
+        for variant, allow in (
+            ("client resets before reading a reply", 0),
+            ("client resets mid-reply", sent // 2),
+        ):
             h, probe, _ = self.start()
             with h:
                 h.sock.capacity = allow
@@ -287,11 +314,14 @@ class Checker:
                 h.sock.peer_resets()
                 self.settle(h, probe, variant)
                 if h.closed != 1:
-                    self.fail(f"the connection did not end once ({h.closed} times), at "
-                              f"{probe.where()}", variant)
+                    self.fail(
+                        f"the connection did not end once ({h.closed} times), at {probe.where()}",
+                        variant,
+                    )
                 if self.factory is not None and probe.lost != 1:
-                    self.fail(f"connection_lost ran {probe.lost} times, at {probe.where()}",
-                              variant)
+                    self.fail(
+                        f"connection_lost ran {probe.lost} times, at {probe.where()}", variant
+                    )
 
     def check_unread(self, reference: list[bytes], sent: int) -> None:
         """The client sends and sends but reads nothing: the output stays bounded."""
@@ -341,8 +371,23 @@ def check_handler(
     if real_loop:
         from .checks_real import check_real
 
-        check_real(handler, messages, framing=framing, seed=seed,
-                   max_callback_seconds=max_callback_seconds, timeout=timeout)
+        check_real(
+            handler,
+            messages,
+            framing=framing,
+            seed=seed,
+            max_callback_seconds=max_callback_seconds,
+            timeout=timeout,
+        )
         return
-    Checker(handler, messages, framing, seed, random_runs, max_splits, max_callback_seconds,
-            settle_seconds, unread_bytes).check()
+    Checker(
+        handler,
+        messages,
+        framing,
+        seed,
+        random_runs,
+        max_splits,
+        max_callback_seconds,
+        settle_seconds,
+        unread_bytes,
+    ).check()

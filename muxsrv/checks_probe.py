@@ -53,8 +53,10 @@ class Probe:
         finally:
             took = time.perf_counter() - start
             if took > self.limit:
-                self.problem(f"{what} ran for {took * 1000:.0f} ms (more than "
-                             f"{self.limit * 1000:.0f} ms: it blocks the loop)")
+                self.problem(
+                    f"{what} ran for {took * 1000:.0f} ms (more than "
+                    f"{self.limit * 1000:.0f} ms: it blocks the loop)"
+                )
 
     def wrap(self, what: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         return lambda *args: self.timed(what, fn, *args)
@@ -163,16 +165,16 @@ class CheckedHandler(Handler):
 
     def message_received(self, conn: Conn, payload: bytes) -> None:
         self._probe.received += 1
-        self._probe.timed("message_received", self._inner.message_received,
-                          self._conn(conn), payload)
+        self._probe.timed(
+            "message_received", self._inner.message_received, self._conn(conn), payload
+        )
 
     def eof_received(self, conn: Conn) -> None:
         self._probe.timed("eof_received", self._inner.eof_received, self._conn(conn))
 
     def connection_lost(self, conn: Conn, exc: BaseException | None) -> None:
         try:
-            self._probe.timed("connection_lost", self._inner.connection_lost,
-                              self._conn(conn), exc)
+            self._probe.timed("connection_lost", self._inner.connection_lost, self._conn(conn), exc)
         finally:
             self._probe.lost += 1
             if self._probe.lost > 1:
@@ -190,4 +192,5 @@ def checked_function(fn: HandlerFunction, probe: Probe) -> HandlerFunction:
         probe.received += 1
         reply: Buffer | None = probe.timed("the handler", fn, payload)
         return reply
+
     return checked

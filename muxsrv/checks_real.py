@@ -63,9 +63,11 @@ class RealHarness:
         self.closed = 0
         self.received = bytearray()
         self._seen = 0
-        self._decoder: Any = (LengthDecoder(MAX_FRAME_LIMIT, accept_errors=True)
-                              if checker.framing == "length"
-                              else make_decoder(checker.framing, MAX_FRAME_LIMIT))
+        self._decoder: Any = (
+            LengthDecoder(MAX_FRAME_LIMIT, accept_errors=True)
+            if checker.framing == "length"
+            else make_decoder(checker.framing, MAX_FRAME_LIMIT)
+        )
         handler = None
         function = None
         if checker.function is not None:
@@ -74,9 +76,14 @@ class RealHarness:
             factory = checker.factory
             assert factory is not None
             handler = CheckedHandler(factory(), self.probe)
-        self.conn = Connection(self, server, ("127.0.0.1", 0),
-                               make_decoder(checker.framing, checker.max_frame),
-                               function, handler)
+        self.conn = Connection(
+            self,
+            server,
+            ("127.0.0.1", 0),
+            make_decoder(checker.framing, checker.max_frame),
+            function,
+            handler,
+        )
         self.conn.start()
 
     # -- the owner's side ------------------------------------------------------
@@ -109,8 +116,11 @@ class RealHarness:
                 return
             left = deadline - self.loop.time()
             if left <= 0:
-                self.checker.fail(f"timed out after {self.checker.timeout:g} s waiting for "
-                                  f"{what}, at {self.probe.where()}", self.variant)
+                self.checker.fail(
+                    f"timed out after {self.checker.timeout:g} s waiting for "
+                    f"{what}, at {self.probe.where()}",
+                    self.variant,
+                )
             self.loop.run_once(max_wait=min(left, 0.05))
 
     def _input_read(self) -> bool:
@@ -141,11 +151,13 @@ class RealHarness:
 
         def released() -> bool:
             return bool(self.checker.factory is None or self.probe.lost) and (
-                self.loop.watched_fds == 0)
+                self.loop.watched_fds == 0
+            )
+
         self.wait(released, "connection_lost and the handler's descriptors to go")
 
     def replies(self) -> list[bytes]:
-        data = bytes(self.received[self._seen:])
+        data = bytes(self.received[self._seen :])
         self._seen = len(self.received)
         got: list[bytes] = self._decoder.feed(data)
         if isinstance(self._decoder, LengthDecoder):
@@ -163,14 +175,31 @@ class RealChecker(Checker):
 
     max_frame = 16 * 1024 * 1024
 
-    def __init__(self, handler: Any, messages: Sequence[bytes], framing: str, seed: int,
-                 max_callback_seconds: float, timeout: float) -> None:
-        super().__init__(handler, messages, framing, seed, REAL_RANDOM_RUNS, REAL_SPLITS,
-                         max_callback_seconds, 0.0, 0)
+    def __init__(
+        self,
+        handler: Any,
+        messages: Sequence[bytes],
+        framing: str,
+        seed: int,
+        max_callback_seconds: float,
+        timeout: float,
+    ) -> None:
+        super().__init__(
+            handler,
+            messages,
+            framing,
+            seed,
+            REAL_RANDOM_RUNS,
+            REAL_SPLITS,
+            max_callback_seconds,
+            0.0,
+            0,
+        )
         self.timeout = timeout
 
-    def run(self, variant: str, segments: Sequence[bytes], max_send: int | None = None
-            ) -> tuple[list[bytes], int]:
+    def run(
+        self, variant: str, segments: Sequence[bytes], max_send: int | None = None
+    ) -> tuple[list[bytes], int]:
         h = RealHarness(self, variant)
         try:
             h.settle()
@@ -191,6 +220,7 @@ class RealChecker(Checker):
             got = h.replies()
             out.extend(got)
             labels.extend([label] * len(got))
+
         try:
             h.settle()
             collect("connection_made")
@@ -208,27 +238,39 @@ class RealChecker(Checker):
         reference, _ = self.run(REFERENCE, [self.data])
         stepped, labels = self.lockstep("one message at a time, waiting for the replies")
         self.check_order(reference, stepped, labels)
-        self.compare(reference, stepped, labels,
-                     "one message at a time, waiting for the replies")
+        self.compare(reference, stepped, labels, "one message at a time, waiting for the replies")
         variants: list[tuple[str, list[bytes]]] = [
             ("each message in its own segment", self.encoded),
-            ("byte at a time", [self.data[i:i + 1] for i in range(len(self.data))]),
+            ("byte at a time", [self.data[i : i + 1] for i in range(len(self.data))]),
         ]
-        variants += [(f"split at byte {k} (inside message {self.message_at(k)})",
-                      [self.data[:k], self.data[k:]]) for k in self.split_points()]
+        variants += [
+            (
+                f"split at byte {k} (inside message {self.message_at(k)})",
+                [self.data[:k], self.data[k:]],
+            )
+            for k in self.split_points()
+        ]
         for r in range(self.random_runs):
             rng = random.Random(self.seed + r)
             variants.append((f"random chunks (seed {self.seed + r})", self.random_chunks(rng)))
         for variant, segments in variants:
             self.compare(reference, self.run(variant, segments)[0], labels, variant)
         for i in range(len(self.encoded)):
-            expected = self.run(f"{REFERENCE}, of messages 0-{i}",
-                                [b"".join(self.encoded[:i + 1])])[0]
+            expected = self.run(
+                f"{REFERENCE}, of messages 0-{i}", [b"".join(self.encoded[: i + 1])]
+            )[0]
             variant = f"EOF after message {i}"
-            self.compare(expected, self.run(variant, self.encoded[:i + 1])[0], labels, variant)
+            self.compare(expected, self.run(variant, self.encoded[: i + 1])[0], labels, variant)
 
 
-def check_real(handler: Any, messages: Sequence[bytes], *, framing: str, seed: int,
-               max_callback_seconds: float, timeout: float) -> None:
+def check_real(
+    handler: Any,
+    messages: Sequence[bytes],
+    *,
+    framing: str,
+    seed: int,
+    max_callback_seconds: float,
+    timeout: float,
+) -> None:
     """``check_handler`` with ``real_loop=True``; see the module docstring."""
     RealChecker(handler, messages, framing, seed, max_callback_seconds, timeout).check()

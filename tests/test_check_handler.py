@@ -50,8 +50,9 @@ def test_line_framing_passes() -> None:
 def readme_module(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
     """A README code block (``# name.py`` on its first line) imported as a module."""
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    blocks = [c for c in re.findall(r"```python\n(.*?)```", readme, re.S)
-              if c.startswith(f"# {name}.py")]
+    blocks = [
+        c for c in re.findall(r"```python\n(.*?)```", readme, re.S) if c.startswith(f"# {name}.py")
+    ]
     assert len(blocks) == 1
     (tmp_path / f"{name}.py").write_text(blocks[0])
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -70,13 +71,15 @@ def test_readme_counter_passes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
 def exec_factory(cwd: Path) -> Any:
     loaded = plugins.load(plugins.find("exec"))
     options: argparse.Namespace = build_parser(loaded).parse_args(
-        ["--handler", "exec", "--exec-cwd", str(cwd)])
+        ["--handler", "exec", "--exec-cwd", str(cwd)]
+    )
     return ExecHandler.configure(options)
 
 
 def test_exec_passes_on_the_real_loop(tmp_path: Path) -> None:
-    check_handler(exec_factory(tmp_path), [b"echo hi", b"true", b"exit 3"], real_loop=True,
-                  timeout=10)
+    check_handler(
+        exec_factory(tmp_path), [b"echo hi", b"true", b"exit 3"], real_loop=True, timeout=10
+    )
 
 
 # -- broken handlers, one bug each -------------------------------------------------
@@ -99,8 +102,11 @@ class Batcher(Handler):
 
 
 def test_replies_that_depend_on_the_split_are_caught() -> None:
-    with pytest.raises(HandlerCheckFailed, match=r"reply 0 \(to message 0 \(b'a'\)\) differs "
-                       r"between splits: b'a' instead of b'a\|b'.*one message at a time"):
+    with pytest.raises(
+        HandlerCheckFailed,
+        match=r"reply 0 \(to message 0 \(b'a'\)\) differs "
+        r"between splits: b'a' instead of b'a\|b'.*one message at a time",
+    ):
         check_handler(Batcher, [b"a", b"b"])
 
 
@@ -116,8 +122,11 @@ class SendsAfterClose(Handler):
 
 
 def test_a_send_after_the_handlers_own_close_is_caught() -> None:
-    with pytest.raises(HandlerCheckFailed, match=r"send after the handler's own close\(\)/abort"
-                       r"\(\), at message 1 \(b'quit'\), in variant 'all messages in one read'"):
+    with pytest.raises(
+        HandlerCheckFailed,
+        match=r"send after the handler's own close\(\)/abort"
+        r"\(\), at message 1 \(b'quit'\), in variant 'all messages in one read'",
+    ):
         check_handler(SendsAfterClose, [b"hi", b"quit"])
 
 
@@ -141,8 +150,11 @@ def raises_on_boom(payload: bytes) -> bytes:
 
 
 def test_an_exception_is_caught_naming_the_message() -> None:
-    with pytest.raises(HandlerCheckFailed, match=r"the handler raised ValueError: no booms, at "
-                       r"message 1 \(b'boom'\)"):
+    with pytest.raises(
+        HandlerCheckFailed,
+        match=r"the handler raised ValueError: no booms, at "
+        r"message 1 \(b'boom'\)",
+    ):
         check_handler(raises_on_boom, [b"ok", b"boom"])
 
 
@@ -171,8 +183,11 @@ def test_a_callback_that_blocks_the_loop_is_caught() -> None:
             time.sleep(0.05)
         return payload
 
-    with pytest.raises(HandlerCheckFailed, match=r"the handler ran for \d+ ms \(more than 20 ms: "
-                       r"it blocks the loop\), at message 0 \(b'a'\)"):
+    with pytest.raises(
+        HandlerCheckFailed,
+        match=r"the handler ran for \d+ ms \(more than 20 ms: "
+        r"it blocks the loop\), at message 0 \(b'a'\)",
+    ):
         check_handler(blocks_once, [b"a"], max_callback_seconds=0.02)
     assert slept == [True]
 
@@ -193,8 +208,11 @@ class KeepsTalking(Handler):
 
 
 def test_output_that_grows_while_the_client_does_not_read_is_caught() -> None:
-    with pytest.raises(HandlerCheckFailed, match=r"output grows without bound while the client "
-                       r"does not read .*in variant 'the client does not read'"):
+    with pytest.raises(
+        HandlerCheckFailed,
+        match=r"output grows without bound while the client "
+        r"does not read .*in variant 'the client does not read'",
+    ):
         check_handler(KeepsTalking, [b"m" * 1000])
 
 
@@ -225,8 +243,11 @@ class Reorders(Handler):
 
 
 def test_replies_out_of_order_are_caught() -> None:
-    with pytest.raises(HandlerCheckFailed, match=r"replies out of order: the reply to message 1 "
-                       r"\(b'second'\) came before the reply to message 0 \(b'first'\)"):
+    with pytest.raises(
+        HandlerCheckFailed,
+        match=r"replies out of order: the reply to message 1 "
+        r"\(b'second'\) came before the reply to message 0 \(b'first'\)",
+    ):
         check_handler(Reorders, [b"first", b"second"])
 
 
@@ -249,14 +270,20 @@ class ResetUnsafe(Handler):
 
 
 def test_a_failure_on_reset_names_the_reset_variant() -> None:
-    with pytest.raises(HandlerCheckFailed, match=r"connection_lost raised RuntimeError: lost "
-                       r"without EOF.*client resets before reading a reply"):
+    with pytest.raises(
+        HandlerCheckFailed,
+        match=r"connection_lost raised RuntimeError: lost "
+        r"without EOF.*client resets before reading a reply",
+    ):
         check_handler(ResetUnsafe, [b"a" * 1000])
 
 
 def test_the_real_loop_catches_exceptions_too(tmp_path: Path) -> None:
-    with pytest.raises(HandlerCheckFailed, match=r"the handler raised ValueError: no booms, at "
-                       r"message 1 \(b'boom'\), in variant 'all messages in one read'"):
+    with pytest.raises(
+        HandlerCheckFailed,
+        match=r"the handler raised ValueError: no booms, at "
+        r"message 1 \(b'boom'\), in variant 'all messages in one read'",
+    ):
         check_handler(raises_on_boom, [b"ok", b"boom"], real_loop=True, timeout=10)
 
 
