@@ -290,3 +290,16 @@ def test_the_real_loop_catches_exceptions_too(tmp_path: Path) -> None:
 def test_the_real_loop_catches_replies_that_depend_on_the_split() -> None:
     with pytest.raises(HandlerCheckFailed, match=r"differs between splits"):
         check_handler(Batcher, [b"a", b"b"], real_loop=True, timeout=10)
+
+
+def test_the_real_loop_catches_a_callback_that_blocks() -> None:
+    slept = []
+
+    def blocks_once(payload: bytes) -> bytes:
+        if not slept:
+            slept.append(True)
+            time.sleep(0.05)
+        return payload
+
+    with pytest.raises(HandlerCheckFailed, match=r"the handler ran for \d+ ms \(more than 20 ms"):
+        check_handler(blocks_once, [b"a"], max_callback_seconds=0.02, real_loop=True, timeout=10)
