@@ -32,7 +32,9 @@ the handler's own ``close()``/``abort()`` or after ``connection_lost``,
 ``connection_lost`` at most once.
 
 A handler that needs real file descriptors (``exec``'s child processes) runs
-with ``real_loop=True``: see :mod:`muxsrv.checks_real`.
+with ``real_loop=True``: see :mod:`muxsrv.checks_real`.  On the fake loop,
+one still watching real descriptors once nothing else can happen fails with
+that advice (the fake selector never reports them ready).
 """
 
 from __future__ import annotations
@@ -165,6 +167,13 @@ class Checker:
                         variant,
                     )
                 if h.selector.settled:
+                    if h.loop.watched_fds:
+                        self.fail(
+                            f"waits on {h.loop.watched_fds} real file descriptor(s), which the "
+                            f"fake loop never reports ready (use real_loop=True), at "
+                            f"{probe.where()}",
+                            variant,
+                        )
                     return
             self.fail(f"the loop did not settle in {MAX_TURNS} turns, at {probe.where()}", variant)
         finally:

@@ -303,3 +303,8 @@ def test_the_real_loop_catches_a_callback_that_blocks() -> None:
 
     with pytest.raises(HandlerCheckFailed, match=r"the handler ran for \d+ ms \(more than 20 ms"):
         check_handler(blocks_once, [b"a"], max_callback_seconds=0.02, real_loop=True, timeout=10)
+
+
+def test_a_handler_on_real_descriptors_is_told_to_use_the_real_loop(tmp_path: Path) -> None:
+    with pytest.raises(HandlerCheckFailed, match=r"real file descriptor.*use real_loop=True"):
+        check_handler(exec_factory(tmp_path), [b"true"])
