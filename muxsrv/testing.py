@@ -14,6 +14,9 @@ the server's own state machine, deterministic from the first byte to the last::
     assert h.replies() == [b"HI"]
     h.advance(30)                        # time passes: timers fire
 
+``check_handler`` (from :mod:`muxsrv.checks`) runs all of that in every
+variant at once.
+
 What is not modelled: the clock does not move during a turn of the loop, so a
 ``call_later(0, ...)`` made by a timer runs in that same turn (with a real
 clock, on the next); a handler that re-arms a 0-delay timer forever keeps
@@ -27,7 +30,7 @@ import errno
 import selectors
 from collections import deque
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .codec import MAX_FRAME_LIMIT, Buffer
 from .connection import Connection
@@ -38,7 +41,18 @@ from .loop import EVENT_READ, EVENT_WRITE, EventLoop
 from .staged import StagedConnection
 from .stages import Stage
 
-__all__ = ["FakeClock", "FakeSelector", "FakeSocket", "Harness", "frame"]
+if TYPE_CHECKING:  # at run time through __getattr__ (muxsrv.checks imports this module)
+    from .checks import HandlerCheckFailed, check_handler
+
+__all__ = [
+    "FakeClock",
+    "FakeSelector",
+    "FakeSocket",
+    "HandlerCheckFailed",
+    "Harness",
+    "check_handler",
+    "frame",
+]
 
 #: The most buffers one ``sendmsg`` takes on Linux.
 IOV_MAX = 1024
@@ -83,6 +97,8 @@ class FakeSocket:
         self._peer = peer
         #: Bytes ``send`` may still take (None: no limit).
         self.capacity: int | None = None
+        #: The most one ``send`` call takes (None: no limit); 1 for a trickling transport.
+        self.max_send: int | None = None
         #: Everything sent, as the peer would read it.
         self.sent = bytearray()
         #: Bytes offered to ``send``/``sendmsg`` in all (a measure of copying).
@@ -162,6 +178,8 @@ class FakeSocket:
         if self.shut_wr:
             raise BrokenPipeError(errno.EPIPE, "Broken pipe")
         n = len(data) if self.capacity is None else min(len(data), self.capacity)
+        if self.max_send is not None:
+            n = min(n, self.max_send)
         if n == 0 and data:
             raise BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")
         if self.capacity is not None:
@@ -329,6 +347,14 @@ class Harness:
         data = bytes(self.sock.sent[self._read:])
         self._read = len(self.sock.sent)
         return self._client.feed(data) + _drain(self._client)
+
+
+def __getattr__(name: str) -> Any:
+    # The conformance check lives in muxsrv.checks (which imports this module).
+    if name in ("check_handler", "HandlerCheckFailed"):
+        from . import checks
+        return getattr(checks, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _drain(decoder: LengthDecoder) -> list[bytes]:

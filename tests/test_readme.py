@@ -34,7 +34,8 @@ def python_blocks() -> dict[str, str]:
 
 
 def test_readme_examples_exist() -> None:
-    assert {"reverse.py", "counter.py", "test_counter.py"} <= set(python_blocks())
+    assert {"reverse.py", "counter.py", "test_counter.py", "test_reverse_check.py"} <= set(
+        python_blocks())
 
 
 def test_harness_example_passes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -47,6 +48,22 @@ def test_harness_example_passes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     import test_counter  # type: ignore[import-not-found]
 
     tests = [getattr(test_counter, n) for n in dir(test_counter) if n.startswith("test_")]
+    assert tests
+    for test in tests:
+        test()
+
+
+def test_check_handler_example_passes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    blocks = python_blocks()
+    for name in ("reverse.py", "counter.py", "test_reverse_check.py"):
+        (tmp_path / name).write_text(blocks[name])
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in ("reverse", "counter", "test_reverse_check"):
+        sys.modules.pop(name, None)
+    import test_reverse_check  # type: ignore[import-not-found]
+
+    tests = [getattr(test_reverse_check, n) for n in dir(test_reverse_check)
+             if n.startswith("test_")]
     assert tests
     for test in tests:
         test()
