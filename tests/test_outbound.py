@@ -373,3 +373,29 @@ def test_forward_example_runs(tmp_path: Path) -> None:
             c.request(b"hello")
         assert err.value.message.startswith("backend lost: ")
         assert "refused" in err.value.message
+
+
+def test_outbound_connections_are_not_the_servers_and_end_with_it(loop: EventLoop) -> None:
+    """Bugs caught: outbound connections counted as accepted ones (--max-conns, the drain
+    waiting for them), or left open, their handler never told, when the server stops."""
+    backends: list[Recorder] = []
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        bport = listener.getsockname()[1]
+
+        class Opener(Handler):
+            def connection_made(self, conn: Conn) -> None:
+                for _ in range(2):  # kept open: the server has to end them
+                    backends.append(Recorder())
+                    conn.loop.connect("127.0.0.1", bport, backends[-1])
+
+        server = Server(loop, Settings(port=0, idle_timeout=0, max_conns=1), factory=Opener)
+        [(_, port)] = server.listen(socket.create_server(("127.0.0.1", 0)))
+        with socket.create_connection(("127.0.0.1", port), timeout=5):
+            assert loop.run_until(lambda: [b.events for b in backends] == [["made"]] * 2, 5)
+            assert len(server._conns) == 1  # max_conns=1 and both outbound connections made
+            server.shutdown()
+        t0 = loop.time()
+        server.run()  # the client left: the drain ends; the outbound ones are aborted
+        assert loop.time() - t0 < 5
+    assert [b.events for b in backends] == [["made", ("lost", None)]] * 2
+    assert not outbound.connector_of(loop).conns
