@@ -188,6 +188,11 @@ class Outbound(Connection):
         if not self._connecting:
             super()._update_mask()
 
+    def _queue_error(self, text: str) -> bool:
+        # Error frames go from server to client only: toward a server there is no
+        # error channel, so a failing handler closes this connection instead.
+        return False
+
     @property
     def peer(self) -> Any:
         return self._peer  # where we connect to, known from the start

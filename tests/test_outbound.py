@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import errno
 import importlib.util
+import os
 import re
 import socket
+import subprocess
 import sys
 from contextlib import suppress
 from pathlib import Path
@@ -399,3 +401,39 @@ def test_outbound_connections_are_not_the_servers_and_end_with_it(loop: EventLoo
         assert loop.time() - t0 < 5
     assert [b.events for b in backends] == [["made", ("lost", None)]] * 2
     assert not outbound.connector_of(loop).conns
+
+
+def test_a_failing_handler_closes_its_outbound_connection_without_an_error_frame(
+    loop: EventLoop,
+) -> None:
+    """Bug caught: an error frame sent toward a server, which has no such channel (its
+    decoder takes the flagged length word for a frame too large)."""
+
+    class Failing(Recorder):
+        def message_received(self, conn: Conn, payload: bytes) -> None:
+            raise RuntimeError("bug in the handler")
+
+    h = Failing()
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        loop.connect("127.0.0.1", listener.getsockname()[1], h)
+        peer, _ = listener.accept()
+    with peer:
+        peer.settimeout(5)
+        peer.sendall(frame(b"x"))
+        sock = outbound.connector_of(loop).conns
+        assert loop.run_until(lambda: all(c.closing for c in sock), 5)
+        assert peer.recv(100) == b""  # a clean close, and nothing sent before it
+    assert loop.run_until(lambda: h.lost, 5)  # (the peer closed: the linger ends)
+    assert h.events == ["made", ("lost", None)]
+
+
+@pytest.mark.timeout(120)
+def test_forward_example_passes_mypy_strict(tmp_path: Path) -> None:
+    """Bug caught: ``conn.loop.connect`` or ``error_received`` untyped for plugin authors."""
+    (tmp_path / "forward.py").write_text(forward_code())
+    run = subprocess.run(
+        [sys.executable, "-m", "mypy", "--strict", "--no-incremental", "forward.py"],
+        cwd=tmp_path, env={**os.environ, "MYPYPATH": str(ROOT)}, capture_output=True,
+        text=True, timeout=110,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
