@@ -8,10 +8,11 @@ lingering close); only the start and the end differ:
 
 * the connect is non-blocking: ``connect_ex`` (``EINPROGRESS``), then the
   socket's first writability, then ``SO_ERROR``.  ``connection_made`` runs once
-  it succeeded; ``send`` before that only queues, and the queue leaves once
-  connected.  ``host`` must be a numeric address or ``localhost`` (a name
-  would need ``getaddrinfo``, which blocks the loop): resolve names once, at
-  start-up, in ``Handler.configure``;
+  it succeeded; ``send`` before that only queues (with no water marks: the
+  handler bounds it), and the queue leaves once connected.  ``host`` must be
+  a numeric address or ``localhost`` (a name would need ``getaddrinfo``,
+  which blocks the loop): resolve names once, at start-up, in
+  ``Handler.configure``;
 * ``connection_lost(conn, exc)`` runs exactly once, from the loop, whether or
   not ``connection_made`` ran: a refused connect brings ``ConnectionRefusedError``,
   the ``timeout`` a ``TimeoutError``, a reset ``ConnectionResetError``, the
