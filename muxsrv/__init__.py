@@ -26,7 +26,8 @@ from .handler import ConfigError, Conn, Handler
 
 if TYPE_CHECKING:
     from . import testing
-    from .client import Client, ServerError
+    from .client import Client
+    from .errors import ServerError
     from .loop import Handle, Timer
 
 __version__ = "0.1.0"
@@ -47,7 +48,7 @@ __all__ = [
 # testing the whole connection machinery; a handler module needs none of it.
 _LAZY = {
     "Client": "client",
-    "ServerError": "client",
+    "ServerError": "errors",
     "Handle": "loop",
     "Timer": "loop",
 }

@@ -34,6 +34,7 @@ from collections.abc import Iterable, Sequence
 from types import TracebackType
 
 from .codec import SHUTTING_DOWN
+from .errors import ConnectionClosed, ServerError
 from .framing import (
     ENCODERS,
     FRAMINGS,
@@ -71,18 +72,6 @@ RECONNECT_TIMEOUT = 10.0
 RECONNECT_BACKOFF = (0.05, 1.0)
 #: ... and at most this many attempts (about 14 fit in RECONNECT_TIMEOUT).
 RECONNECT_ATTEMPTS = 20
-
-
-class ServerError(Exception):
-    """The server answered with an error frame; ``message`` is its text."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
-
-
-class ConnectionClosed(ConnectionError):
-    """The server closed the connection before the expected reply."""
 
 
 class ServerGone(ConnectionClosed):

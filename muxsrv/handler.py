@@ -46,8 +46,13 @@ The guarantees:
 ``conn`` (a :class:`Conn`) can send replies at any time (now or later),
 close, pause reading, mark work in progress (so idle timeouts and the
 shutdown drain wait for it), and reach the loop to register file descriptors
-and timers.  A class may also declare its own command-line options with
-``add_arguments`` and build its per-connection factory in ``configure``.
+and timers, and to open connections of its own: ``conn.loop.connect(host,
+port, handler)`` (``muxsrv.outbound``).  On such an outbound connection the
+same handler interface speaks for us, with two differences: a failed connect
+brings ``connection_lost(conn, exc)`` without ``connection_made`` before it,
+and an error frame from the server goes to ``error_received``.  A class may
+also declare its own command-line options with ``add_arguments`` and build
+its per-connection factory in ``configure``.
 """
 
 from __future__ import annotations
@@ -58,6 +63,7 @@ from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from .codec import Buffer
+    from .errors import ServerError
     from .loop import EventLoop
 
 __all__ = ["ConfigError", "Conn", "Handler", "HandlerFactory", "HandlerFunction", "PeerAddress"]
@@ -163,6 +169,13 @@ class Handler:
 
     def connection_lost(self, conn: Conn, exc: BaseException | None) -> None:
         """Called once, last, from the loop: release everything this connection owned."""
+
+    def error_received(self, conn: Conn, error: ServerError) -> None:
+        """An outbound connection (``length`` framing) got an error frame, in order.
+
+        Only outbound connections get them.  Not overridden, the connection ends
+        at once with ``connection_lost(conn, error)``; overridden, it goes on.
+        """
 
     def pause_writing(self, conn: Conn) -> None:
         """The peer is not reading: stop producing output until ``resume_writing``."""

@@ -24,7 +24,9 @@ Design rules (what must never be added here)
   ``wait``.  A callback that blocks stalls every client of the server.
 * No knowledge of connections, framing or handlers: the loop moves events to
   objects and runs timers.  Connections live in ``connection.py``, the
-  accept logic in ``server.py``.
+  accept logic in ``server.py``; ``connect`` only hands over to
+  ``outbound.py`` (imported on first use: this module never imports a
+  connection), which keeps the loop's outbound connections in ``_connector``.
 * No threads.  ``call_soon`` is for the loop's own thread (and signal handlers,
   which Python runs on it).
 * A failing callback is logged and forgotten; it never stops the loop.
@@ -41,7 +43,10 @@ from collections import deque
 from collections.abc import Callable
 from time import monotonic
 from types import FrameType
-from typing import Any, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
+
+if TYPE_CHECKING:
+    from .handler import Conn, Handler
 
 __all__ = ["EventLoop", "EventSource", "Handle", "Timer"]
 
@@ -172,6 +177,8 @@ class EventLoop:
         self._selector.register(self._waker_r, EVENT_READ, _Waker(self._waker_r))
         self._old_wakeup_fd: int | None = None
         self._signals: dict[int, Any] = {}
+        #: ``outbound.Connector``: the connections ``connect`` opened (made on first use).
+        self._connector: object = None
 
     # -- time and callbacks ------------------------------------------------
 
@@ -257,6 +264,32 @@ class EventLoop:
     def watched_fds(self) -> int:
         """How many descriptors handlers are still watching."""
         return len(self._watchers)
+
+    # -- outbound connections ---------------------------------------------
+
+    def connect(
+        self,
+        host: str,
+        port: int,
+        handler: Handler,
+        *,
+        framing: str = "length",
+        timeout: float | None = 10.0,
+        max_frame: int = 16 * 1024 * 1024,
+    ) -> Conn:
+        """Connect to ``host:port`` without blocking; ``handler`` speaks on the connection.
+
+        Returns the connection at once (sends queue until it is connected);
+        ``handler.connection_made`` follows once connected, and
+        ``connection_lost(conn, exc)`` always comes, once, from the loop: a refused
+        connect, the ``timeout`` (seconds; None: the kernel's), a reset.  ``host``
+        is a numeric address or ``localhost`` (ValueError otherwise: a name
+        lookup would block).  See ``muxsrv.outbound``.
+        """
+        from .outbound import connect
+
+        return connect(self, host, port, handler, framing=framing, timeout=timeout,
+                       max_frame=max_frame)
 
     # -- signals -----------------------------------------------------------
 

@@ -17,6 +17,11 @@ the same way (aborted if a reply is still being worked on), and whatever has
 not finished closing ``DRAIN_GRACE`` later is aborted.  A second signal during
 the drain aborts everything at once; the server then exits with status 1.
 
+Outbound connections (``conn.loop.connect``) are not the server's: they
+count toward no limit and the drain does not wait for them.  Once the loop
+stops they get the handlers' clean-up time to close (a handler closes its
+own in ``connection_lost``), then are aborted.
+
 The server is the connections' owner (``connection.Owner``); a connection
 never imports this module.
 """
@@ -35,6 +40,7 @@ from .address import format_address
 from .connection import Connection
 from .framing import make_decoder
 from .loop import EVENT_READ, EventLoop
+from .outbound import connector_of
 from .staged import StagedConnection
 from .transport import LINGER_TIMEOUT
 
@@ -329,13 +335,19 @@ class Server:
     def _abort_all(self) -> None:
         for conn in list(self._conns) + list(self._refused):
             conn.abort()
+        if self.exit_status:
+            connector_of(self.loop).abort_all()  # a second signal: everything, now
 
     def run(self) -> None:
         """Run the loop until shutdown has drained, then let handlers clean up."""
         self.loop.run_forever()
         self._abort_all()
         self.loop.run_once(max_wait=0)  # connection_lost for what was just aborted
-        self.loop.run_until(lambda: self.loop.watched_fds == 0, HANDLER_CLEANUP_TIMEOUT)
+        outbound = connector_of(self.loop)
+        self.loop.run_until(lambda: self.loop.watched_fds == 0 and not outbound.conns,
+                            HANDLER_CLEANUP_TIMEOUT)
+        outbound.abort_all()
+        self.loop.run_once(max_wait=0)  # their connection_lost
 
 
 def bind_addresses(host: str, port: int) -> list[tuple[int, int, int, tuple[Any, ...]]]:
