@@ -41,9 +41,9 @@ from locust import events, task
 from locust.env import Environment
 from locust.runners import MasterRunner
 
-from loadtest.muxuser import MuxUser, parse_host, raise_open_file_limit
 from loadtest.scenarios import SCENARIOS
 from loadtest.wire import DEFAULT_MAX_PAYLOAD
+from muxsrv.locust import MuxUser, parse_host, raise_open_file_limit
 from muxsrv.options import parse_size, positive_int
 
 DEFAULT_HOST = "tcp://127.0.0.1:9999"  # where `python -m muxsrv` listens by default

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from locust import task
 
-from loadtest.muxuser import MuxUser, WrongReply, raise_open_file_limit
+from muxsrv.locust import MuxUser, WrongReply, raise_open_file_limit
 
 raise_open_file_limit()  # one socket per user: allow as many as the hard limit
 
