@@ -171,3 +171,104 @@ def test_wheel_kit_runs_a_locustfile_written_outside_the_checkout(tmp_path: Path
     word = rows[("twice", "word")]
     assert int(word["Request Count"]) > 20, word
     assert int(word["Failure Count"]) == 0, word
+
+
+SHAPES_HANDLER = '''\
+from muxsrv import Conn, Handler
+
+
+class Shapes(Handler):
+    """b"n:xyz" gets n replies (n = 0..9), each xyz; anything else its echo."""
+
+    def message_received(self, conn: Conn, payload: bytes) -> None:
+        count, colon, body = payload.partition(b":")
+        if not colon:
+            conn.send(payload)
+            return
+        for _ in range(int(count)):
+            conn.send(body)
+'''
+
+SHAPES_LOCUSTFILE = '''\
+import os
+
+from locust import task
+
+from muxsrv.locust import MuxUser
+
+PORTS = dict(item.split("=") for item in os.environ["KIT_PORTS"].split(","))
+
+
+class Counted(MuxUser):
+    handler = "shapes"
+    host = f"tcp://127.0.0.1:{PORTS['length']}"
+
+    @task
+    def shapes(self) -> None:
+        self.client.request(b"0:x", replies=0, name="none")
+        self.client.request(b"3:ab", replies=3, name="three",
+                            check=lambda s, got: got == [b"ab"] * 3)
+        self.client.request(b"2:z", replies=lambda got: len(got) == 2, name="until",
+                            check=lambda s, got: got == [b"z", b"z"])
+        if os.environ.get("KIT_MISCOUNT"):
+            self.client.request(b"2:q", replies=1, name="miscounted")  # 2nd reply: next's
+
+
+class Raw(MuxUser):
+    handler = "raw-echo"
+    framing = "raw"
+    host = f"tcp://127.0.0.1:{PORTS['raw']}"
+
+    @task
+    def raw(self) -> None:
+        self.client.pipeline([b"a" * 5000, b"bc"], name="raw", check=lambda s, r: r == s)
+'''
+
+
+def run_shapes(tmp_path: Path, miscount: bool) -> tuple[int, dict[str, dict[str, str]], str]:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "shapes.py").write_text(SHAPES_HANDLER)
+    (tmp_path / "locustfile.py").write_text(SHAPES_LOCUSTFILE)
+    env = {"PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
+    shapes = ServerProcess(["--port", "0", "--handler", "shapes:Shapes"], env=env)
+    raw = ServerProcess(["--port", "0", "--framing", "raw"], env=env)
+    try:
+        shapes.wait_started()
+        raw.wait_started()
+        run_env = dict(os.environ, **env, KIT_PORTS=f"length={shapes.port},raw={raw.port}")
+        if miscount:
+            run_env["KIT_MISCOUNT"] = "1"
+        run = subprocess.run(
+            [sys.executable, "-m", "locust", "-f", "locustfile.py", "--headless", "-u", "2",
+             "-r", "2", "-t", "3s", "--csv", "run", "--only-summary"],
+            cwd=tmp_path, env=run_env, stdin=subprocess.DEVNULL, capture_output=True,
+            text=True, timeout=40,
+        )
+    finally:
+        shapes.stop()
+        raw.stop()
+    with (tmp_path / "run_stats.csv").open(newline="") as f:
+        rows = {row["Name"]: row for row in csv.DictReader(f)}
+    return run.returncode, rows, run.stdout[-2000:] + run.stderr[-2000:]
+
+
+@needs_locust
+def test_zero_several_and_until_replies_and_raw_framing(tmp_path: Path) -> None:
+    """Bugs caught: replies=0 waiting for a reply, a count or done function cutting the
+    replies wrongly (the checks see every list), raw replies not cut by size."""
+    status, rows, output = run_shapes(tmp_path, miscount=False)
+    assert status == 0, output
+    for name in ("none", "three", "until", "raw"):
+        assert int(rows[name]["Request Count"]) > 10, (name, rows[name])
+        assert int(rows[name]["Failure Count"]) == 0, (name, rows[name])
+
+
+@needs_locust
+def test_a_reply_beyond_the_count_fails_the_next_request(tmp_path: Path) -> None:
+    """Bug caught: a stray reply silently dropped (or taken as the next request's
+    success) instead of failing the check that sees it."""
+    status, rows, output = run_shapes(tmp_path, miscount=True)
+    assert status == 1, output
+    # The stray b"q" is read by "none"'s successor, "three", whose list is then wrong.
+    assert int(rows["three"]["Failure Count"]) > 0, rows["three"]
+    assert int(rows["raw"]["Failure Count"]) == 0, rows["raw"]
