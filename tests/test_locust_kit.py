@@ -149,6 +149,18 @@ def test_wheel_kit_runs_a_locustfile_written_outside_the_checkout(tmp_path: Path
     )
     assert where.returncode == 0, where.stderr
     assert Path(where.stdout.strip()).is_relative_to(site), where.stdout
+    # The wheel's pytest11 entry point: the fixture is there with no -p and no conftest.
+    (work / "test_twice.py").write_text(
+        "def test_twice(muxsrv_server):\n"
+        "    srv = muxsrv_server('twice:Twice', '--framing', 'line')\n"
+        "    srv.client.send(b'ab')\n"
+        "    assert [srv.client.recv(), srv.client.recv()] == [b'ab', b'ba']\n"
+    )
+    tested = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_twice.py"],
+        cwd=work, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert tested.returncode == 0, tested.stdout[-3000:] + tested.stderr[-3000:]
     srv = ServerProcess(
         ["--port", "0", "--handler", "twice:Twice", "--framing", "line"], env=env,
         argv=[sys.executable, "-m", "muxsrv", "--port", "0", "--handler", "twice:Twice",
