@@ -15,32 +15,15 @@ they are all.  With ``replies=`` the check sees the whole list.  With ``raw``
 framing there are no boundaries: a reply is ``reply_size`` bytes (by default
 as many as were sent), and a ``done`` function sees the chunks as they come.
 
-A request fails, with the reason as its exception, when
-  - its check rejects the reply (the check raised, or returned False),
-  - the server answered with an error frame (`ServerError` with its text),
-  - the connection could not be made, broke, or stayed silent past the timeout.
-The last kind also fails every request still in flight on that connection,
-closes it, and the next request reconnects (after a short, growing pause if
-connecting itself failed, so a dead server is not hammered in a busy loop).
-
-Not a failure: the server's goodbye (``length`` framing), the error frame
-``server shutting down`` that a draining server sends at a message boundary.
-Every request sent before it was answered and none after it was read, so the
-client connects again (retrying with the same growing pause until the
-batch's timeout) and resends the requests still in flight, in order.
-
-A plugin author's locustfile is a few lines::
-
-    from locust import task
-    from muxsrv.locust import MuxUser
-
-    class ReverseUser(MuxUser):
-        handler = "reverse"  # Locust's request type; name the handler under test
-
-        @task
-        def reverse(self) -> None:
-            self.client.request(b"stressed", name="word",
-                                check=lambda sent, got: got == sent[::-1])
+A request fails, with the reason as its exception, when its check rejects the
+reply (raised, or returned False), when the server answered with an error
+frame (`ServerError`), or when the connection could not be made, broke, or
+stayed silent past the timeout; the last kind fails every request in flight
+on it, and the next request reconnects (after a short, growing pause if
+connecting failed).  Not a failure: the goodbye of a draining server
+(``length`` framing): the client reconnects and resends the requests still in
+flight, in order.  A locustfile is a few lines: see README.md, "Load-testing
+your own handler", and loadtest/examples/.
 """
 
 from __future__ import annotations
@@ -66,12 +49,18 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 from .wire import (
     FRAMINGS,
+    Check,
+    Done,
     Frame,
+    Judge,
     ProtocolError,
     Reader,
+    RepliesCheck,
     ServerError,
     WrongReply,
     encode,
+    judge_all,
+    judge_one,
     make_decoder,
     parse_host,
 )
@@ -88,13 +77,6 @@ __all__ = [
     "raise_open_file_limit",
 ]
 
-# check(sent_payload, reply_payload): raise (any Exception) or return False to fail.
-Check = Callable[[bytes, bytes], object]
-# The same for a request made with replies=: it sees every reply, in order.
-RepliesCheck = Callable[[bytes, list[bytes]], object]
-# done(replies_so_far): True once the message has all its replies.
-Done = Callable[[list[bytes]], bool]
-
 RECV_SIZE = 256 * 1024
 # Batches up to this size are sent before reading: far below any kernel socket
 # buffer, so the send cannot stall behind replies we have not read yet.  A
@@ -107,7 +89,6 @@ RECONNECT_ATTEMPTS = 25
 
 log = logging.getLogger(__name__)
 _goodbye_logged = False  # the first goodbye is logged at INFO, the others at DEBUG
-_Judge = Callable[[bytes, list[bytes]], "Exception | None"]
 
 _resolved: dict[tuple[str, int], list[tuple[int, Any]]] = {}
 
@@ -187,7 +168,7 @@ class MuxClient:
         replies), or None if the request failed."""
         if replies is None:
             return self.pipeline([payload], name=name, check=check, reply_size=reply_size)[0]
-        got = self._exchange([payload], name, replies, reply_size, _judge_all(check))
+        got = self._exchange([payload], name, replies, reply_size, judge_all(check))
         return got[0]
 
     def pipeline(
@@ -203,7 +184,7 @@ class MuxClient:
         Each reply is checked and reported as its own request; the list holds
         the replies of the requests that succeeded and None for the others.
         """
-        got = self._exchange(payloads, name, 1, reply_size, _judge_one(check))
+        got = self._exchange(payloads, name, 1, reply_size, judge_one(check))
         return [None if r is None else r[0] for r in got]
 
     def close(self) -> None:
@@ -218,7 +199,7 @@ class MuxClient:
         name: str,
         replies: int | Done,
         reply_size: int | None,
-        judge: _Judge,
+        judge: Judge,
     ) -> list[list[bytes] | None]:
         if isinstance(replies, int) and replies < 0:
             raise ValueError(f"replies must be 0 or more, not {replies}")
@@ -387,31 +368,6 @@ def _send_all(sock: socket.socket, data: bytes) -> None:
     # greenlet does not die with a traceback gevent would print.
     with contextlib.suppress(BrokenPipeError, ConnectionResetError):
         sock.sendall(data)
-
-
-def _verdict(check: Callable[..., object], payload: bytes, reply: object) -> Exception | None:
-    """The failure a check found, or None if it passed."""
-    try:
-        verdict = check(payload, reply)
-    except Exception as exc:  # whatever a check raises is that request's failure
-        return exc
-    if verdict is False:
-        return WrongReply(f"{getattr(check, '__name__', 'check')} rejected the reply")
-    return None
-
-
-def _judge_one(check: Check | None) -> _Judge:
-    def judge(payload: bytes, replies: list[bytes]) -> Exception | None:
-        return None if check is None else _verdict(check, payload, replies[0])
-
-    return judge
-
-
-def _judge_all(check: RepliesCheck | None) -> _Judge:
-    def judge(payload: bytes, replies: list[bytes]) -> Exception | None:
-        return None if check is None else _verdict(check, payload, replies)
-
-    return judge
 
 
 class MuxUser(User):

@@ -16,6 +16,8 @@ replies with the server's own codec would share that codec's bugs.
 * ``raw``: no boundaries at all: the reader asks for a number of bytes
   (``maybe_next_frame(size)``), or for whatever has arrived (``size=None``).
 
+``judge_one`` and ``judge_all`` turn a check into the failure it found, if any.
+
 A client feeds whatever it received to ``receive_data`` and calls
 ``maybe_next_frame`` until it returns None; ``make_decoder(framing)`` and
 ``encode(framing, payload)`` pick the framing.
@@ -24,11 +26,20 @@ A client feeds whatever it received to ``receive_data`` and calls
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 from urllib.parse import urlsplit
 
 FRAMINGS = ("length", "line", "raw")
+# check(sent_payload, reply_payload): raise (any Exception) or return False to fail.
+Check = Callable[[bytes, bytes], object]
+# The same for a request made with replies=: it sees every reply, in order.
+RepliesCheck = Callable[[bytes, list[bytes]], object]
+# done(replies_so_far): True once the message has all its replies.
+Done = Callable[[list[bytes]], bool]
+# What a request's check says of (sent, replies): None, or the failure.
+Judge = Callable[[bytes, list[bytes]], "Exception | None"]
 
 LENGTH = struct.Struct(">I")
 ERROR_BIT = 0x80000000  # set in the length word of an error frame, which only the server sends
@@ -211,3 +222,28 @@ def parse_host(host: str) -> tuple[str, int]:
     if url.scheme != "tcp" or not url.hostname or port is None or url.path not in ("", "/"):
         raise ValueError(f"host {host!r} is not of the form tcp://HOST:PORT")
     return url.hostname, port
+
+
+def _verdict(check: Callable[..., object], payload: bytes, reply: object) -> Exception | None:
+    """The failure a check found, or None if it passed."""
+    try:
+        verdict = check(payload, reply)
+    except Exception as exc:  # whatever a check raises is that request's failure
+        return exc
+    if verdict is False:
+        return WrongReply(f"{getattr(check, '__name__', 'check')} rejected the reply")
+    return None
+
+
+def judge_one(check: Check | None) -> Judge:
+    def judge(payload: bytes, replies: list[bytes]) -> Exception | None:
+        return None if check is None else _verdict(check, payload, replies[0])
+
+    return judge
+
+
+def judge_all(check: RepliesCheck | None) -> Judge:
+    def judge(payload: bytes, replies: list[bytes]) -> Exception | None:
+        return None if check is None else _verdict(check, payload, replies)
+
+    return judge
