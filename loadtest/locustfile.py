@@ -7,7 +7,7 @@ One user class, `ScenarioUser`, runs the scenario named by --mux-handler
 (see loadtest/scenarios.py) back to back: build a payload, send it, check the
 reply.  A wrong reply, an error frame or a dropped connection is a Locust
 failure, so it shows in the failure count, `--csv` and `--html`; the goodbye
-of a draining server is not (the requests in flight are resent: see muxuser).
+of a draining server is not (the requests in flight are resent: see muxsrv.locust).
 
 Options, on Locust's own command line (and in its web UI):
   --mux-handler echo|upper|exec  scenario; must match the server's --handler (echo)
@@ -41,9 +41,9 @@ from locust import events, task
 from locust.env import Environment
 from locust.runners import MasterRunner
 
-from loadtest.muxuser import MuxUser, parse_host, raise_open_file_limit
 from loadtest.scenarios import SCENARIOS
 from loadtest.wire import DEFAULT_MAX_PAYLOAD
+from muxsrv.locust import MuxUser, parse_host, raise_open_file_limit
 from muxsrv.options import parse_size, positive_int
 
 DEFAULT_HOST = "tcp://127.0.0.1:9999"  # where `python -m muxsrv` listens by default
@@ -51,7 +51,7 @@ DEFAULT_HOST = "tcp://127.0.0.1:9999"  # where `python -m muxsrv` listens by def
 # files, the web UI, the master-worker link.
 SPARE_FILES = 100
 # The largest --mux-size: a bigger reply than this is, to the client's decoder,
-# a corrupt stream (loadtest.wire); the server's own ceiling (2^31-1) is higher.
+# a corrupt stream (muxsrv.wire); the server's own ceiling (2^31-1) is higher.
 MAX_SIZE = DEFAULT_MAX_PAYLOAD
 
 log = logging.getLogger(__name__)

@@ -135,16 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             _fail(str(exc))
         except Exception as exc:
             _fail(f"{plugins.culprit(loaded.plugin)}: configure() raised {_said(exc)}")
-    settings = Settings(
-        host=options.host,
-        port=options.port,
-        framing=options.framing,
-        max_frame=options.max_frame,
-        max_conns=options.max_conns,
-        idle_timeout=options.idle_timeout,
-        drain_timeout=options.drain_timeout,
-        handler_name=loaded.describe,
-    )
+    settings = settings_from(options, loaded.describe)
     if options.workers != 1 and not hasattr(signal, "sigtimedwait"):
         _fail(f"--workers needs signal.sigtimedwait, which {sys.platform} lacks")
     try:
@@ -157,6 +148,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CannotListen as exc:
         sys.stderr.write(f"muxsrv: error: {exc}\n")
         return 2 if exc.mistake else 1
+
+
+def settings_from(options: argparse.Namespace, handler_name: str) -> Settings:
+    """The server's settings from parsed options."""
+    return Settings(
+        host=options.host,
+        port=options.port,
+        framing=options.framing,
+        max_frame=options.max_frame,
+        max_conns=options.max_conns,
+        idle_timeout=options.idle_timeout,
+        drain_timeout=options.drain_timeout,
+        handler_name=handler_name,
+    )
 
 
 def serve(

@@ -28,12 +28,15 @@ Design rules (what must never be added here)
   ``outbound.py`` (imported on first use: this module never imports a
   connection), which keeps the loop's outbound connections in ``_connector``.
 * No threads.  ``call_soon`` is for the loop's own thread (and signal handlers,
-  which Python runs on it).
+  which Python runs on it).  The one door for another thread is
+  ``call_soon_threadsafe`` (a test stopping a server it runs on a thread):
+  it queues the callback and writes a byte to the wake-up socket.
 * A failing callback is logged and forgotten; it never stops the loop.
 """
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import logging
 import selectors
@@ -188,6 +191,14 @@ class EventLoop:
     def call_soon(self, callback: Callable[..., object], *args: Any) -> Handle:
         handle = Handle(callback, args)
         self._ready.append(handle)
+        return handle
+
+    def call_soon_threadsafe(self, callback: Callable[..., object], *args: Any) -> Handle:
+        """``call_soon`` from another thread: wakes the loop if it waits in ``select``."""
+        handle = self.call_soon(callback, *args)  # deque.append is atomic
+        # A full buffer holds wake-ups enough already.
+        with contextlib.suppress(BlockingIOError, InterruptedError):
+            self._waker_w.send(b"\0")
         return handle
 
     def call_later(self, delay: float, callback: Callable[..., object], *args: Any) -> Timer:

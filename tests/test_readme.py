@@ -8,6 +8,7 @@ runs the README's test command.
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import subprocess
@@ -34,8 +35,8 @@ def python_blocks() -> dict[str, str]:
 
 
 def test_readme_examples_exist() -> None:
-    assert {"reverse.py", "counter.py", "test_counter.py", "test_reverse_check.py"} <= set(
-        python_blocks())
+    assert {"reverse.py", "counter.py", "test_counter.py", "test_reverse_check.py",
+            "test_reverse_server.py"} <= set(python_blocks())
 
 
 def test_harness_example_passes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -67,6 +68,25 @@ def test_check_handler_example_passes(tmp_path: Path, monkeypatch: pytest.Monkey
     assert tests
     for test in tests:
         test()
+
+
+def test_pytest_plugin_example_passes(tmp_path: Path) -> None:
+    """The fixture example, run by pytest as its author runs it, in a folder of its own.
+
+    Plugin autoloading is off and the plugin named with -p: this suite's own
+    muxsrv may be installed (registering it again would be an error) or not.
+    """
+    blocks = python_blocks()
+    for name in ("reverse.py", "counter.py", "test_reverse_server.py"):
+        (tmp_path / name).write_text(blocks[name])
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTEST_DISABLE_PLUGIN_AUTOLOAD="1")
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+         "-p", "muxsrv.pytest_plugin", "test_reverse_server.py"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "2 passed" in done.stdout, done.stdout
 
 
 def test_function_example_runs(tmp_path: Path) -> None:

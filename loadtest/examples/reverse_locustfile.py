@@ -6,8 +6,8 @@
 
 Every reply goes through `check`; a reply that is not the payload reversed is a
 Locust failure.  All of --csv, --html, --processes and the web UI work as for
-loadtest/locustfile.py.  Outside this repository, put its root on PYTHONPATH
-so `loadtest` imports.
+loadtest/locustfile.py.  Outside this repository, install the kit
+(`pip install 'muxsrv[loadtest]'`) and leave out the sys.path line.
 """
 
 from __future__ import annotations
@@ -16,13 +16,12 @@ import random
 import sys
 from pathlib import Path
 
-# Run from the repository root, Locust finds `loadtest` on its own; this line
-# makes the example work from any directory.
+# muxsrv from this checkout, installed or not, from any directory.
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from locust import task
 
-from loadtest.muxuser import MuxUser, WrongReply, raise_open_file_limit
+from muxsrv.locust import MuxUser, WrongReply, raise_open_file_limit
 
 raise_open_file_limit()  # one socket per user: allow as many as the hard limit
 
