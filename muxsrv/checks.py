@@ -279,11 +279,24 @@ class Checker:
 
     def check(self) -> None:
         reference, sent = self.run(REFERENCE, [self.data])
-        stepped, labels = self.lockstep("one message at a time, waiting for the replies")
-        self.check_order(reference, stepped, labels)
-        self.compare(reference, stepped, labels, "one message at a time, waiting for the replies")
+        labels = self.check_stepped(reference)
         self.check_unread(reference, sent)
         self.check_reset(sent)
+        self.check_splits(reference, labels)
+        variant = "send() takes one byte at a time"
+        self.compare(reference, self.run(variant, [self.data], max_send=1)[0], labels, variant)
+        self.check_eof_after_each(labels)
+
+    def check_stepped(self, reference: list[bytes]) -> list[str]:
+        """One message at a time: the same replies, in order; which message each answers."""
+        variant = "one message at a time, waiting for the replies"
+        stepped, labels = self.lockstep(variant)
+        self.check_order(reference, stepped, labels)
+        self.compare(reference, stepped, labels, variant)
+        return labels
+
+    def check_splits(self, reference: list[bytes], labels: list[str]) -> None:
+        """The same replies however the bytes are cut into segments."""
         variants: list[tuple[str, list[bytes]]] = [
             ("each message in its own segment", self.encoded),
             ("byte at a time", [self.data[i : i + 1] for i in range(len(self.data))]),
@@ -300,8 +313,9 @@ class Checker:
             variants.append((f"random chunks (seed {self.seed + r})", self.random_chunks(rng)))
         for variant, segments in variants:
             self.compare(reference, self.run(variant, segments)[0], labels, variant)
-        variant = "send() takes one byte at a time"
-        self.compare(reference, self.run(variant, [self.data], max_send=1)[0], labels, variant)
+
+    def check_eof_after_each(self, labels: list[str]) -> None:
+        """EOF right after message i: the replies of the reference run of that prefix."""
         for i in range(len(self.encoded)):
             prefix = b"".join(self.encoded[: i + 1])
             expected = self.run(f"{REFERENCE}, of messages 0-{i}", [prefix])[0]

@@ -26,7 +26,6 @@ with ``work_started`` may be compared before they fire.
 
 from __future__ import annotations
 
-import random
 import select
 import socket
 from collections.abc import Callable, Sequence
@@ -236,31 +235,9 @@ class RealChecker(Checker):
 
     def check(self) -> None:
         reference, _ = self.run(REFERENCE, [self.data])
-        stepped, labels = self.lockstep("one message at a time, waiting for the replies")
-        self.check_order(reference, stepped, labels)
-        self.compare(reference, stepped, labels, "one message at a time, waiting for the replies")
-        variants: list[tuple[str, list[bytes]]] = [
-            ("each message in its own segment", self.encoded),
-            ("byte at a time", [self.data[i : i + 1] for i in range(len(self.data))]),
-        ]
-        variants += [
-            (
-                f"split at byte {k} (inside message {self.message_at(k)})",
-                [self.data[:k], self.data[k:]],
-            )
-            for k in self.split_points()
-        ]
-        for r in range(self.random_runs):
-            rng = random.Random(self.seed + r)
-            variants.append((f"random chunks (seed {self.seed + r})", self.random_chunks(rng)))
-        for variant, segments in variants:
-            self.compare(reference, self.run(variant, segments)[0], labels, variant)
-        for i in range(len(self.encoded)):
-            expected = self.run(
-                f"{REFERENCE}, of messages 0-{i}", [b"".join(self.encoded[: i + 1])]
-            )[0]
-            variant = f"EOF after message {i}"
-            self.compare(expected, self.run(variant, self.encoded[: i + 1])[0], labels, variant)
+        labels = self.check_stepped(reference)
+        self.check_splits(reference, labels)
+        self.check_eof_after_each(labels)
 
 
 def check_real(
