@@ -29,7 +29,7 @@ from muxsrv.codec import ErrorFrame
 from muxsrv.connection import Connection
 from muxsrv.handler import Conn, Handler
 from muxsrv.testing import FakeClock, Harness, frame
-from tests.support import ROOT, recv_frame, running_server
+from tests.support import ROOT, recv_frame, running_server, wait_for
 
 TOKEN = b"s3cret-token-0123456789"
 OTHER = b"another-token-abcdefghij"
@@ -108,6 +108,13 @@ def test_auth_pipelined_split_at_every_byte(tmp_path: Path, framing: str) -> Non
             assert h.closed == 0
 
 
+def test_a_function_handler_behind_the_gate(tmp_path: Path) -> None:
+    with Harness(function=bytes.upper, gate=gate_for(tmp_path)) as h:
+        h.peer_sends(frame(b"AUTH " + TOKEN) + frame(b"abc"), frame(b"def"))
+        h.run()
+        assert h.replies() == [b"OK", b"ABC", b"DEF"] and type(h.conn) is Connection
+
+
 def test_wrong_and_empty_tokens_fail(tmp_path: Path) -> None:
     gate = gate_for(tmp_path)
     for message in (b"AUTH wrong-token-0123456789", b"AUTH ", b"AUTH " + TOKEN + b"x"):
@@ -135,10 +142,12 @@ def test_line_framing_refusal_closes_without_a_frame(tmp_path: Path) -> None:
 
 def test_oversized_first_frame_refused_on_its_prefix(tmp_path: Path) -> None:
     with Harness(Recorder, gate=gate_for(tmp_path)) as h:
-        h.peer_sends((1025).to_bytes(4, "big"))  # the prefix alone: no body sent
+        [stage] = h.conn._stages.stages if h.conn._stages else []
+        h.peer_sends((1 << 30).to_bytes(4, "big") + b"x" * 500)  # judged on the prefix
         h.run()
         [text] = errors(h.replies())
-        assert "1025 bytes" in text and ended(h)
+        assert f"{1 << 30} bytes" in text and ended(h)
+        assert stage._buffer == b""  # nothing of it kept
     with Harness(Recorder, gate=gate_for(tmp_path)) as h:
         h.peer_sends(frame(b"AUTH " + b"x" * 1019))  # 1024 bytes: allowed, judged
         h.run()
@@ -290,6 +299,18 @@ def test_rotation_by_sighup(tmp_path: Path) -> None:
     for secret in (TOKEN, OTHER, b"too-short"):
         assert secret.decode() not in log
     assert "token authentication" in log
+
+
+def test_sighup_reaches_every_worker(tmp_path: Path) -> None:
+    path = token_file(tmp_path, TOKEN)
+    with running_server("--auth-token-file", str(path), "--workers", "2") as srv:
+        wait_for(lambda: srv.log_count(r"listening on") >= 2, what="both workers")
+        path.write_bytes(OTHER + b"\n")
+        srv.signal(signal.SIGHUP)
+        wait_for(lambda: srv.log_count(r"re-read --auth-token-file") == 2, what="two re-reads")
+        for _ in range(4):  # whichever worker takes it
+            with authed(srv.address, OTHER) as sock:
+                assert recv_frame(sock) == (False, b"OK")
 
 
 def test_client_library_and_command_line(tmp_path: Path) -> None:
