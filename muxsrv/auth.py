@@ -244,15 +244,20 @@ class Gate:
             return None
         return AuthGate(self, loop, peer)
 
-    def arm(self, loop: EventLoop, conn: Connection, stage: AuthGate) -> None:
-        """Close ``conn`` if it has not authenticated within the timeout."""
+    def arm(self, loop: EventLoop, conn: Connection, stage: AuthGate) -> Timer | None:
+        """Close ``conn`` if it has not authenticated within the timeout.
+
+        The timer is returned for the owner to cancel when ``conn`` closes
+        sooner: a storm of short connections must not pile up timers.
+        """
         if self.timeout > 0:
             stage.timer = loop.call_later(self.timeout, _expire, conn, stage)
+        return stage.timer
 
 
 def _expire(conn: Connection, stage: AuthGate) -> None:
     stage.timer = None
-    if not stage.ready and stage.error is None:
+    if not (stage.ready or stage.error is not None or conn.closing):
         log.info("closing %s: %s", format_address(conn.peer), AUTH_TIMEOUT)
         stage.error = AUTH_TIMEOUT  # nothing more passes
         conn.refuse(AUTH_TIMEOUT)

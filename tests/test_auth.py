@@ -356,3 +356,22 @@ def test_line_framing_on_a_real_server(tmp_path: Path) -> None:
 def test_module_constants_are_the_issue_s() -> None:
     assert auth.MAX_FAILURES == 10 and auth.FAILURE_WINDOW == 60 and auth.LOCKOUT == 60
     assert auth.MAX_AUTH_MESSAGE == 1024 and auth.MIN_TOKEN_BYTES == 16
+
+
+def test_connections_that_leave_before_auth_leave_no_timer(tmp_path: Path) -> None:
+    from muxsrv.loop import EventLoop
+    from muxsrv.server import Server, Settings
+
+    loop = EventLoop()
+    try:
+        server = Server(loop, Settings(port=0), factory=Recorder, gate=gate_for(tmp_path))
+        [address] = server.listen()
+        clients = [socket.create_connection(address) for _ in range(20)]
+        loop.run_until(lambda: len(server._conns) == 20, 10)
+        for sock in clients:
+            sock.close()
+        assert loop.run_until(lambda: not server._conns, 10)
+        live = [t for t in loop._timers if t._callback is auth._expire]
+        assert live == [] and server._auth_timers == {}
+    finally:
+        loop.close()
