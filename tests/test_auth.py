@@ -97,9 +97,13 @@ def test_auth_pipelined_split_at_every_byte(tmp_path: Path, framing: str) -> Non
         data = b"AUTH " + TOKEN + b"\none\ntwo\n"
         want = [b"OK", b"hello", b"one", b"two"]
     gate = gate_for(tmp_path, framing)
-    for cut in range(len(data) + 1):
+    byte_at_a_time = [data[i:i + 1] for i in range(len(data))]
+    for cut in [*range(len(data) + 1), -1]:
         with Harness(Recorder, gate=gate, framing=framing) as h:
-            h.peer_sends(*(part for part in (data[:cut], data[cut:]) if part))
+            if cut < 0:
+                h.peer_sends(*byte_at_a_time)
+            else:
+                h.peer_sends(*(part for part in (data[:cut], data[cut:]) if part))
             h.run()
             if framing == "length":
                 assert h.replies() == want, cut
