@@ -229,6 +229,8 @@ class Gate:
         self.timeout = timeout
         self.protected = protected
         self.ledger = ledger if ledger is not None else FailureLedger()
+        #: Authentication timeouts of the open connections (see ``forget``).
+        self._timers: dict[Connection, Timer] = {}
 
     def refusal(self, peer: Any, now: float) -> str | None:
         """Why a new connection from ``peer`` is turned away at once; None: it is not."""
@@ -244,15 +246,16 @@ class Gate:
             return None
         return AuthGate(self, loop, peer)
 
-    def arm(self, loop: EventLoop, conn: Connection, stage: AuthGate) -> Timer | None:
-        """Close ``conn`` if it has not authenticated within the timeout.
-
-        The timer is returned for the owner to cancel when ``conn`` closes
-        sooner: a storm of short connections must not pile up timers.
-        """
+    def arm(self, loop: EventLoop, conn: Connection, stage: AuthGate) -> None:
+        """Close ``conn`` if it has not authenticated within the timeout."""
         if self.timeout > 0:
-            stage.timer = loop.call_later(self.timeout, _expire, conn, stage)
-        return stage.timer
+            stage.timer = self._timers[conn] = loop.call_later(self.timeout, _expire, conn, stage)
+
+    def forget(self, conn: Connection) -> None:
+        """``conn`` closed: cancel its timer (a storm of short connections piles up none)."""
+        timer = self._timers.pop(conn, None)
+        if timer is not None:
+            timer.cancel()
 
 
 def _expire(conn: Connection, stage: AuthGate) -> None:

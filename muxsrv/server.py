@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, Final
 from .address import format_address
 from .connection import Connection
 from .framing import make_decoder
-from .loop import EVENT_READ, EventLoop, Timer
+from .loop import EVENT_READ, EventLoop
 from .staged import StagedConnection
 from .transport import LINGER_TIMEOUT
 
@@ -156,8 +156,6 @@ class Server:
         self._factory = factory
         self._stages = stages
         self.gate = gate
-        #: Authentication timeouts of open connections, cancelled when they close.
-        self._auth_timers: dict[Connection, Timer] = {}
         # A dict used as an ordered set: ~20 bytes a connection less than a set.
         self._conns: dict[Connection, None] = {}
         self._refused: set[Connection] = set()
@@ -248,9 +246,7 @@ class Server:
         self._conns[conn] = None
         conn.start()
         if stage is not None and gate is not None:
-            timer = gate.arm(self.loop, conn, stage)
-            if timer is not None:
-                self._auth_timers[conn] = timer
+            gate.arm(self.loop, conn, stage)
 
     def _turn_away(self, sock: _socket.socket, peer: Any, reason: str) -> None:
         """Protected mode or a lock-out: an error frame, then a lingering close."""
@@ -301,10 +297,8 @@ class Server:
 
     def connection_closed(self, conn: Connection) -> None:
         self._conns.pop(conn, None)
-        if self._auth_timers:
-            timer = self._auth_timers.pop(conn, None)
-            if timer is not None:
-                timer.cancel()
+        if self.gate is not None:
+            self.gate.forget(conn)
         self._refused.discard(conn)
         if self.draining and not self._conns:
             self.loop.stop()

@@ -279,6 +279,7 @@ class Harness:
         self.sock = FakeSocket(peer)
         #: How many times the connection told its owner it closed (0 or 1).
         self.closed = 0
+        self._gate = gate
         self.handler = handler() if handler is not None else None
         sock: Any = self.sock  # a socket as far as the connection can tell
         # As the server does: protected mode and lock-outs turn the peer away at once.
@@ -303,6 +304,8 @@ class Harness:
 
     def connection_closed(self, conn: Connection) -> None:
         self.closed += 1
+        if self._gate is not None:
+            self._gate.forget(conn)
 
     # -- driving -------------------------------------------------------------
 

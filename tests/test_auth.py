@@ -368,7 +368,8 @@ def test_connections_that_leave_before_auth_leave_no_timer(tmp_path: Path) -> No
 
     loop = EventLoop()
     try:
-        server = Server(loop, Settings(port=0), factory=Recorder, gate=gate_for(tmp_path))
+        gate = gate_for(tmp_path)
+        server = Server(loop, Settings(port=0), factory=Recorder, gate=gate)
         [address] = server.listen()
         clients = [socket.create_connection(address) for _ in range(20)]
         loop.run_until(lambda: len(server._conns) == 20, 10)
@@ -376,6 +377,6 @@ def test_connections_that_leave_before_auth_leave_no_timer(tmp_path: Path) -> No
             sock.close()
         assert loop.run_until(lambda: not server._conns, 10)
         live = [t for t in loop._timers if t._callback is auth._expire]
-        assert live == [] and server._auth_timers == {}
+        assert live == [] and gate._timers == {}
     finally:
         loop.close()
