@@ -24,8 +24,10 @@ from typing import NoReturn
 
 from . import plugins
 from .address import format_address
+from .auth import Gate, TokenFileError, Tokens
 from .framing import FRAMINGS
 from .handler import ConfigError, HandlerFactory, HandlerFunction
+from .handlers.exec_config import is_loopback
 from .loop import EventLoop
 from .options import max_frame, parse_size, positive_int, program_version, seconds, whole_number
 from .server import CannotListen, Server, Settings
@@ -81,6 +83,14 @@ def build_parser(handler: plugins.LoadedPlugin | None = None) -> argparse.Argume
         help="close connections idle this long (default: 300; 0: never)")
     add("--drain-timeout", type=seconds, default=5.0, metavar="SECONDS",
         help="on SIGINT/SIGTERM, how long to deliver owed replies (default: 5)")
+    add("--auth-token-file", metavar="FILE",
+        help="require each connection's first message to be AUTH <token>, a token from FILE "
+             "(one per line, at least 16 bytes; # comments); SIGHUP re-reads it")
+    add("--auth-timeout", type=seconds, default=10.0, metavar="SECONDS",
+        help="close a connection not authenticated this long after it connected "
+             "(default: 10; 0: never)")
+    add("--no-protected-mode", dest="protected_mode", action="store_false",
+        help="serve non-loopback clients on a non-loopback --host without authentication")
     add("--workers", type=_workers, default=1, metavar="N",
         help="run N server processes sharing the port with SO_REUSEPORT, under a parent that "
              "restarts them (default: 1, no parent; 0: one per CPU)")
@@ -124,6 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s muxsrv %(levelname)s: %(message)s",
         stream=sys.stderr,
     )
+    gate = gate_from(options)
     function: HandlerFunction | None = None
     factory: HandlerFactory | None = None
     if loaded.form == "function":
@@ -140,10 +151,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         _fail(f"--workers needs signal.sigtimedwait, which {sys.platform} lacks")
     try:
         if options.workers == 1:
-            return serve(settings, function=function, factory=factory)
+            return serve(settings, function=function, factory=factory, gate=gate)
         count = options.workers or os.cpu_count() or 1
         return supervise(
-            settings, count, lambda worker: serve(worker, function=function, factory=factory)
+            settings, count,
+            lambda worker: serve(worker, function=function, factory=factory, gate=gate),
         )
     except CannotListen as exc:
         sys.stderr.write(f"muxsrv: error: {exc}\n")
@@ -164,11 +176,29 @@ def settings_from(options: argparse.Namespace, handler_name: str) -> Settings:
     )
 
 
+def gate_from(options: argparse.Namespace) -> Gate | None:
+    """Token authentication and protected mode from the options (exit 2 if wrong)."""
+    tokens = None
+    if options.auth_token_file is not None:
+        if options.framing == "raw":
+            _fail("--auth-token-file needs message boundaries: give --framing length or line, "
+                  "not raw")
+        try:
+            tokens = Tokens(options.auth_token_file)
+        except TokenFileError as exc:
+            _fail(str(exc))
+    protected = tokens is None and options.protected_mode and not is_loopback(options.host)
+    if tokens is None and not protected:
+        return None
+    return Gate(options.framing, tokens, options.auth_timeout, protected)
+
+
 def serve(
     settings: Settings,
     *,
     function: HandlerFunction | None = None,
     factory: HandlerFactory | None = None,
+    gate: Gate | None = None,
 ) -> int:
     """Listen and serve until a signal has drained; the exit status.
 
@@ -180,7 +210,7 @@ def serve(
     tuned = keep_large_buffers_mapped()
     loop = EventLoop()
     try:
-        server = Server(loop, settings, function=function, factory=factory)
+        server = Server(loop, settings, function=function, factory=factory, gate=gate)
 
         def stop() -> None:
             if not (settings.reuse_port and server.draining):
@@ -189,8 +219,15 @@ def serve(
         # Before listening, so that no signal finds a listener without its handler.
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stop)
+        tokens = gate.tokens if gate is not None else None
+        if tokens is not None:
+            loop.add_signal_handler(signal.SIGHUP, tokens.reload)
         where = ", ".join(format_address(address) for address in server.listen())
         worker = f", worker pid {os.getpid()}" if settings.reuse_port else ""
+        if tokens is not None:
+            worker += ", token authentication"
+        elif gate is not None and gate.protected:
+            worker += ", protected mode on: loopback clients only"
         sys.stderr.write(
             f"muxsrv: listening on {where} "
             f"(handler {settings.handler_name}, framing {settings.framing}{worker})\n"

@@ -82,8 +82,10 @@ class Client:
     """One connection to a muxsrv server (not thread-safe).
 
     ``timeout`` bounds each reply, and the connect unless ``connect_timeout`` is
-    given.  ``reconnects`` counts the new connections made after the first: after
-    a goodbye (then it resent) or by :meth:`reconnect`.
+    given.  With ``token``, every connection (reconnections too) starts with
+    ``AUTH <token>``; a refusal raises :class:`ServerError`.  ``reconnects``
+    counts the new connections made after the first: after a goodbye (then it
+    resent) or by :meth:`reconnect`.
     """
 
     def __init__(
@@ -97,6 +99,7 @@ class Client:
         resend: bool = True,
         reconnect_timeout: float = RECONNECT_TIMEOUT,
         connect_timeout: float | None = None,
+        token: str | bytes | None = None,
     ) -> None:
         if framing not in FRAMINGS:
             raise ValueError(f"unknown framing {framing!r}; choose from {', '.join(FRAMINGS)}")
@@ -115,6 +118,10 @@ class Client:
         #: Reconnecting since a goodbye with no reply since: give up at this time.
         self._give_up_at: float | None = None
         self._write_shut = False
+        #: Sent as ``AUTH <token>`` first on every connection (``--auth-token-file``).
+        self._token = token.encode() if isinstance(token, str) else token
+        if self._token is not None and (b"\n" in self._token or framing == "raw"):
+            raise ValueError("a token goes with length or line framing and has no newline")
         self._sock = self._connect(timeout if connect_timeout is None else connect_timeout)
 
     def _new_decoder(self) -> Decoder:
@@ -126,7 +133,31 @@ class Client:
         sock = socket.create_connection(self.address, timeout=timeout)
         sock.settimeout(self.timeout)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self._token is not None:
+            try:
+                self._authenticate(sock, self._token)
+            except BaseException:
+                sock.close()
+                raise
         return sock
+
+    def _authenticate(self, sock: socket.socket, token: bytes) -> None:
+        """Send ``AUTH <token>``; wait for ``OK`` (ServerError: the server's refusal)."""
+        sock.sendall(self.encode(b"AUTH " + token))
+        decoder = self._decoder
+        while True:
+            data = sock.recv(_RECV_SIZE)
+            if not data:
+                raise ConnectionClosed("the server closed the connection during authentication")
+            messages = decoder.feed(data)
+            if messages:
+                break
+        first = messages[0]
+        if isinstance(first, ErrorFrame):
+            raise ServerError(first.text)
+        if first != b"OK":
+            raise ConnectionClosed(f"unexpected answer to AUTH: {first[:40]!r}")
+        self._inbox.extend(messages[1:])
 
     def __enter__(self) -> Client:
         return self

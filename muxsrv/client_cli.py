@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from functools import partial
@@ -91,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--exec", nargs="?", const="", metavar="COMMAND",
         help="run COMMAND (and any MESSAGE words after it, joined with spaces, as ssh does) "
         "on an exec server; with no COMMAND, each line of stdin (a $ prompt on a terminal)")
+    add("--token-file", metavar="FILE",
+        help="authenticate with the first token in FILE (a server with --auth-token-file); "
+        "default: the environment variable MUXSRV_TOKEN, if set")
     add("--version", action="version", version=program_version(PROG))
     parser.set_defaults(show="text")
     return parser
@@ -255,14 +259,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     failure = EXEC_FAILURE if exec_mode else 1
     where = format_address((options.host, options.port))
     timeout = DEFAULT_TIMEOUT if options.timeout is None else options.timeout
+    token = _token(parser, options.token_file)
     try:
         client = Client(
-            options.host, options.port, options.framing, connect_timeout=timeout,
+            options.host, options.port, options.framing, connect_timeout=timeout, token=token,
             # With --exec the server's --exec-timeout bounds the command; ours only if asked.
             timeout=options.timeout if exec_mode else timeout,
         )
     except TimeoutError:
         _say(f"error: cannot reach {where}: timed out after {timeout:g} s")
+        return failure
+    except ServerError as exc:
+        _say(f"error: {where}: {exc.message}")
         return failure
     except OSError as exc:
         _say(f"error: cannot reach {where}: {_reason(exc)}")
@@ -278,6 +286,23 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print()
             client.abort()  # with --exec, the reset tells the server to kill the command
             return INTERRUPTED
+
+
+def _token(parser: argparse.ArgumentParser, path: str | None) -> bytes | None:
+    """The token from ``--token-file`` (its first token line), else ``MUXSRV_TOKEN``."""
+    if path is None:
+        env = os.environb.get(b"MUXSRV_TOKEN")
+        return (env.strip() or None) if env is not None else None
+    try:
+        with open(path, "rb") as file:
+            lines = file.read().split(b"\n")
+    except OSError as exc:
+        parser.error(f"--token-file {path}: {exc.strerror or exc}")
+    for line in lines:
+        token = line.strip()
+        if token and not token.startswith(b"#"):
+            return token
+    parser.error(f"--token-file {path}: no token in the file")
 
 
 def _messages_main(session: _Session, options: argparse.Namespace, interactive: bool) -> int:

@@ -35,6 +35,9 @@ The guarantees:
 * ``connection_lost`` runs exactly once, from the loop, never inside another
   callback (``conn.abort()`` inside ``message_received`` returns first);
   sends after it are ignored;
+* with ``--auth-token-file``, ``connection_made`` runs only after the client
+  authenticated (``AUTH`` never reaches the handler); an instance made for a
+  client that never does is told nothing at all;
 * ``pause_writing`` may be called from inside ``conn.send`` (outside other
   callbacks: sends inside them only queue, and count when they return); a
   handler that produces output on its own (a timer, a child process) should

@@ -22,6 +22,10 @@ count toward no limit and the drain does not wait for them.  Once the loop
 stops they get the handlers' clean-up time to close (a handler closes its
 own in ``connection_lost``), then are aborted.
 
+With a :class:`~muxsrv.auth.Gate`, each accepted connection is first
+checked against protected mode and the brute-force ledger (turned away with
+an error frame), then starts with the auth gate as its last stage.
+
 The server is the connections' owner (``connection.Owner``); a connection
 never imports this module.
 """
@@ -47,6 +51,7 @@ from .transport import LINGER_TIMEOUT
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from .auth import Gate
     from .handler import HandlerFactory, HandlerFunction
     from .stages import Stage
 
@@ -143,6 +148,7 @@ class Server:
         function: HandlerFunction | None = None,
         factory: HandlerFactory | None = None,
         stages: Callable[[], list[Stage]] | None = None,
+        gate: Gate | None = None,
     ) -> None:
         if (function is None) == (factory is None):
             raise ValueError("give exactly one of function= and factory=")
@@ -155,6 +161,7 @@ class Server:
         self._function = function
         self._factory = factory
         self._stages = stages
+        self.gate = gate
         # A dict used as an ordered set: ~20 bytes a connection less than a set.
         self._conns: dict[Connection, None] = {}
         self._refused: set[Connection] = set()
@@ -184,10 +191,14 @@ class Server:
             self._schedule_idle_sweep()
         return [lsock.getsockname()[:2] for lsock in socks]
 
-    def _connection(self, sock: _socket.socket, peer: Any, handler: Any) -> Connection:
+    def _connection(
+        self, sock: _socket.socket, peer: Any, handler: Any, last: Stage | None = None
+    ) -> Connection:
         settings = self.settings
         decoder = make_decoder(settings.framing, settings.max_frame)
         stages = self._stages() if self._stages is not None else None
+        if last is not None:
+            stages = [*(stages or ()), last]
         kind = StagedConnection if stages else Connection
         return kind(self, sock, peer, decoder, self._function, handler, stages)
 
@@ -218,18 +229,40 @@ class Server:
             if len(self._conns) >= settings.max_conns:
                 self._refuse(sock, peer)
                 continue
-            self._open(sock)
+            self._open(sock, peer)
 
-    def _open(self, sock: _socket.socket) -> None:
+    def _open(self, sock: _socket.socket, peer: Any) -> None:
+        gate = self.gate
+        if gate is not None:
+            reason = gate.refusal(peer, self.loop.now)
+            if reason is not None:
+                self._turn_away(sock, peer, reason)
+                return
         try:
             handler = self._factory() if self._factory is not None else None
         except Exception:
             log.exception("handler factory failed; connection closed")
             sock.close()
             return
-        conn = self._connection(sock, None, handler)
+        stage = gate.stage(self.loop, peer) if gate is not None else None
+        if stage is None:
+            conn = self._connection(sock, None, handler)
+        else:
+            conn = self._connection(sock, peer, handler, stage)
         self._conns[conn] = None
         conn.start()
+        if stage is not None and gate is not None:
+            gate.arm(self.loop, conn, stage)
+
+    def _turn_away(self, sock: _socket.socket, peer: Any, reason: str) -> None:
+        """Protected mode or a lock-out: an error frame, then a lingering close."""
+        self._refuse_log.warning("refusing %s: %s", format_address(peer), reason.split(";")[0])
+        if len(self._refused) >= MAX_REFUSED_LINGERING:
+            sock.close()
+            return
+        conn = self._connection(sock, peer, None)
+        self._refused.add(conn)
+        conn.refuse(reason)
 
     def _refuse(self, sock: _socket.socket, peer: Any) -> None:
         self._refuse_log.warning(
@@ -270,6 +303,8 @@ class Server:
 
     def connection_closed(self, conn: Connection) -> None:
         self._conns.pop(conn, None)
+        if self.gate is not None:
+            self.gate.forget(conn)
         self._refused.discard(conn)
         if self.draining and not self._conns:
             self.loop.stop()

@@ -3,9 +3,11 @@
 :class:`StagedConnection` is a :class:`~muxsrv.connection.Connection` whose
 reads and flushes first run the connection's :class:`~muxsrv.stages.StagePath`;
 the plain class never checks for stages, so a plaintext connection keeps its
-hot path.  Once every stage has left the path, each call checks once and hands
-over to the plain code.  A stage that raises, reports a violation, or passes
-bytes on before it is ready ends its connection alone.
+hot path.  Once every stage has left the path (the auth gate, a PROXY header
+parser) the connection becomes a plain :class:`Connection` (the classes share
+one layout), so it pays nothing more per message.  A stage that raises,
+reports a violation, or passes bytes on before it is ready ends its
+connection alone.
 """
 
 from __future__ import annotations
@@ -65,10 +67,14 @@ class StagedConnection(Connection):
             self._fatal(exc, "stage receive")
             return b""
         if path.error is not None:
-            self._violation(path.error, frame=False)
+            self._violation(path.error, frame=path.tell_peer)
             return b""
+        if path.parting:
+            parting, path.parting = path.parting, []
+            self._out = parting + self._out if self._out else parting
         if not path.stages:
             self._stages = None
+            self.__class__ = Connection  # type: ignore[assignment]
         if not self._flags & MADE:
             if not path.ready:
                 if data:

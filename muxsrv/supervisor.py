@@ -64,7 +64,9 @@ STOP_GRACE: Final = DRAIN_GRACE + HANDLER_CLEANUP_TIMEOUT + 1.0
 #: The longest the parent waits without reaping (a lost SIGCHLD costs no more).
 TICK: Final = 1.0
 _STOP_SIGNALS: Final = frozenset({signal.SIGINT, signal.SIGTERM})
-_SIGNALS: Final = _STOP_SIGNALS | {signal.SIGCHLD}
+#: Forwarded to every worker (it re-reads --auth-token-file; ignored without one).
+_RELOAD: Final = signal.SIGHUP
+_SIGNALS: Final = _STOP_SIGNALS | {signal.SIGCHLD, _RELOAD}
 _PR_SET_PDEATHSIG: Final = 1
 _CLEAN_EXITS: Final = frozenset({0, -signal.SIGTERM, -signal.SIGINT})
 
@@ -169,6 +171,9 @@ class _Supervisor:
                 info = signal.sigtimedwait(_SIGNALS, max(0.0, deadline - now))
                 if info is not None and info.si_signo in _STOP_SIGNALS:
                     self.on_signal(info.si_signo)
+                elif info is not None and info.si_signo == _RELOAD and not self.stopping:
+                    log.info("SIGHUP: passing it on to %d workers", len(self.workers))
+                    self._signal_all(_RELOAD)
         finally:
             self.kill_all()  # none left, unless an exception brought us here
             for pid in list(self.workers):
@@ -203,6 +208,9 @@ class _Supervisor:
         try:
             for signum in _STOP_SIGNALS:
                 signal.signal(signum, signal.SIG_DFL)
+            # Until the worker's loop takes it (with --auth-token-file), a forwarded
+            # SIGHUP must not kill it.
+            signal.signal(_RELOAD, signal.SIG_IGN)
             if self.prctl is not None:
                 self.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
             if os.getppid() != self.pid:  # the parent died before prctl

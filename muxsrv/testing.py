@@ -32,6 +32,7 @@ from collections import deque
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
+from .auth import Gate
 from .codec import MAX_FRAME_LIMIT, Buffer
 from .connection import Connection
 from .framing import LengthDecoder, make_decoder
@@ -271,7 +272,9 @@ class Harness:
 
     Give it a handler class (or any factory of handler instances), or a
     function handler as ``function``.  The harness is the connection's owner: ``closed`` tells
-    whether the connection has ended.
+    whether the connection has ended.  With a :class:`~muxsrv.auth.Gate` (``gate``) the
+    connection is checked and gated as the server would (``peer``: its address; share a
+    ``clock`` between harnesses to see time pass for a gate's ledger).
     """
 
     def __init__(
@@ -282,28 +285,45 @@ class Harness:
         framing: str = "length",
         max_frame: int = 16 * 1024 * 1024,
         stages: list[Stage] | None = None,
+        gate: Gate | None = None,
+        peer: Any = ("127.0.0.1", 40000),
+        clock: FakeClock | None = None,
     ) -> None:
         if (handler is None) == (function is None):
             raise TypeError("Harness takes a handler factory or a function, not both")
-        self.clock = FakeClock()
+        self.clock = clock if clock is not None else FakeClock()
         self.selector = FakeSelector(self.clock)
         self.loop = EventLoop(selector=self.selector, clock=self.clock)
-        self.sock = FakeSocket()
+        self.sock = FakeSocket(peer)
         #: How many times the connection told its owner it closed (0 or 1).
         self.closed = 0
+        self._gate = gate
         self.handler = handler() if handler is not None else None
         sock: Any = self.sock  # a socket as far as the connection can tell
+        # As the server does: protected mode and lock-outs turn the peer away at once.
+        refusal = gate.refusal(peer, self.clock.now) if gate is not None else None
+        if refusal is not None:
+            self.handler = None
+        gated = gate.stage(self.loop, peer) if gate is not None and refusal is None else None
+        if gated is not None:
+            stages = [*(stages or ()), gated]
         kind = StagedConnection if stages else Connection
         self.conn = kind(self, sock, self.sock.getpeername(),
-                               make_decoder(framing, max_frame), function, self.handler, stages)
+                         make_decoder(framing, max_frame), function, self.handler, stages)
         self._client = LengthDecoder(MAX_FRAME_LIMIT, accept_errors=True)
         self._read = 0
         self.conn.start()
+        if refusal is not None:
+            self.conn.refuse(refusal)
+        if gate is not None and gated is not None:
+            gate.arm(self.loop, self.conn, gated)
 
     # -- the owner's side ------------------------------------------------------
 
     def connection_closed(self, conn: Connection) -> None:
         self.closed += 1
+        if self._gate is not None:
+            self._gate.forget(conn)
 
     # -- driving -------------------------------------------------------------
 

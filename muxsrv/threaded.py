@@ -17,7 +17,8 @@ handlers are installed (the loop never sees SIGINT/SIGTERM; ``stop`` asks it
 to drain through ``EventLoop.call_soon_threadsafe``).
 
 The server itself is the same code as the command line's: ``cli.build_parser``
-reads the options and ``Server`` serves; only ``--workers`` is refused.
+reads the options and ``Server`` serves; only ``--workers`` and
+``--auth-token-file`` are refused.
 """
 
 from __future__ import annotations
@@ -59,6 +60,9 @@ def _parse(loaded: plugins.LoadedPlugin, options: tuple[str, ...]) -> Any:
         raise ValueError("give the handler as the first argument, not as --handler")
     if parsed.workers != 1:
         raise ValueError("--workers is for the command line: a threaded server is one loop")
+    if parsed.auth_token_file is not None:
+        raise ValueError("--auth-token-file is for the command line: the threaded server serves "
+                         "its test unauthenticated, on loopback")
     return parsed
 
 
@@ -77,7 +81,8 @@ class ThreadedServer:
         self.settings = cli.settings_from(parsed, loaded.plugin.name)
         self.framing = self.settings.framing
         self._loop = EventLoop()
-        self._server = Server(self._loop, self.settings, function=function, factory=factory)
+        self._server = Server(self._loop, self.settings, function=function, factory=factory,
+                              gate=cli.gate_from(parsed))  # protected mode off loopback
         self._thread: threading.Thread | None = None
         self._clients: list[Client] = []
         self.error: BaseException | None = None  # what ended the server's thread, if anything

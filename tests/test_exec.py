@@ -253,11 +253,16 @@ def test_loopback_check() -> None:
         assert not exec_config.is_loopback(host), host
 
 
-def test_allow_remote_exec_lifts_the_refusal(tmp_path: Path) -> None:
+def test_allow_remote_exec_lifts_the_refusal_only_with_a_token(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="--allow-remote-exec"):
         ExecHandler.configure(exec_options("--host", "0.0.0.0"))
+    with pytest.raises(ConfigError, match="--auth-token-file"):
+        ExecHandler.configure(exec_options("--host", "0.0.0.0", "--allow-remote-exec"))
+    tokens = tmp_path / "tokens"
+    tokens.write_text("0123456789abcdef\n")
     service = ExecHandler.configure(
-        exec_options("--host", "0.0.0.0", "--allow-remote-exec", "--exec-cwd", str(tmp_path))
+        exec_options("--host", "0.0.0.0", "--allow-remote-exec", "--exec-cwd", str(tmp_path),
+                     "--auth-token-file", str(tokens))
     )
     assert service.config.cwd == str(tmp_path) and service.config.allowed is None
 

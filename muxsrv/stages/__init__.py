@@ -18,7 +18,11 @@ and runs the plain hot path.  A stage never sees a socket:
 * ``ready`` false holds the handler back: ``connection_made`` waits until
   every stage is ready (a header parsed, a handshake done);
 * ``done`` true: a one-shot stage has handed over for good (its last
-  ``receive`` returned the bytes after it, none lost) and leaves the path.
+  ``receive`` returned the bytes after it, none lost) and leaves the path;
+  what its ``parting()`` returns (the auth gate's ``OK``) is queued as codec
+  output, ahead of anything the handler sends;
+* ``tell_peer`` true with ``error``: the reason also goes to the peer, in the
+  codec's error frame (the auth gate's refusals); else it is only logged.
 
 The first stage of the list is the one nearest the socket.  A
 :class:`StagePath` runs a connection's list both ways.
@@ -43,10 +47,16 @@ class Stage:
     ready: bool = True
     #: True once a one-shot stage has handed over and may leave the path.
     done: bool = False
+    #: With ``error``: send the reason to the peer as an error frame, too.
+    tell_peer: bool = False
 
     def receive(self, data: bytes) -> bytes:
         """Bytes from the peer in; what passes on to the next stage out."""
         return data
+
+    def parting(self) -> list[Buffer]:
+        """Codec output a one-shot stage queues as it leaves the path (``done``)."""
+        return []
 
     def send(self, data: bytes) -> bytes:
         """Bytes going out in (``b""``: only what the stage itself has); bytes out."""
@@ -56,12 +66,16 @@ class Stage:
 class StagePath:
     """One connection's stages, nearest the socket first, run in both directions."""
 
-    __slots__ = ("error", "stages")
+    __slots__ = ("error", "parting", "stages", "tell_peer")
 
     def __init__(self, stages: list[Stage]) -> None:
         self.stages = stages
         #: The first violation any stage reported; nothing passes after it.
         self.error: str | None = None
+        #: Whether that violation's reason goes to the peer as an error frame.
+        self.tell_peer = False
+        #: Codec output from stages that have just left the path, to queue first.
+        self.parting: list[Buffer] = []
 
     @property
     def ready(self) -> bool:
@@ -75,10 +89,14 @@ class StagePath:
             data = stage.receive(data)
             if stage.error is not None:
                 self.error = stage.error
+                self.tell_peer = stage.tell_peer
                 return b""
             if not data:
                 break
         if any(stage.done for stage in stages):
+            for stage in stages:
+                if stage.done:
+                    self.parting += stage.parting()
             self.stages = [stage for stage in stages if not stage.done]
         return data
 
