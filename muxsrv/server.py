@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any, Final
 from .address import format_address
 from .connection import Connection
 from .framing import make_decoder
+from .listening import CannotListen, bind_addresses, bind_sockets
 from .loop import EVENT_READ, EventLoop
 from .outbound import connector_of
 from .staged import StagedConnection
@@ -88,22 +89,6 @@ class Settings:
     drain_timeout: float = 5.0
     reuse_port: bool = False
     handler_name: str = "echo"  # as the start-up line names it: "echo (built-in)"
-
-
-class CannotListen(OSError):
-    """Binding or listening failed; ``str()`` names the address and the reason.
-
-    ``mistake``: the address asked for cannot be had as given (the port is in
-    use, the host name does not resolve), rather than refused by the system.
-    """
-
-    def __init__(self, host: str, port: int, cause: OSError) -> None:
-        super().__init__(cause.errno, cause.strerror)
-        self.address = format_address((host, port))
-        self.mistake = isinstance(cause, socket.gaierror) or cause.errno == errno.EADDRINUSE
-
-    def __str__(self) -> str:
-        return f"cannot listen on {self.address}: {self.strerror}"
 
 
 class _RateLimitedLog:
@@ -385,51 +370,8 @@ class Server:
         self.loop.run_once(max_wait=0)  # their connection_lost
 
 
-def bind_addresses(host: str, port: int) -> list[tuple[int, int, int, tuple[Any, ...]]]:
-    """``(family, type, proto, sockaddr)`` for each address ``host`` resolves to, once each.
-
-    Raises OSError (``socket.gaierror`` if the name does not resolve).
-    """
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except UnicodeError:  # "a..b", a label over 63 characters: no name at all (IDNA)
-        raise socket.gaierror(socket.EAI_NONAME, "not a valid host name") from None
-    seen = set()
-    found = []
-    for family, type_, proto, _name, addr in infos:
-        if (family, addr[0]) not in seen:
-            seen.add((family, addr[0]))
-            found.append((int(family), int(type_), proto, tuple(addr)))
-    return found
-
-
 def _bind(settings: Settings) -> list[socket.socket]:
     """Listening sockets for every address ``host`` resolves to, on one port."""
     backlog = socket.SOMAXCONN if socket.SOMAXCONN > 4096 else 4096
     return bind_sockets(settings.host, settings.port, settings.reuse_port,
                         lambda sock: sock.listen(backlog))
-
-
-def bind_sockets(
-    host: str, port: int, reuse_port: bool, then: Callable[[socket.socket], object]
-) -> list[socket.socket]:
-    """A socket bound on every address ``host`` resolves to, all on one port (port 0:
-    the first's), ``then`` called on each after its bind; on OSError all are closed."""
-    socks: list[socket.socket] = []
-    try:
-        for family, type_, proto, addr in bind_addresses(host, port):
-            sock = socket.socket(family, type_, proto)
-            socks.append(sock)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if reuse_port:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            sock.bind((addr[0], port, *addr[2:]))
-            port = sock.getsockname()[1]
-            then(sock)
-    except OSError:
-        for sock in socks:
-            sock.close()
-        raise
-    return socks
