@@ -45,6 +45,8 @@ __all__ = ["check_real"]
 REAL_SPLITS = 8
 #: Seeded random-chunk runs.
 REAL_RANDOM_RUNS = 2
+#: After a failed variant, how long the aborted handler may take to let go.
+CLEANUP_TIMEOUT = 2.0
 
 
 class RealHarness:
@@ -132,13 +134,25 @@ class RealHarness:
         return bool(self.closed) or (self.conn.owes_nothing() and self.conn.pending == 0)
 
     def send(self, segment: bytes) -> None:
-        """One segment, read by the connection before the next one is sent."""
-        self.client.setblocking(True)
-        try:
-            self.client.sendall(segment)
-        finally:
-            self.client.setblocking(False)
-        self.wait(self._input_read, "the connection to read what was sent")
+        """One segment, read by the connection before the next one is sent.
+
+        Sent without blocking, between turns of the loop: a segment larger than
+        the socket pair's buffers goes out as the connection reads it.
+        """
+        todo = memoryview(segment)
+
+        def sent() -> bool:
+            nonlocal todo
+            while todo:
+                try:
+                    todo = todo[self.client.send(todo):]
+                except (BlockingIOError, InterruptedError):
+                    return False
+                except OSError:  # the connection closed: the rest is never read
+                    return True
+            return self._input_read()
+
+        self.wait(sent, "the connection to read what was sent")
 
     def settle(self) -> None:
         self.wait(lambda: self._input_read() and self._owes_nothing(), "the replies")
@@ -164,6 +178,16 @@ class RealHarness:
         return got
 
     def close(self) -> None:
+        """Release everything; a variant that failed midway has its connection aborted
+        first, so that the handler's ``connection_lost`` lets go of its children."""
+        if not self.closed:
+            self.conn.abort()
+            self.loop.run_until(
+                lambda: bool(self.closed)
+                and bool(self.checker.factory is None or self.probe.lost)
+                and self.loop.watched_fds == 0,
+                CLEANUP_TIMEOUT,
+            )
         self.loop.close()
         self.client.close()
         self.server.close()

@@ -52,7 +52,8 @@ shutdown drain wait for it), and reach the loop to register file descriptors
 and timers, and to open connections of its own: ``conn.loop.connect(host,
 port, handler)`` (``muxsrv.outbound``).  On such an outbound connection the
 same handler interface speaks for us, with two differences: a failed connect
-brings ``connection_lost(conn, exc)`` without ``connection_made`` before it,
+(or one the handler closed before it completed) brings
+``connection_lost(conn, exc)`` without ``connection_made`` before it,
 and an error frame from the server goes to ``error_received``.  A class may
 also declare its own command-line options with ``add_arguments`` and build
 its per-connection factory in ``configure``.

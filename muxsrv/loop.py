@@ -196,8 +196,8 @@ class EventLoop:
     def call_soon_threadsafe(self, callback: Callable[..., object], *args: Any) -> Handle:
         """``call_soon`` from another thread: wakes the loop if it waits in ``select``."""
         handle = self.call_soon(callback, *args)  # deque.append is atomic
-        # A full buffer holds wake-ups enough already.
-        with contextlib.suppress(BlockingIOError, InterruptedError):
+        # A full buffer holds wake-ups enough already; a closed one: the loop is gone.
+        with contextlib.suppress(OSError):
             self._waker_w.send(b"\0")
         return handle
 

@@ -224,8 +224,9 @@ def connect(
 ) -> Outbound:
     """``EventLoop.connect`` (see the module docstring); ``sock``: a socket to use (tests).
 
-    Raises ValueError for a host that is not a numeric address or ``localhost``
-    and for an unknown framing; OSError if no socket can be made.
+    Raises ValueError for a host that is not a numeric address or ``localhost``,
+    a port outside 1-65535 and an unknown framing; OSError if no socket can be
+    made.
     """
     if not isinstance(handler, Handler):
         raise TypeError(f"connect() takes a Handler instance, not {type(handler).__name__}")
@@ -244,12 +245,19 @@ def connect(
     owner = connector_of(loop)
     conn = Outbound(owner, sock, address[:2], decoder, handler)
     owner.conns[conn] = None
-    conn._begin(address, timeout)
+    try:
+        conn._begin(address, timeout)
+    except BaseException:
+        owner.conns.pop(conn, None)
+        sock.close()
+        raise
     return conn
 
 
 def numeric_address(host: str, port: int) -> tuple[int, tuple[Any, ...]]:
     """``(family, sockaddr)`` for a numeric host (or ``localhost``), without a DNS lookup."""
+    if not isinstance(port, int) or not 0 < port <= 65535:
+        raise ValueError(f"cannot connect to port {port!r}: a port is from 1 to 65535")
     name = "127.0.0.1" if host == "localhost" else host.strip("[]")
     try:
         infos = socket.getaddrinfo(

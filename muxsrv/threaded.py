@@ -49,11 +49,11 @@ def _load(handler: object) -> plugins.LoadedPlugin:
 
 
 def _parse(loaded: plugins.LoadedPlugin, options: tuple[str, ...]) -> Any:
-    parser = cli.build_parser(loaded)
     err = io.StringIO()
     try:
         with contextlib.redirect_stderr(err):
-            parsed = parser.parse_args(["--port", "0", *options])
+            # Inside: a handler option that clashes with a core one exits too.
+            parsed = cli.build_parser(loaded).parse_args(["--port", "0", *options])
     except SystemExit:
         raise ValueError(err.getvalue().strip() or f"bad options {options!r}") from None
     if "--handler" in options or any(o.startswith("--handler=") for o in options):

@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from typing import Protocol
 from urllib.parse import urlsplit
 
+from .errors import ServerError as ServerError  # the one muxsrv.ServerError, re-exported
+
 FRAMINGS = ("length", "line", "raw")
 # check(sent_payload, reply_payload): raise (any Exception) or return False to fail.
 Check = Callable[[bytes, bytes], object]
@@ -55,10 +57,6 @@ DEFAULT_MAX_PAYLOAD = 64 << 20
 
 class ProtocolError(Exception):
     """The byte stream from the server cannot be framed; the connection is unusable."""
-
-
-class ServerError(Exception):
-    """The server answered a request with an error frame; the text is its message."""
 
 
 class WrongReply(Exception):

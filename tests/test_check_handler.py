@@ -20,11 +20,12 @@ import pytest
 from support import ROOT
 
 from muxsrv import plugins
+from muxsrv.checks_real import RealChecker, RealHarness
 from muxsrv.cli import build_parser
 from muxsrv.handler import Conn, Handler
 from muxsrv.handlers.builtin import echo, upper
 from muxsrv.handlers.exec import ExecHandler
-from muxsrv.testing import HandlerCheckFailed, check_handler
+from muxsrv.testing import HandlerCheckFailed, check_handler, frame
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -80,6 +81,42 @@ def test_exec_passes_on_the_real_loop(tmp_path: Path) -> None:
     check_handler(
         exec_factory(tmp_path), [b"echo hi", b"true", b"exit 3"], real_loop=True, timeout=10
     )
+
+
+def test_the_real_loop_sends_a_segment_larger_than_the_socket_buffers() -> None:
+    """Bug caught: a blocking sendall of a segment the socket pair cannot hold waits for
+    a loop that is not turning: the check hung for ever."""
+    checker = RealChecker(echo, [b"x"], "length", 0, 0.1, 10.0)
+    h = RealHarness(checker, "one large segment")
+    try:
+        big = frame(b"y" * 3_000_000)  # far beyond a socket pair's buffers
+        h.send(big + frame(b"z"))
+        h.settle()
+        assert h.replies() == [b"y" * 3_000_000, b"z"]
+    finally:
+        h.close()
+
+
+def _children() -> set[int]:
+    me = str(Path("/proc/self").resolve().name)
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[1] == me:
+            found.add(int(stat.parent.name))
+    return found
+
+
+def test_a_failed_real_variant_lets_go_of_the_handlers_children(tmp_path: Path) -> None:
+    """Bug caught: a variant that timed out left its connection open, so exec's child
+    (and its pipes) outlived the check."""
+    before = _children()
+    with pytest.raises(HandlerCheckFailed, match="timed out"):
+        check_handler(exec_factory(tmp_path), [b"sleep 30"], real_loop=True, timeout=0.5)
+    assert _children() - before == set()
 
 
 # -- broken handlers, one bug each -------------------------------------------------

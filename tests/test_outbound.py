@@ -95,6 +95,23 @@ def test_names_are_refused_at_the_call(loop: EventLoop) -> None:
     assert not outbound.connector_of(loop).conns
 
 
+def test_a_bad_port_or_a_failing_start_leaves_nothing_behind(loop: EventLoop) -> None:
+    """Bug caught: connect_ex raising (a port out of range) left the socket open and the
+    connection in the connector, so the server waited for it at shutdown."""
+    for port in (0, 70000):
+        with pytest.raises(ValueError, match="a port is from 1 to 65535"):
+            loop.connect("127.0.0.1", port, Recorder())
+
+    class Failing(socket.socket):
+        def connect_ex(self, address: Any) -> int:
+            raise OSError(errno.EPERM, "not today")
+
+    sock = Failing(socket.AF_INET, socket.SOCK_STREAM)
+    with pytest.raises(OSError, match="not today"):
+        outbound.connect(loop, "127.0.0.1", 9, Recorder(), sock=sock)
+    assert sock.fileno() == -1 and not outbound.connector_of(loop).conns
+
+
 def test_connects_sends_what_was_queued_and_reads_replies(loop: EventLoop) -> None:
     with socket.create_server(("127.0.0.1", 0)) as listener:
         h = Recorder()

@@ -9,6 +9,7 @@ every pytest run.
 
 from __future__ import annotations
 
+import argparse
 import os
 import socket
 import subprocess
@@ -65,9 +66,19 @@ def test_handler_objects_class_and_closure() -> None:
     assert seen == [b"x"]
 
 
+class Clash(Handler):
+    """Declares an option the core already has."""
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--port", type=int)
+
+
 @pytest.mark.parametrize(
     ("handler", "options", "why"),
     [
+        (Clash, (), "conflicting option string: --port"),
+        ("upper", ("--auth-token-file", "tokens"), "--auth-token-file"),
         ("upper", ("--framing", "nope"), "invalid choice"),
         ("upper", ("--workers", "2"), "--workers"),
         ("upper", ("--handler", "echo"), "first argument"),
