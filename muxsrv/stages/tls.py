@@ -133,8 +133,7 @@ class TLSStage(Stage):
     def receive_eof(self) -> None:
         """The TCP connection ended with no close_notify before it: a truncated close."""
         if self.ending is None:
-            self.ending = "truncated"
-            self._closed = True  # nobody is left to hear ours
+            self.ending = "truncated"  # replies still go: the peer may only have shut writing
             if self.ready:
                 log.info("%s: TLS connection truncated: EOF without close_notify",
                          self.describe())
@@ -160,7 +159,7 @@ class TLSStage(Stage):
         if self._closed:
             return b""
         self._closed = True
-        if self.ready and self.error is None:
+        if self.ready and self.error is None and self.ending != "truncated":
             try:
                 self._ssl.unwrap()
             except ssl.SSLWantReadError:
