@@ -212,6 +212,10 @@ class Server:
         tls = self.tls
         for _ in range(ACCEPT_BATCH):
             if tls is not None and tls.full:
+                if self._listening:
+                    self._refuse_log.warning(
+                        "%d TLS handshakes in flight (--tls-max-handshakes): new connections "
+                        "wait until one ends", tls.in_flight)
                 self._stop_listening()  # until a handshake ends: _handshake_slot_freed
                 return
             try:
