@@ -269,3 +269,33 @@ def test_bad_certificate_files_exit_2(certs: Certs, tmp_path: Path) -> None:
         lines = [line for line in srv.final_log().splitlines() if line]
         assert len(lines) == 1 and lines[0].startswith("muxsrv: error:"), lines
         assert "PRIVATE KEY" not in lines[0]
+
+
+def test_refusal_comes_inside_tls(certs: Certs) -> None:
+    with tls_server(certs, "--max-conns", "1") as srv, \
+            tls_connect(srv, certs.client_context()) as first:
+        first.sendall(frame(b"held"))
+        assert recv_frame(first) == (False, b"held")
+        with tls_connect(srv, certs.client_context()) as second:
+            assert recv_frame(second) == (True, b"too many connections (limit 1)")
+
+
+def test_client_certificates_count_as_authentication(certs: Certs, tmp_path: Path) -> None:
+    """With --tls-client-ca: no protected mode, and --allow-remote-exec is allowed."""
+    srv = ServerProcess(["--port", "0", "--host", "0.0.0.0", "--handler", "exec",
+                         "--allow-remote-exec", "--exec-cwd", str(tmp_path),
+                         *tls_args(certs, "--tls-client-ca", str(certs.ca))]).wait_started()
+    try:
+        assert "protected mode" not in srv.stderr_text()
+        assert "TLS with client certificates" in srv.stderr_text()
+        raw = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+        context = certs.client_context(with_cert=True)
+        with context.wrap_socket(raw, server_hostname="127.0.0.1") as sock:
+            sock.sendall(frame(b"echo remote"))
+            assert decode_reply(recv_frame(sock)[1]).stdout == b"remote\n"
+    finally:
+        srv.stop()
+    refused = ServerProcess(["--port", "0", "--host", "0.0.0.0", "--handler", "exec",
+                             "--allow-remote-exec", *tls_args(certs)])
+    assert refused.wait(15) == 2
+    assert "--tls-client-ca" in refused.final_log()
