@@ -299,3 +299,21 @@ def test_client_certificates_count_as_authentication(certs: Certs, tmp_path: Pat
                              "--allow-remote-exec", *tls_args(certs)])
     assert refused.wait(15) == 2
     assert "--tls-client-ca" in refused.final_log()
+
+
+def test_slow_tls_reader_keeps_server_memory_bounded(certs: Certs) -> None:
+    """A client that sends and never reads: the server stops reading, memory stays flat."""
+    with tls_server(certs) as srv, tls_connect(srv, certs.client_context()) as sock:
+        sock.sendall(frame(b"warm"))
+        assert recv_frame(sock) == (False, b"warm")
+        base = srv.rss_bytes()
+        chunk = frame(b"m" * 65536) * 16  # 1 MiB of requests, as many replies owed
+        sock.settimeout(1.0)
+        sent = 0
+        with suppress(TimeoutError):
+            while sent < 200 << 20:
+                sock.sendall(chunk)
+                sent += len(chunk)
+        assert sent < 200 << 20, "the server never stopped reading"
+        growth = srv.rss_bytes() - base
+        assert growth < 40 << 20, f"server grew {growth >> 20} MiB after {sent >> 20} MiB sent"
