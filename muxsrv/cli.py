@@ -97,7 +97,8 @@ def build_parser(handler: plugins.LoadedPlugin | None = None) -> argparse.Argume
         help="close a connection not authenticated this long after it connected "
              "(default: 10; 0: never)")
     add("--tls-cert", metavar="FILE",
-        help="serve TLS (1.2 or 1.3) with this PEM certificate chain (the key may be in it too)")
+        help="serve TLS (1.2 or 1.3) with this PEM certificate chain (the key may be in it "
+             "too); SIGHUP re-reads the TLS files")
     add("--tls-key", metavar="FILE", help="the certificate's PEM private key, if not in --tls-cert")
     add("--tls-client-ca", metavar="FILE",
         help="mutual TLS: require client certificates signed by a CA in this PEM file "
@@ -209,7 +210,8 @@ def tls_from(options: argparse.Namespace) -> TLSServer | None:
     except TLSConfigError as exc:
         _fail(str(exc))
     return TLSServer(context, options.tls_handshake_timeout, options.tls_max_handshakes,
-                     mutual=options.tls_client_ca is not None)
+                     mutual=options.tls_client_ca is not None,
+                     files=(options.tls_cert, options.tls_key, options.tls_client_ca))
 
 
 def gate_from(options: argparse.Namespace) -> Gate | None:
@@ -228,6 +230,14 @@ def gate_from(options: argparse.Namespace) -> Gate | None:
     if tokens is None and not protected:
         return None
     return Gate(options.framing, tokens, options.auth_timeout, protected)
+
+
+def _reload(tokens: Tokens | None, tls: TLSServer | None) -> None:
+    """SIGHUP: re-read the token file and the TLS files (each keeps its old self if bad)."""
+    if tokens is not None:
+        tokens.reload()
+    if tls is not None:
+        tls.reload()
 
 
 def serve(
@@ -258,8 +268,8 @@ def serve(
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stop)
         tokens = gate.tokens if gate is not None else None
-        if tokens is not None:
-            loop.add_signal_handler(signal.SIGHUP, tokens.reload)
+        if tokens is not None or tls is not None:
+            loop.add_signal_handler(signal.SIGHUP, lambda: _reload(tokens, tls))
         where = ", ".join(format_address(address) for address in server.listen())
         worker = f", worker pid {os.getpid()}" if settings.reuse_port else ""
         if tls is not None:

@@ -11,7 +11,9 @@ module holds what the connections of one server share:
   that many are running the server stops accepting (its listeners leave the
   selector, as on EMFILE), so further connections wait unread in the
   kernel's backlog until a handshake ends; established connections go on
-  being served.  ``on_slot_free`` tells the server when to accept again.
+  being served.  ``on_slot_free`` tells the server when to accept again;
+* ``reload`` (SIGHUP): a new context from the same files for the connections
+  accepted after it; a bad file is logged and the old context kept.
 """
 
 from __future__ import annotations
@@ -77,8 +79,11 @@ class TLSServer:
         handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
         max_handshakes: int = DEFAULT_MAX_HANDSHAKES,
         mutual: bool = False,
+        files: tuple[str, str | None, str | None] | None = None,
     ) -> None:
         self.context = context
+        #: (cert, key, client CA) as given: what ``reload`` reads again.
+        self.files = files
         self.handshake_timeout = handshake_timeout
         self.max_handshakes = max_handshakes
         #: Client certificates are required (``--tls-client-ca``): that is authentication.
@@ -87,6 +92,19 @@ class TLSServer:
         self.on_slot_free: Callable[[], None] | None = None
         # The connections still handshaking, and their timeouts: its size is the count.
         self._handshaking: dict[Connection, Timer | None] = {}
+
+    def reload(self) -> bool:
+        """SIGHUP: read the files again for new connections; a bad one is logged, the old kept."""
+        if self.files is None:
+            return False
+        try:
+            context = load_context(*self.files)
+        except TLSConfigError as exc:
+            log.error("%s; keeping the certificate loaded before", exc)
+            return False
+        self.context = context  # open connections keep the session they have
+        log.info("re-read --tls-cert, --tls-key and --tls-client-ca")
+        return True
 
     @property
     def full(self) -> bool:

@@ -7,6 +7,7 @@ wait has a deadline; servers are stopped by the PID we started.
 from __future__ import annotations
 
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
@@ -317,3 +318,31 @@ def test_slow_tls_reader_keeps_server_memory_bounded(certs: Certs) -> None:
         assert sent < 200 << 20, "the server never stopped reading"
         growth = srv.rss_bytes() - base
         assert growth < 40 << 20, f"server grew {growth >> 20} MiB after {sent >> 20} MiB sent"
+
+
+def common_name(sock: ssl.SSLSocket) -> str:
+    cert = sock.getpeercert()
+    assert cert is not None
+    return next(v for rdn in cert["subject"] for k, v in rdn if k == "commonName")
+
+
+def test_sighup_reloads_the_certificate(certs: Certs, tmp_path: Path) -> None:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.write_bytes(certs.server_cert.read_bytes())
+    key.write_bytes(certs.server_key.read_bytes())
+    with running_server("--tls-cert", str(cert), "--tls-key", str(key)) as srv, \
+            tls_connect(srv, certs.client_context()) as old:
+        assert common_name(old) == "server"
+        cert.write_text("not a certificate\n")
+        srv.signal(signal.SIGHUP)
+        srv.wait_log("keeping the certificate loaded before")
+        with tls_connect(srv, certs.client_context()) as sock:
+            assert common_name(sock) == "server"
+        cert.write_bytes(certs.server2_cert.read_bytes())
+        key.write_bytes(certs.server2_key.read_bytes())
+        srv.signal(signal.SIGHUP)
+        srv.wait_log("re-read --tls-cert")
+        with tls_connect(srv, certs.client_context()) as sock:
+            assert common_name(sock) == "server2"
+        old.sendall(frame(b"still here"))  # open connections were not dropped
+        assert recv_frame(old) == (False, b"still here")

@@ -23,6 +23,8 @@ class Certs:
     client_key: Path
     stranger_cert: Path  # a client certificate from a CA the server does not know
     stranger_key: Path
+    server2_cert: Path  # another server certificate from the same CA (reloads)
+    server2_key: Path
 
     def client_context(self, version: ssl.TLSVersion | None = None,
                        with_cert: bool = False) -> ssl.SSLContext:
@@ -61,6 +63,8 @@ def make_certs(directory: Path) -> Certs:
     _ca(directory, "strangerca")
     _leaf(directory, "server", "testca",
           "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n")
+    _leaf(directory, "server2", "testca",
+          "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n")
     _leaf(directory, "client", "testca", "extendedKeyUsage=clientAuth\n")
     _leaf(directory, "stranger", "strangerca", "extendedKeyUsage=clientAuth\n")
     combined = directory / "server-combined.pem"
@@ -72,4 +76,5 @@ def make_certs(directory: Path) -> Certs:
         server_combined=combined,
         client_cert=directory / "client.pem", client_key=directory / "client.key",
         stranger_cert=directory / "stranger.pem", stranger_key=directory / "stranger.key",
+        server2_cert=directory / "server2.pem", server2_key=directory / "server2.key",
     )
