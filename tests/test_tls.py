@@ -346,3 +346,28 @@ def test_sighup_reloads_the_certificate(certs: Certs, tmp_path: Path) -> None:
             assert common_name(sock) == "server2"
         old.sendall(frame(b"still here"))  # open connections were not dropped
         assert recv_frame(old) == (False, b"still here")
+
+
+def test_drain_says_goodbye_inside_tls(certs: Certs) -> None:
+    with tls_server(certs) as srv, tls_connect(srv, certs.client_context()) as sock:
+        sock.sendall(frame(b"before"))
+        assert recv_frame(sock) == (False, b"before")
+        srv.signal(signal.SIGTERM)
+        assert recv_frame(sock) == (True, b"server shutting down")
+        assert sock.recv(10) == b""  # the server's close_notify: a clean end, no error
+        assert srv.wait(15) == 0
+
+
+def test_idle_timeout_over_tls(certs: Certs) -> None:
+    with tls_server(certs, "--idle-timeout", "0.3") as srv, \
+            tls_connect(srv, certs.client_context()) as sock:
+        assert recv_frame(sock) == (True, b"idle timeout (0.3 s)")
+        assert sock.recv(10) == b""
+
+
+def test_workers_over_tls(certs: Certs) -> None:
+    with tls_server(certs, "--workers", "2") as srv:
+        for i in range(4):
+            with tls_connect(srv, certs.client_context()) as sock:
+                sock.sendall(frame(b"w%d" % i))
+                assert recv_frame(sock) == (False, b"w%d" % i)
