@@ -371,3 +371,15 @@ def test_workers_over_tls(certs: Certs) -> None:
             with tls_connect(srv, certs.client_context()) as sock:
                 sock.sendall(frame(b"w%d" % i))
                 assert recv_frame(sock) == (False, b"w%d" % i)
+
+
+def test_token_authentication_inside_tls(certs: Certs, tmp_path: Path) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_text("a-token-long-enough-0123\n")
+    with tls_server(certs, "--auth-token-file", str(tokens)) as srv:
+        with Client(*srv.address, tls=certs.client_context(),
+                    token="a-token-long-enough-0123") as client:
+            assert client.pipeline([b"one", b"two"]) == [b"one", b"two"]
+        with tls_connect(srv, certs.client_context()) as sock:
+            sock.sendall(frame(b"AUTH wrong-token-0123456789"))
+            assert recv_frame(sock) == (True, b"authentication failed")
