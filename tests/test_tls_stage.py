@@ -170,3 +170,15 @@ def test_bad_files(certs: Certs, tmp_path: object) -> None:
     with pytest.raises(TLSConfigError, match="cannot load the certificate"):
         load_context(str(certs.ca))  # a certificate without its key
     load_context(str(certs.server_combined))  # the key may sit in the certificate file
+
+
+def test_length_decoder_says_looks_like_tls() -> None:
+    from muxsrv.framing import make_decoder
+    from muxsrv.length import TLS_ON_PLAINTEXT
+
+    decoder = make_decoder("length", 16 << 20)
+    assert decoder.feed(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03") == []
+    assert decoder.error == TLS_ON_PLAINTEXT
+    other = make_decoder("length", 16 << 20)
+    other.feed(b"\x7f\x00\x00\x00")
+    assert other.error is not None and "exceeds the limit" in other.error
