@@ -36,7 +36,7 @@ import logging
 from typing import TYPE_CHECKING, Any, Final
 
 from .address import format_address
-from .length import encode_length
+from .length import TLS_ON_PLAINTEXT, encode_length
 from .stages import Stage
 
 if TYPE_CHECKING:
@@ -82,7 +82,8 @@ LOCKED_OUT: Final = "too many failed authentication attempts"
 PROTECTED_MODE: Final = (
     "protected mode: this server listens on a non-loopback address without authentication, "
     "so it serves loopback clients only; start it with --auth-token-file FILE to require a "
-    "token, or with --no-protected-mode to serve every client"
+    "token, with --tls-client-ca FILE to require client certificates, or with "
+    "--no-protected-mode to serve every client"
 )
 
 
@@ -298,7 +299,8 @@ class AuthGate(Stage):
             return None
         size = int.from_bytes(buffer[:4], "big")
         if size > MAX_AUTH_MESSAGE:
-            self._refuse(f"a message of {size} bytes before authentication "
+            self._refuse(TLS_ON_PLAINTEXT if size >> 16 == 0x1603 else
+                         f"a message of {size} bytes before authentication "
                          f"(at most {MAX_AUTH_MESSAGE})")
             return None
         if len(buffer) < 4 + size:

@@ -107,6 +107,10 @@ class ConnProbe:
         return self._conn.peer
 
     @property
+    def peer_cert(self) -> dict[str, Any] | None:
+        return self._conn.peer_cert
+
+    @property
     def loop(self) -> EventLoop:
         return cast(EventLoop, self._loop)
 

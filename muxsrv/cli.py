@@ -32,6 +32,13 @@ from .loop import EventLoop
 from .options import max_frame, parse_size, positive_int, program_version, seconds, whole_number
 from .server import CannotListen, Server, Settings
 from .supervisor import supervise
+from .tls import (
+    DEFAULT_HANDSHAKE_TIMEOUT,
+    DEFAULT_MAX_HANDSHAKES,
+    TLSConfigError,
+    TLSServer,
+    load_context,
+)
 from .tuning import keep_large_buffers_mapped, raise_open_files_limit
 
 __all__ = ["main", "parse_size", "positive_int", "seconds", "whole_number"]
@@ -89,6 +96,20 @@ def build_parser(handler: plugins.LoadedPlugin | None = None) -> argparse.Argume
     add("--auth-timeout", type=seconds, default=10.0, metavar="SECONDS",
         help="close a connection not authenticated this long after it connected "
              "(default: 10; 0: never)")
+    add("--tls-cert", metavar="FILE",
+        help="serve TLS (1.2 or 1.3) with this PEM certificate chain (the key may be in it "
+             "too); SIGHUP re-reads the TLS files")
+    add("--tls-key", metavar="FILE", help="the certificate's PEM private key, if not in --tls-cert")
+    add("--tls-client-ca", metavar="FILE",
+        help="mutual TLS: require client certificates signed by a CA in this PEM file "
+             "(counts as authentication)")
+    add("--tls-handshake-timeout", type=seconds, default=DEFAULT_HANDSHAKE_TIMEOUT,
+        metavar="SECONDS",
+        help="close a connection whose TLS handshake is not done this long after it connected "
+             "(default: 10; 0: never)")
+    add("--tls-max-handshakes", type=positive_int, default=DEFAULT_MAX_HANDSHAKES, metavar="N",
+        help="TLS handshakes in flight at once; beyond, new connections wait unread "
+             "(default: 1000)")
     add("--no-protected-mode", dest="protected_mode", action="store_false",
         help="serve non-loopback clients on a non-loopback --host without authentication")
     add("--workers", type=_workers, default=1, metavar="N",
@@ -134,6 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s muxsrv %(levelname)s: %(message)s",
         stream=sys.stderr,
     )
+    tls = tls_from(options)
     gate = gate_from(options)
     function: HandlerFunction | None = None
     factory: HandlerFactory | None = None
@@ -151,11 +173,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         _fail(f"--workers needs signal.sigtimedwait, which {sys.platform} lacks")
     try:
         if options.workers == 1:
-            return serve(settings, function=function, factory=factory, gate=gate)
+            return serve(settings, function=function, factory=factory, gate=gate, tls=tls)
         count = options.workers or os.cpu_count() or 1
         return supervise(
             settings, count,
-            lambda worker: serve(worker, function=function, factory=factory, gate=gate),
+            lambda worker: serve(worker, function=function, factory=factory, gate=gate, tls=tls),
         )
     except CannotListen as exc:
         sys.stderr.write(f"muxsrv: error: {exc}\n")
@@ -176,6 +198,22 @@ def settings_from(options: argparse.Namespace, handler_name: str) -> Settings:
     )
 
 
+def tls_from(options: argparse.Namespace) -> TLSServer | None:
+    """TLS from the options (exit 2, one line, if a file cannot be used)."""
+    if options.tls_cert is None:
+        for flag in ("tls_key", "tls_client_ca"):
+            if getattr(options, flag) is not None:
+                _fail(f"--{flag.replace('_', '-')} needs --tls-cert FILE")
+        return None
+    try:
+        context = load_context(options.tls_cert, options.tls_key, options.tls_client_ca)
+    except TLSConfigError as exc:
+        _fail(str(exc))
+    return TLSServer(context, options.tls_handshake_timeout, options.tls_max_handshakes,
+                     mutual=options.tls_client_ca is not None,
+                     files=(options.tls_cert, options.tls_key, options.tls_client_ca))
+
+
 def gate_from(options: argparse.Namespace) -> Gate | None:
     """Token authentication and protected mode from the options (exit 2 if wrong)."""
     tokens = None
@@ -187,10 +225,19 @@ def gate_from(options: argparse.Namespace) -> Gate | None:
             tokens = Tokens(options.auth_token_file)
         except TokenFileError as exc:
             _fail(str(exc))
-    protected = tokens is None and options.protected_mode and not is_loopback(options.host)
+    authenticated = tokens is not None or getattr(options, "tls_client_ca", None) is not None
+    protected = not authenticated and options.protected_mode and not is_loopback(options.host)
     if tokens is None and not protected:
         return None
     return Gate(options.framing, tokens, options.auth_timeout, protected)
+
+
+def _reload(tokens: Tokens | None, tls: TLSServer | None) -> None:
+    """SIGHUP: re-read the token file and the TLS files (each keeps its old self if bad)."""
+    if tokens is not None:
+        tokens.reload()
+    if tls is not None:
+        tls.reload()
 
 
 def serve(
@@ -199,6 +246,7 @@ def serve(
     function: HandlerFunction | None = None,
     factory: HandlerFactory | None = None,
     gate: Gate | None = None,
+    tls: TLSServer | None = None,
 ) -> int:
     """Listen and serve until a signal has drained; the exit status.
 
@@ -210,7 +258,7 @@ def serve(
     tuned = keep_large_buffers_mapped()
     loop = EventLoop()
     try:
-        server = Server(loop, settings, function=function, factory=factory, gate=gate)
+        server = Server(loop, settings, function=function, factory=factory, gate=gate, tls=tls)
 
         def stop() -> None:
             if not (settings.reuse_port and server.draining):
@@ -220,10 +268,12 @@ def serve(
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stop)
         tokens = gate.tokens if gate is not None else None
-        if tokens is not None:
-            loop.add_signal_handler(signal.SIGHUP, tokens.reload)
+        if tokens is not None or tls is not None:
+            loop.add_signal_handler(signal.SIGHUP, lambda: _reload(tokens, tls))
         where = ", ".join(format_address(address) for address in server.listen())
         worker = f", worker pid {os.getpid()}" if settings.reuse_port else ""
+        if tls is not None:
+            worker += ", TLS with client certificates" if tls.mutual else ", TLS"
         if tokens is not None:
             worker += ", token authentication"
         elif gate is not None and gate.protected:

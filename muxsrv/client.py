@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import selectors
 import socket
+import ssl
 import struct
 import time
 from collections import deque
@@ -82,7 +83,10 @@ class Client:
     """One connection to a muxsrv server (not thread-safe).
 
     ``timeout`` bounds each reply, and the connect unless ``connect_timeout`` is
-    given.  With ``token``, every connection (reconnections too) starts with
+    given.  ``tls``: True (the system's CAs, host name checked) or an
+    ``ssl.SSLContext`` of your own; ``shutdown_write`` then shuts TCP only (the
+    ssl module has no half-close: the server logs a truncated close and still
+    answers).  With ``token``, every connection (reconnections too) starts with
     ``AUTH <token>``; a refusal raises :class:`ServerError`.  ``reconnects``
     counts the new connections made after the first: after a goodbye (then it
     resent) or by :meth:`reconnect`.
@@ -100,6 +104,7 @@ class Client:
         reconnect_timeout: float = RECONNECT_TIMEOUT,
         connect_timeout: float | None = None,
         token: str | bytes | None = None,
+        tls: bool | ssl.SSLContext = False,
     ) -> None:
         if framing not in FRAMINGS:
             raise ValueError(f"unknown framing {framing!r}; choose from {', '.join(FRAMINGS)}")
@@ -122,6 +127,8 @@ class Client:
         self._token = token.encode() if isinstance(token, str) else token
         if self._token is not None and (b"\n" in self._token or framing == "raw"):
             raise ValueError("a token goes with length or line framing and has no newline")
+        #: TLS: True verifies the server's certificate and host name with the system's CAs.
+        self._tls = ssl.create_default_context() if tls is True else tls or None
         self._sock = self._connect(timeout if connect_timeout is None else connect_timeout)
 
     def _new_decoder(self) -> Decoder:
@@ -131,8 +138,14 @@ class Client:
 
     def _connect(self, timeout: float | None) -> socket.socket:
         sock = socket.create_connection(self.address, timeout=timeout)
-        sock.settimeout(self.timeout)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self._tls is not None:
+            try:
+                sock = self._tls.wrap_socket(sock, server_hostname=self.address[0])
+            except BaseException:
+                sock.close()
+                raise
+        sock.settimeout(self.timeout)
         if self._token is not None:
             try:
                 self._authenticate(sock, self._token)
@@ -320,21 +333,24 @@ class Client:
     ) -> tuple[memoryview, bool]:
         """Send on ``sock`` until done or the server's goodbye: (what is left, goodbye?)."""
         while view:
-            ready = sel.select(self.timeout)
+            # Plaintext already decrypted inside a TLS socket does not make it readable.
+            held = isinstance(sock, ssl.SSLSocket) and sock.pending()
+            ready = [(None, selectors.EVENT_READ)] if held else sel.select(self.timeout)
             if not ready:
                 raise TimeoutError(f"no reply within {self.timeout} s")
             mask = ready[0][1]
             if mask & selectors.EVENT_WRITE:
                 try:
                     view = view[sock.send(view) :]
-                except BlockingIOError:
+                except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
                     pass
                 except (BrokenPipeError, ConnectionResetError):
                     if not self._goodbye_waiting():
                         raise
                     return view, True
             if mask & selectors.EVENT_READ:
-                with contextlib.suppress(BlockingIOError):
+                with contextlib.suppress(BlockingIOError, ssl.SSLWantReadError,
+                                         ssl.SSLWantWriteError):
                     if self._receive_some():
                         return view, True
         return view, False

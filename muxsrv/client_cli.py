@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import ssl
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from functools import partial
@@ -95,6 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
     add("--token-file", metavar="FILE",
         help="authenticate with the first token in FILE (a server with --auth-token-file); "
         "default: the environment variable MUXSRV_TOKEN, if set")
+    add("--tls", action="store_true",
+        help="speak TLS; the server's certificate and host name are verified")
+    add("--tls-ca", metavar="FILE",
+        help="with --tls: trust the CAs in this PEM file (default: the system's)")
+    add("--tls-cert", metavar="FILE",
+        help="with --tls: present this client certificate (a server with --tls-client-ca)")
+    add("--tls-key", metavar="FILE", help="the client certificate's key, if not in --tls-cert")
     add("--version", action="version", version=program_version(PROG))
     parser.set_defaults(show="text")
     return parser
@@ -260,9 +268,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     where = format_address((options.host, options.port))
     timeout = DEFAULT_TIMEOUT if options.timeout is None else options.timeout
     token = _token(parser, options.token_file)
+    tls = _tls_context(parser, options)
     try:
         client = Client(
             options.host, options.port, options.framing, connect_timeout=timeout, token=token,
+            tls=tls if tls is not None else False,
             # With --exec the server's --exec-timeout bounds the command; ours only if asked.
             timeout=options.timeout if exec_mode else timeout,
         )
@@ -271,6 +281,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return failure
     except ServerError as exc:
         _say(f"error: {where}: {exc.message}")
+        return failure
+    except ssl.SSLError as exc:
+        reason = getattr(exc, "verify_message", None) or exc.reason or exc
+        _say(f"error: {where}: TLS failed: {reason}")
         return failure
     except OSError as exc:
         _say(f"error: cannot reach {where}: {_reason(exc)}")
@@ -286,6 +300,25 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print()
             client.abort()  # with --exec, the reset tells the server to kill the command
             return INTERRUPTED
+
+
+def _tls_context(parser: argparse.ArgumentParser,
+                 options: argparse.Namespace) -> ssl.SSLContext | None:
+    """The client's TLS context from ``--tls`` and its files (None: no TLS)."""
+    if not options.tls:
+        if options.tls_ca or options.tls_cert or options.tls_key:
+            parser.error("--tls-ca, --tls-cert and --tls-key go with --tls")
+        return None
+    if options.tls_key and not options.tls_cert:
+        parser.error("--tls-key needs --tls-cert")
+    try:
+        context = ssl.create_default_context(cafile=options.tls_ca)
+        if options.tls_cert:
+            context.load_cert_chain(options.tls_cert, options.tls_key)
+    except OSError as exc:
+        reason = getattr(exc, "reason", None) or exc.strerror or exc
+        parser.error(f"--tls-ca/--tls-cert/--tls-key: cannot load: {reason}")
+    return context
 
 
 def _token(parser: argparse.ArgumentParser, path: str | None) -> bytes | None:

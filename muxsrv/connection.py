@@ -118,6 +118,11 @@ class Connection(Transport):
     def framing(self) -> str:
         return self._decoder.framing
 
+    @property
+    def peer_cert(self) -> dict[str, Any] | None:
+        path = self._stages
+        return path.peer_cert if path is not None else None
+
     def send(self, payload: Buffer, *more: Buffer) -> None:
         if self._state != OPEN:
             return

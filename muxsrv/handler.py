@@ -63,7 +63,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from .codec import Buffer
@@ -87,6 +87,12 @@ class Conn(Protocol):
     @property
     def peer(self) -> PeerAddress | None:
         """The peer's address, as ``socket.getpeername()`` gives it (None if unknown)."""
+        ...
+
+    @property
+    def peer_cert(self) -> dict[str, Any] | None:
+        """With ``--tls-client-ca``: the client's verified certificate, as
+        ``ssl.SSLSocket.getpeercert()`` gives it (``subject``, ``issuer``, ...); else None."""
         ...
 
     @property

@@ -43,6 +43,10 @@ BODY_BUFFER_MIN: Final = 4096
 _TAIL_JOIN: Final = _HEADER.size + BODY_BUFFER_MIN
 #: Replies up to this size are framed as one buffer (header + payload).
 _CONCAT_MAX: Final = 4096
+#: A length prefix starting 0x16 0x03 is a TLS handshake record (a ClientHello), not a
+#: frame of ~370 MB: said so when it is refused as oversized (which costs nothing per frame).
+TLS_ON_PLAINTEXT: Final = "looks like TLS: a TLS ClientHello on a plaintext port"
+
 #: The headers of every such reply, packed once: a lookup beats a pack per message.
 _HEADERS: Final = tuple(pack_header(n) for n in range(_CONCAT_MAX + 1))
 
@@ -251,7 +255,8 @@ class LengthDecoder(Decoder):
         if n > self.max_frame:
             flagged = n ^ ERROR_FLAG
             if not (self._accept_errors and n & ERROR_FLAG and flagged <= self.max_frame):
-                self.error = f"frame of {n} bytes exceeds the limit of {self.max_frame} bytes"
+                self.error = (TLS_ON_PLAINTEXT if n >> 16 == 0x1603 else
+                              f"frame of {n} bytes exceeds the limit of {self.max_frame} bytes")
                 self._tail = b""
                 return -1
             n = flagged

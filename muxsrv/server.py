@@ -26,6 +26,12 @@ With a :class:`~muxsrv.auth.Gate`, each accepted connection is first
 checked against protected mode and the brute-force ledger (turned away with
 an error frame), then starts with the auth gate as its last stage.
 
+With a :class:`~muxsrv.tls.TLSServer`, every connection has the TLS stage
+(after any PROXY-header stage, before the auth gate), refused ones too: their
+error frame goes inside TLS once the handshake is done.  While the
+handshakes in flight are at ``--tls-max-handshakes``, accepting stops (the
+listeners leave the selector) until one ends.
+
 The server is the connections' owner (``connection.Owner``); a connection
 never imports this module.
 """
@@ -47,6 +53,7 @@ from .listening import CannotListen, bind_addresses, bind_sockets
 from .loop import EVENT_READ, EventLoop
 from .outbound import connector_of
 from .staged import StagedConnection
+from .tls import RefusalAfterHandshake
 from .transport import LINGER_TIMEOUT
 
 if TYPE_CHECKING:
@@ -55,6 +62,7 @@ if TYPE_CHECKING:
     from .auth import Gate
     from .handler import HandlerFactory, HandlerFunction
     from .stages import Stage
+    from .tls import TLSServer
 
 __all__ = ["CannotListen", "Server", "Settings", "bind_addresses", "bind_sockets"]
 
@@ -134,6 +142,7 @@ class Server:
         factory: HandlerFactory | None = None,
         stages: Callable[[], list[Stage]] | None = None,
         gate: Gate | None = None,
+        tls: TLSServer | None = None,
     ) -> None:
         if (function is None) == (factory is None):
             raise ValueError("give exactly one of function= and factory=")
@@ -147,6 +156,9 @@ class Server:
         self._factory = factory
         self._stages = stages
         self.gate = gate
+        self.tls = tls
+        if tls is not None:
+            tls.on_slot_free = self._handshake_slot_freed
         # A dict used as an ordered set: ~20 bytes a connection less than a set.
         self._conns: dict[Connection, None] = {}
         self._refused: set[Connection] = set()
@@ -182,15 +194,30 @@ class Server:
         settings = self.settings
         decoder = make_decoder(settings.framing, settings.max_frame)
         stages = self._stages() if self._stages is not None else None
+        tls = self.tls
+        tls_stage = tls.stage() if tls is not None else None
+        if tls_stage is not None:
+            stages = [*(stages or ()), tls_stage]
         if last is not None:
             stages = [*(stages or ()), last]
         kind = StagedConnection if stages else Connection
-        return kind(self, sock, peer, decoder, self._function, handler, stages)
+        conn = kind(self, sock, peer, decoder, self._function, handler, stages)
+        if tls is not None and tls_stage is not None:
+            tls.arm(self.loop, conn, tls_stage)
+        return conn
 
     def _accept(self, lsock: socket.socket) -> None:
         settings = self.settings
         family = lsock.family
+        tls = self.tls
         for _ in range(ACCEPT_BATCH):
+            if tls is not None and tls.full:
+                if self._listening:
+                    self._refuse_log.warning(
+                        "%d TLS handshakes in flight (--tls-max-handshakes): new connections "
+                        "wait until one ends", tls.in_flight)
+                self._stop_listening()  # until a handshake ends: _handshake_slot_freed
+                return
             try:
                 fd, peer = lsock._accept()  # type: ignore[attr-defined]
             except (BlockingIOError, InterruptedError):
@@ -245,6 +272,15 @@ class Server:
         if len(self._refused) >= MAX_REFUSED_LINGERING:
             sock.close()
             return
+        self._refuse_with(sock, peer, reason)
+
+    def _refuse_with(self, sock: _socket.socket, peer: Any, reason: str) -> None:
+        if self.tls is not None:
+            # The frame must go inside TLS: a handler that refuses once the handshake is done.
+            conn = self._connection(sock, peer, RefusalAfterHandshake(reason))
+            self._refused.add(conn)
+            conn.start()
+            return
         conn = self._connection(sock, peer, None)
         self._refused.add(conn)
         conn.refuse(reason)
@@ -257,9 +293,7 @@ class Server:
         if len(self._refused) >= MAX_REFUSED_LINGERING:
             sock.close()
             return
-        conn = self._connection(sock, peer, None)
-        self._refused.add(conn)
-        conn.refuse(f"too many connections (limit {self.settings.max_conns})")
+        self._refuse_with(sock, peer, f"too many connections (limit {self.settings.max_conns})")
 
     def _pause_accepting(self, exc: OSError) -> None:
         if not self._accept_paused:
@@ -278,6 +312,10 @@ class Server:
             self.loop.register(listener.sock, EVENT_READ, listener)
         self._listening = True
 
+    def _handshake_slot_freed(self) -> None:
+        if not self._accept_paused:  # (after EMFILE, its own backoff resumes)
+            self._resume_accepting()
+
     def _stop_listening(self) -> None:
         # Not _accept_paused: that stays set after the listeners are back, until
         # an accept succeeds.
@@ -290,6 +328,8 @@ class Server:
         self._conns.pop(conn, None)
         if self.gate is not None:
             self.gate.forget(conn)
+        if self.tls is not None:
+            self.tls.forget(conn)
         self._refused.discard(conn)
         if self.draining and not self._conns:
             self.loop.stop()

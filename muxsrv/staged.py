@@ -8,13 +8,19 @@ parser) the connection becomes a plain :class:`Connection` (the classes share
 one layout), so it pays nothing more per message.  A stage that raises,
 reports a violation, or passes bytes on before it is ready ends its
 connection alone.
+
+A stage that stays (TLS) may end the peer's stream inside it (close_notify,
+``eof``): that is the peer's EOF, a half-close, as a FIN is on a plain
+connection.  Closing then goes through ``close`` (not straight to the
+socket's close) so that each stage's last bytes (``finish``: our own
+close_notify) leave before the write side shuts.
 """
 
 from __future__ import annotations
 
 from .connection import Connection
 from .loop import EVENT_READ
-from .transport import CLOSED, IN_CALLBACK, MADE, OPEN, RECV_SIZE
+from .transport import CLOSED, EOF, EOF_TOLD, IN_CALLBACK, MADE, OPEN, PAUSED, RECV_SIZE
 
 __all__ = ["StagedConnection"]
 
@@ -40,22 +46,49 @@ class StagedConnection(Connection):
             self._fatal(exc, "recv")
             return
         if not data:
+            self._stages.receive_eof()
             self._read_eof()
             return
         data = self._stages_in(data)
         if data:
             self._decode(data)
+        path = self._stages
+        if path is not None and path.eof and not self._flags & EOF and self._state == OPEN:
+            self._stream_ended()
         self._flush()
+
+    def _stream_ended(self) -> None:
+        """A stage saw the peer's end of stream (close_notify): the peer's EOF."""
+        if self._decoder.more or self._held or self._flags & PAUSED:
+            # Messages still to hand over first: _step (or resume_reading) tells EOF after.
+            self._flags |= EOF
+            self._update_mask()
+        else:
+            self._read_eof()
 
     def _flush(self) -> None:
         path = self._stages
         if path is not None and not self._flags & IN_CALLBACK and self._state != CLOSED:
             try:
-                self._out = path.send(self._out)
+                out = path.send(self._out)
+                if self._state != OPEN:  # closing: the stages' last words go last
+                    last = path.finish()
+                    if last:
+                        out = out + last if out else last
+                self._out = out
             except Exception as exc:
                 self._fatal(exc, "stage send")
                 return
         super()._flush()
+
+    def _finish_if_owed_nothing(self) -> None:
+        """After EOF with nothing owed: close through the stages (TLS says close_notify)."""
+        if self._stages is None:
+            super()._finish_if_owed_nothing()
+            return
+        told = self._flags & (EOF | EOF_TOLD) == EOF | EOF_TOLD
+        if told and self._state == OPEN and self.owes_nothing():
+            self.close()
 
     def _stages_in(self, data: bytes) -> bytes:
         """Received bytes through every stage; what reaches the codec."""

@@ -4,9 +4,16 @@ from __future__ import annotations
 
 import pytest
 import support
+import tls_certs
 
 
 @pytest.fixture
 def plugin_env() -> dict[str, str]:
     """``env=`` for running_server that makes the example plugins importable."""
     return support.plugin_env()
+
+
+@pytest.fixture(scope="session")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> tls_certs.Certs:
+    """A throwaway CA with server and client certificates (see tls_certs.py)."""
+    return tls_certs.make_certs(tmp_path_factory.mktemp("certs"))

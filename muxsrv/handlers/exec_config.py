@@ -63,8 +63,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--exec-inherit-env", action="store_true",
         help="start from the server's whole environment instead (secrets included)")
     add("--allow-remote-exec", action="store_true",
-        help="allow --host to be a non-loopback address (needs --auth-token-file): anyone "
-             "holding a token runs commands")
+        help="allow --host to be a non-loopback address (needs --auth-token-file or "
+             "--tls-client-ca): anyone holding a token or a client certificate runs commands")
 
 
 def from_options(options: argparse.Namespace) -> ExecConfig:
@@ -76,16 +76,20 @@ def from_options(options: argparse.Namespace) -> ExecConfig:
             f"the exec handler needs --framing length (its replies carry binary output), "
             f"not --framing {options.framing}"
         )
-    if options.allow_remote_exec and getattr(options, "auth_token_file", None) is None:
+    authenticated = (getattr(options, "auth_token_file", None) is not None
+                     or getattr(options, "tls_client_ca", None) is not None)
+    if options.allow_remote_exec and not authenticated:
         raise ConfigError(
-            "--allow-remote-exec needs authentication: give --auth-token-file FILE as well "
-            "(anyone holding a token can run commands here)"
+            "--allow-remote-exec needs authentication: give --auth-token-file FILE or "
+            "--tls-client-ca FILE as well (anyone holding a token or a client certificate "
+            "can run commands here)"
         )
     if not options.allow_remote_exec and not is_loopback(options.host):
         raise ConfigError(
             f"refusing to run the exec handler on --host {options.host}: it is not a loopback "
             "address, and anyone who can connect could run commands here "
-            "(give --allow-remote-exec with --auth-token-file to require a token)"
+            "(give --allow-remote-exec with --auth-token-file or --tls-client-ca to require "
+            "authentication)"
         )
     cwd = os.path.abspath(options.exec_cwd or os.getcwd())
     if not os.path.isdir(cwd):

@@ -22,7 +22,13 @@ and runs the plain hot path.  A stage never sees a socket:
   what its ``parting()`` returns (the auth gate's ``OK``) is queued as codec
   output, ahead of anything the handler sends;
 * ``tell_peer`` true with ``error``: the reason also goes to the peer, in the
-  codec's error frame (the auth gate's refusals); else it is only logged.
+  codec's error frame (the auth gate's refusals); else it is only logged;
+* ``eof`` true: the peer ended its stream inside the stage (TLS close_notify):
+  the connection takes it as the peer's EOF; ``receive_eof()`` is called
+  when the socket itself reaches EOF;
+* ``finish()``: the connection is closing on purpose: bytes to send before
+  its write side shuts (TLS close_notify), nearest the codec first;
+* ``peer_cert``: the peer's verified certificate, if a stage has one (mTLS).
 
 The first stage of the list is the one nearest the socket.  A
 :class:`StagePath` runs a connection's list both ways.
@@ -30,7 +36,7 @@ The first stage of the list is the one nearest the socket.  A
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ..codec import Buffer
@@ -49,10 +55,21 @@ class Stage:
     done: bool = False
     #: With ``error``: send the reason to the peer as an error frame, too.
     tell_peer: bool = False
+    #: The peer ended its stream inside this stage (TLS close_notify).
+    eof: bool = False
+    #: The peer's verified certificate (TLS with client certificates); else None.
+    peer_cert: dict[str, Any] | None = None
 
     def receive(self, data: bytes) -> bytes:
         """Bytes from the peer in; what passes on to the next stage out."""
         return data
+
+    def receive_eof(self) -> None:
+        """The socket reached EOF (the peer's FIN)."""
+
+    def finish(self) -> bytes:
+        """The connection is closing: the stage's last bytes for the peer (or b"")."""
+        return b""
 
     def parting(self) -> list[Buffer]:
         """Codec output a one-shot stage queues as it leaves the path (``done``)."""
@@ -81,6 +98,29 @@ class StagePath:
     def ready(self) -> bool:
         """Every stage is ready: the handler may be told of the connection."""
         return all(stage.ready for stage in self.stages)
+
+    @property
+    def eof(self) -> bool:
+        """A stage saw the peer end its stream (TLS close_notify)."""
+        return any(stage.eof for stage in self.stages)
+
+    @property
+    def peer_cert(self) -> dict[str, Any] | None:
+        for stage in self.stages:
+            if stage.peer_cert is not None:
+                return stage.peer_cert
+        return None
+
+    def receive_eof(self) -> None:
+        for stage in self.stages:
+            stage.receive_eof()
+
+    def finish(self) -> list[Buffer] | None:
+        """Closing: every stage's last bytes, each through the stages nearer the socket."""
+        data = b""
+        for index in range(len(self.stages) - 1, -1, -1):
+            data = self.stages[index].send(data) + self.stages[index].finish()
+        return [data] if data else None
 
     def receive(self, data: bytes) -> bytes:
         """Bytes from the socket through every stage; what reaches the codec."""

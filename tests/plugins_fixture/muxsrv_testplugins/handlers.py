@@ -197,3 +197,15 @@ class ConfigureCrashes(Handler):
     @classmethod
     def configure(cls, options: argparse.Namespace) -> HandlerFactory:
         raise KeyError("missing-setting")
+
+
+class PeerCert(Handler):
+    """Answers every message with the commonName of the client's verified certificate."""
+
+    def message_received(self, conn: Conn, payload: bytes) -> None:
+        cert = conn.peer_cert
+        if cert is None:
+            conn.send(b"no certificate")
+            return
+        names = [value for rdn in cert["subject"] for key, value in rdn if key == "commonName"]
+        conn.send(",".join(names).encode())
