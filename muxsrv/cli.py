@@ -30,6 +30,7 @@ from .handler import ConfigError, HandlerFactory, HandlerFunction
 from .handlers.exec_config import is_loopback
 from .loop import EventLoop
 from .options import max_frame, parse_size, positive_int, program_version, seconds, whole_number
+from .proxying import DEFAULT_PROXY_FROM, Network, Proxying, parse_networks
 from .server import CannotListen, Server, Settings
 from .supervisor import supervise
 from .tuning import keep_large_buffers_mapped, raise_open_files_limit
@@ -56,6 +57,13 @@ def _host(text: str) -> str:
             "empty; for every address give 0.0.0.0 (IPv4) or :: (IPv6)"
         )
     return text
+
+
+def _networks(text: str) -> tuple[Network, ...]:
+    try:
+        return parse_networks(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def build_parser(handler: plugins.LoadedPlugin | None = None) -> argparse.ArgumentParser:
@@ -91,6 +99,12 @@ def build_parser(handler: plugins.LoadedPlugin | None = None) -> argparse.Argume
              "(default: 10; 0: never)")
     add("--no-protected-mode", dest="protected_mode", action="store_false",
         help="serve non-loopback clients on a non-loopback --host without authentication")
+    add("--proxy-protocol", action="store_true",
+        help="every connection starts with a PROXY protocol header (v1 or v2, within 5 s) "
+             "naming the real client, as a load balancer sends with send-proxy(-v2)")
+    add("--proxy-from", type=_networks, default=DEFAULT_PROXY_FROM, metavar="CIDR[,CIDR...]",
+        help="with --proxy-protocol, who may send the header; connections from anywhere "
+             "else are closed (default: loopback only, 127.0.0.0/8,::1/128)")
     add("--workers", type=_workers, default=1, metavar="N",
         help="run N server processes sharing the port with SO_REUSEPORT, under a parent that "
              "restarts them (default: 1, no parent; 0: one per CPU)")
@@ -135,6 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
     )
     gate = gate_from(options)
+    proxying = Proxying(options.proxy_from) if options.proxy_protocol else None
     function: HandlerFunction | None = None
     factory: HandlerFactory | None = None
     if loaded.form == "function":
@@ -151,11 +166,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         _fail(f"--workers needs signal.sigtimedwait, which {sys.platform} lacks")
     try:
         if options.workers == 1:
-            return serve(settings, function=function, factory=factory, gate=gate)
+            return serve(settings, function=function, factory=factory, gate=gate,
+                         proxying=proxying)
         count = options.workers or os.cpu_count() or 1
         return supervise(
             settings, count,
-            lambda worker: serve(worker, function=function, factory=factory, gate=gate),
+            lambda worker: serve(worker, function=function, factory=factory, gate=gate,
+                                 proxying=proxying),
         )
     except CannotListen as exc:
         sys.stderr.write(f"muxsrv: error: {exc}\n")
@@ -199,6 +216,7 @@ def serve(
     function: HandlerFunction | None = None,
     factory: HandlerFactory | None = None,
     gate: Gate | None = None,
+    proxying: Proxying | None = None,
 ) -> int:
     """Listen and serve until a signal has drained; the exit status.
 
@@ -210,7 +228,8 @@ def serve(
     tuned = keep_large_buffers_mapped()
     loop = EventLoop()
     try:
-        server = Server(loop, settings, function=function, factory=factory, gate=gate)
+        server = Server(loop, settings, function=function, factory=factory, gate=gate,
+                        proxying=proxying)
 
         def stop() -> None:
             if not (settings.reuse_port and server.draining):
@@ -228,6 +247,8 @@ def serve(
             worker += ", token authentication"
         elif gate is not None and gate.protected:
             worker += ", protected mode on: loopback clients only"
+        if proxying is not None:
+            worker += ", PROXY protocol from " + ",".join(map(str, proxying.trusted))
         sys.stderr.write(
             f"muxsrv: listening on {where} "
             f"(handler {settings.handler_name}, framing {settings.framing}{worker})\n"

@@ -24,7 +24,11 @@ own in ``connection_lost``), then are aborted.
 
 With a :class:`~muxsrv.auth.Gate`, each accepted connection is first
 checked against protected mode and the brute-force ledger (turned away with
-an error frame), then starts with the auth gate as its last stage.
+an error frame), then starts with the auth gate as its last stage.  With a
+:class:`~muxsrv.proxying.Proxying` (``--proxy-protocol``), a connection from
+outside ``--proxy-from`` is closed at once; the others start with the PROXY
+header parser as their first stage, and the gate's checks wait for the
+header: they are made on the client's address it carries.
 
 The server is the connections' owner (``connection.Owner``); a connection
 never imports this module.
@@ -54,6 +58,7 @@ if TYPE_CHECKING:
 
     from .auth import Gate
     from .handler import HandlerFactory, HandlerFunction
+    from .proxying import Proxying
     from .stages import Stage
 
 __all__ = ["CannotListen", "Server", "Settings", "bind_addresses", "bind_sockets"]
@@ -134,6 +139,7 @@ class Server:
         factory: HandlerFactory | None = None,
         stages: Callable[[], list[Stage]] | None = None,
         gate: Gate | None = None,
+        proxying: Proxying | None = None,
     ) -> None:
         if (function is None) == (factory is None):
             raise ValueError("give exactly one of function= and factory=")
@@ -147,6 +153,7 @@ class Server:
         self._factory = factory
         self._stages = stages
         self.gate = gate
+        self.proxying = proxying
         # A dict used as an ordered set: ~20 bytes a connection less than a set.
         self._conns: dict[Connection, None] = {}
         self._refused: set[Connection] = set()
@@ -177,13 +184,14 @@ class Server:
         return [lsock.getsockname()[:2] for lsock in socks]
 
     def _connection(
-        self, sock: _socket.socket, peer: Any, handler: Any, last: Stage | None = None
+        self, sock: _socket.socket, peer: Any, handler: Any, last: Stage | None = None,
+        first: Stage | None = None,
     ) -> Connection:
         settings = self.settings
         decoder = make_decoder(settings.framing, settings.max_frame)
         stages = self._stages() if self._stages is not None else None
-        if last is not None:
-            stages = [*(stages or ()), last]
+        if last is not None or first is not None:
+            stages = [stage for stage in (first, *(stages or ()), last) if stage is not None]
         kind = StagedConnection if stages else Connection
         return kind(self, sock, peer, decoder, self._function, handler, stages)
 
@@ -218,7 +226,13 @@ class Server:
 
     def _open(self, sock: _socket.socket, peer: Any) -> None:
         gate = self.gate
-        if gate is not None:
+        proxying = self.proxying
+        if proxying is not None:
+            if not proxying.trusts(peer):
+                self._refuse_log.warning("refusing %s: not in --proxy-from", format_address(peer))
+                sock.close()
+                return
+        elif gate is not None:
             reason = gate.refusal(peer, self.loop.now)
             if reason is not None:
                 self._turn_away(sock, peer, reason)
@@ -230,14 +244,21 @@ class Server:
             sock.close()
             return
         stage = gate.stage(self.loop, peer) if gate is not None else None
-        if stage is None:
+        header = proxying.stage(peer, self._refusal) if proxying is not None else None
+        if stage is None and header is None:
             conn = self._connection(sock, None, handler)
         else:
-            conn = self._connection(sock, peer, handler, stage)
+            conn = self._connection(sock, peer, handler, stage, header)
         self._conns[conn] = None
         conn.start()
+        if header is not None and proxying is not None:
+            proxying.arm(self.loop, conn, header)
         if stage is not None and gate is not None:
             gate.arm(self.loop, conn, stage)
+
+    def _refusal(self, peer: Any) -> str | None:
+        """The gate's checks, on the address a PROXY header gave."""
+        return self.gate.refusal(peer, self.loop.now) if self.gate is not None else None
 
     def _turn_away(self, sock: _socket.socket, peer: Any, reason: str) -> None:
         """Protected mode or a lock-out: an error frame, then a lingering close."""
@@ -290,6 +311,8 @@ class Server:
         self._conns.pop(conn, None)
         if self.gate is not None:
             self.gate.forget(conn)
+        if self.proxying is not None:
+            self.proxying.forget(conn)
         self._refused.discard(conn)
         if self.draining and not self._conns:
             self.loop.stop()

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from .connection import Connection
 from .loop import EVENT_READ
-from .transport import CLOSED, IN_CALLBACK, MADE, OPEN, RECV_SIZE
+from .transport import CLOSED, IN_CALLBACK, MADE, OPEN, QUIET, RECV_SIZE
 
 __all__ = ["StagedConnection"]
 
@@ -66,6 +66,10 @@ class StagedConnection(Connection):
         except Exception as exc:
             self._fatal(exc, "stage receive")
             return b""
+        if path.peer is not None and path.peer is not self._peer:
+            self._peer = path.peer  # a PROXY header's: conn.peer from now on
+        if path.health_check:
+            self._flags |= QUIET
         if path.error is not None:
             self._violation(path.error, frame=path.tell_peer)
             return b""

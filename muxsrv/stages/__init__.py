@@ -22,7 +22,11 @@ and runs the plain hot path.  A stage never sees a socket:
   what its ``parting()`` returns (the auth gate's ``OK``) is queued as codec
   output, ahead of anything the handler sends;
 * ``tell_peer`` true with ``error``: the reason also goes to the peer, in the
-  codec's error frame (the auth gate's refusals); else it is only logged.
+  codec's error frame (the auth gate's refusals); else it is only logged;
+* ``peer`` set: the peer's address as the stage knows it; a stage that learns
+  the client's real one (a PROXY header) sets it, the path hands it to the
+  stages after it and the connection takes it as ``conn.peer`` (logged at
+  debug level only if ``health_check``: a balancer checking on us).
 
 The first stage of the list is the one nearest the socket.  A
 :class:`StagePath` runs a connection's list both ways.
@@ -30,7 +34,7 @@ The first stage of the list is the one nearest the socket.  A
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ..codec import Buffer
@@ -49,6 +53,10 @@ class Stage:
     done: bool = False
     #: With ``error``: send the reason to the peer as an error frame, too.
     tell_peer: bool = False
+    #: The peer's address as this stage knows it (None: the socket's).
+    peer: Any = None
+    #: With ``peer``: the connection is a balancer's health check.
+    health_check: bool = False
 
     def receive(self, data: bytes) -> bytes:
         """Bytes from the peer in; what passes on to the next stage out."""
@@ -66,7 +74,7 @@ class Stage:
 class StagePath:
     """One connection's stages, nearest the socket first, run in both directions."""
 
-    __slots__ = ("error", "parting", "stages", "tell_peer")
+    __slots__ = ("error", "health_check", "parting", "peer", "stages", "tell_peer")
 
     def __init__(self, stages: list[Stage]) -> None:
         self.stages = stages
@@ -76,6 +84,9 @@ class StagePath:
         self.tell_peer = False
         #: Codec output from stages that have just left the path, to queue first.
         self.parting: list[Buffer] = []
+        #: The peer's address as the last stage to learn it said (None: the socket's).
+        self.peer: Any = None
+        self.health_check = False
 
     @property
     def ready(self) -> bool:
@@ -85,8 +96,13 @@ class StagePath:
     def receive(self, data: bytes) -> bytes:
         """Bytes from the socket through every stage; what reaches the codec."""
         stages = self.stages
-        for stage in stages:
+        for i, stage in enumerate(stages):
             data = stage.receive(data)
+            if stage.peer is not None and stage.peer is not self.peer:
+                self.peer = stage.peer
+                self.health_check = stage.health_check
+                for later in stages[i + 1:]:
+                    later.peer = stage.peer
             if stage.error is not None:
                 self.error = stage.error
                 self.tell_peer = stage.tell_peer
