@@ -197,3 +197,14 @@ class ConfigureCrashes(Handler):
     @classmethod
     def configure(cls, options: argparse.Namespace) -> HandlerFactory:
         raise KeyError("missing-setting")
+
+
+class Peers(Handler):
+    """Echoes; ``peer?`` is answered with ``repr(conn.peer)``, and logged (PROXY tests)."""
+
+    def message_received(self, conn: Conn, payload: bytes) -> None:
+        if payload == b"peer?":
+            log.warning("peer: %r", conn.peer)
+            conn.send(repr(conn.peer).encode())
+        else:
+            conn.send(payload)
