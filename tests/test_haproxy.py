@@ -39,9 +39,16 @@ def readme_config() -> str:
     return match.group(1)
 
 
-def config(port: int, servers: list[tuple[str, int]], stats: Path) -> str:
+LINE_CHECK = {"0000000470696e67": "70696e670a"}  # the check's "ping" as a line: "ping\n"
+
+
+def config(port: int, servers: list[tuple[str, int]], stats: Path, framing: str = "length") -> str:
     """The README's configuration with this test's addresses, and a stats socket."""
     text = readme_config()
+    if framing == "line":
+        for length, line in LINE_CHECK.items():
+            assert text.count(length) == 2
+            text = text.replace(length, line)
     assert text.count("bind :9999") == 1 and "inter 2s" in text
     lines = re.findall(r"^ +server app\d .*$", text, re.M)
     assert len(lines) == len(servers), "the README names three servers, as the test runs"
@@ -57,9 +64,9 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
-def backend(host: str, port: int = 0) -> ServerProcess:
+def backend(host: str, port: int = 0, framing: str = "length") -> ServerProcess:
     return ServerProcess(["--host", host, "--port", str(port), "--proxy-protocol",
-                          "--handler", "muxsrv_testplugins.handlers:Peers"],
+                          "--framing", framing, "--handler", "muxsrv_testplugins.handlers:Peers"],
                          env=plugin_env()).wait_started()
 
 
@@ -157,3 +164,26 @@ def test_haproxy_in_front_of_three_servers(tmp_path: Path) -> None:
         for srv in (servers[0], servers[2], revived):
             assert [line for line in srv.lines if not re.search("listening on|peer: ", line)
                     ] == [], srv.address
+
+
+def test_line_framing_through_haproxy(tmp_path: Path) -> None:
+    with ExitStack() as stack:
+        servers = [backend(host, framing="line") for host in BACKENDS]
+        for srv in servers:
+            stack.callback(srv.kill)
+        port = free_port()
+        stats = tmp_path / "haproxy.sock"
+        cfg = tmp_path / "haproxy.cfg"
+        cfg.write_text(config(port, [srv.address for srv in servers], stats, "line"))
+        stack.enter_context(haproxy(cfg))
+        wait_for(lambda: stats.exists() and set(status(stats).values()) == {"UP"}, 15,
+                 what="all UP")
+        lines = [b"peer?"] + [bytes(range(32, 127)) * n for n in (0, 1, 50, 2000)] + [b"end"]
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(b"".join(line + b"\n" for line in lines))
+            sock.shutdown(socket.SHUT_WR)
+            got = b""
+            while chunk := sock.recv(1 << 16):
+                got += chunk
+            shown = repr(sock.getsockname()).encode()
+        assert got == b"".join(line + b"\n" for line in [shown, *lines[1:]])
