@@ -30,6 +30,7 @@ from .handler import ConfigError, HandlerFactory, HandlerFunction
 from .handlers.exec_config import is_loopback
 from .loop import EventLoop
 from .options import max_frame, parse_size, positive_int, program_version, seconds, whole_number
+from .pidfile import PidFile, PidFileError
 from .proxying import DEFAULT_PROXY_FROM, Network, Proxying, parse_networks
 from .server import CannotListen, Server, Settings
 from .supervisor import supervise
@@ -105,6 +106,9 @@ def build_parser(handler: plugins.LoadedPlugin | None = None) -> argparse.Argume
     add("--proxy-from", type=_networks, default=DEFAULT_PROXY_FROM, metavar="CIDR[,CIDR...]",
         help="with --proxy-protocol, who may send the header; connections from anywhere "
              "else are closed (default: loopback only, 127.0.0.0/8,::1/128)")
+    add("--pid-file", metavar="FILE",
+        help="write the server's PID (with --workers: the parent's) to FILE once listening; "
+             "removed on exit")
     add("--workers", type=_workers, default=1, metavar="N",
         help="run N server processes sharing the port with SO_REUSEPORT, under a parent that "
              "restarts them (default: 1, no parent; 0: one per CPU)")
@@ -164,19 +168,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = settings_from(options, loaded.describe)
     if options.workers != 1 and not hasattr(signal, "sigtimedwait"):
         _fail(f"--workers needs signal.sigtimedwait, which {sys.platform} lacks")
+    pid_file = PidFile(options.pid_file)
     try:
         if options.workers == 1:
             return serve(settings, function=function, factory=factory, gate=gate,
-                         proxying=proxying)
+                         proxying=proxying, pid_file=pid_file)
         count = options.workers or os.cpu_count() or 1
         return supervise(
             settings, count,
             lambda worker: serve(worker, function=function, factory=factory, gate=gate,
                                  proxying=proxying),
+            on_reserved=pid_file.write,
         )
     except CannotListen as exc:
         sys.stderr.write(f"muxsrv: error: {exc}\n")
         return 2 if exc.mistake else 1
+    except PidFileError as exc:
+        sys.stderr.write(f"muxsrv: error: {exc}\n")
+        return 1
+    finally:
+        pid_file.remove()
 
 
 def settings_from(options: argparse.Namespace, handler_name: str) -> Settings:
@@ -217,6 +228,7 @@ def serve(
     factory: HandlerFactory | None = None,
     gate: Gate | None = None,
     proxying: Proxying | None = None,
+    pid_file: PidFile | None = None,
 ) -> int:
     """Listen and serve until a signal has drained; the exit status.
 
@@ -242,6 +254,8 @@ def serve(
         if tokens is not None:
             loop.add_signal_handler(signal.SIGHUP, tokens.reload)
         where = ", ".join(format_address(address) for address in server.listen())
+        if pid_file is not None:
+            pid_file.write()
         worker = f", worker pid {os.getpid()}" if settings.reuse_port else ""
         if tokens is not None:
             worker += ", token authentication"

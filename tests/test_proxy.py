@@ -1,12 +1,22 @@
 """--proxy-protocol on a real server: the header's address is conn.peer and the log's;
---proxy-from refuses whoever else connects; bad headers close without a traceback."""
+--proxy-from refuses whoever else connects; bad headers close without a traceback.
+And --pid-file."""
 
 from __future__ import annotations
 
 import socket
+from pathlib import Path
 
 from muxsrv.stages.proxy import v1_header, v2_header
-from tests.support import frame, plugin_env, recv_frame, recv_until_eof, running_server
+from tests.support import (
+    ServerProcess,
+    frame,
+    plugin_env,
+    recv_frame,
+    recv_until_eof,
+    running_server,
+    wait_for,
+)
 
 PEERS = ("--handler", "muxsrv_testplugins.handlers:Peers")
 
@@ -68,3 +78,16 @@ def test_without_proxy_protocol_a_header_is_just_bytes() -> None:
             sock.shutdown(socket.SHUT_WR)
             reply = recv_until_eof(sock)
         assert reply.startswith(b"PROXY TCP4 192.0.2.7 127.0.0.1 5 6\n('127.0.0.1', ")
+
+
+def test_pid_file_is_written_once_listening_and_removed_on_exit(tmp_path: Path) -> None:
+    pid_file = tmp_path / "muxsrv.pid"
+    for workers in ("1", "2"):
+        with running_server("--pid-file", str(pid_file), "--workers", workers) as srv:
+            wait_for(pid_file.exists, what="the PID file")
+            assert pid_file.read_text() == f"{srv.pid}\n"  # with --workers: the parent's
+            assert srv.stop() == 0
+        assert not pid_file.exists()
+    srv = ServerProcess(["--port", "0", "--pid-file", str(tmp_path / "no" / "dir")])
+    assert srv.wait() == 1
+    assert "--pid-file" in srv.final_log() and "Traceback" not in srv.final_log()
