@@ -12,12 +12,15 @@ Skipped only where no ``haproxy`` is installed (``.ci/run`` installs it).
 from __future__ import annotations
 
 import csv
+import importlib.util
 import io
+import os
 import re
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
@@ -187,3 +190,54 @@ def test_line_framing_through_haproxy(tmp_path: Path) -> None:
                 got += chunk
             shown = repr(sock.getsockname()).encode()
         assert got == b"".join(line + b"\n" for line in [shown, *lines[1:]])
+
+
+LOCUSTFILE = """\
+from locust import task
+
+from muxsrv.locust import MuxUser
+
+
+def echoed(sent: bytes, got: bytes) -> bool:  # each reply alone
+    return got.startswith(b"('127.0.0.1', ") if sent == b"peer?" else got == sent
+
+
+class ThroughHAProxy(MuxUser):
+    handler = "echo"
+
+    @task
+    def pipelined(self) -> None:
+        self.client.pipeline([b"a" * 100, b"peer?", b"b" * 5000], name="pipelined",
+                             check=echoed)
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("locust") is None, reason="Locust is not installed")
+def test_a_locust_run_through_haproxy_has_no_failures(tmp_path: Path) -> None:
+    with ExitStack() as stack:
+        servers = [backend(host) for host in BACKENDS]
+        for srv in servers:
+            stack.callback(srv.kill)
+        port = free_port()
+        stats = tmp_path / "haproxy.sock"
+        cfg = tmp_path / "haproxy.cfg"
+        cfg.write_text(config(port, [srv.address for srv in servers], stats))
+        stack.enter_context(haproxy(cfg))
+        wait_for(lambda: stats.exists() and set(status(stats).values()) == {"UP"}, 15,
+                 what="all UP")
+        (tmp_path / "locustfile.py").write_text(LOCUSTFILE)
+        run = subprocess.run(
+            [sys.executable, "-m", "locust", "-f", "locustfile.py", "--headless", "-u", "3",
+             "-r", "3", "-t", "3s", "--csv", "run", "--only-summary",
+             "--host", f"tcp://127.0.0.1:{port}"],
+            cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(ROOT)), stdin=subprocess.DEVNULL,
+            capture_output=True, text=True, timeout=60,
+        )
+        with (tmp_path / "run_stats.csv").open(newline="") as f:
+            rows = {row["Name"]: row for row in csv.DictReader(f)}
+        said = run.stdout[-2000:] + run.stderr[-2000:]
+        assert run.returncode == 0, said
+        assert int(rows["pipelined"]["Request Count"]) > 10, said
+        assert rows["pipelined"]["Failure Count"] == "0", said
+        assert sum(srv.log_count("peer:") for srv in servers) > 10
+        assert all(srv.log_count("peer:") for srv in servers)  # every backend served some
