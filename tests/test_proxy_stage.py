@@ -3,9 +3,11 @@ connection over a fake socket and clock (conn.peer, the timeout, protected mode)
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from muxsrv.auth import PROTECTED_MODE, Gate
+from muxsrv.auth import AUTH_FAILED, LOCKED_OUT, MAX_FAILURES, PROTECTED_MODE, Gate, Tokens
 from muxsrv.codec import ErrorFrame
 from muxsrv.handler import Conn, Handler
 from muxsrv.proxying import HEADER_TIMEOUT, Proxying, parse_networks
@@ -215,6 +217,28 @@ def test_protected_mode_uses_the_header_address() -> None:
                 assert replies == [ErrorFrame(PROTECTED_MODE.encode())] and events == []
             else:
                 assert events[-1] == b"x" and len(replies) == 1
+
+
+def test_wrong_tokens_count_against_the_header_address(tmp_path: Path) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_bytes(b"s3cret-token-0123456789\n")
+    gate = Gate("length", Tokens(str(tokens)))
+    header = v1_header(("192.0.2.7", 5), ("127.0.0.1", 9999))
+    for _ in range(MAX_FAILURES):
+        with Harness(Recorder, proxying=Proxying(), gate=gate) as h:
+            h.peer_sends(header + frame(b"AUTH wrong-token-000000000"))
+            h.run()
+            assert h.replies() == [ErrorFrame(AUTH_FAILED.encode())]
+    assert gate.ledger.locked("192.0.2.7", 1000.0) and not gate.ledger.locked("127.0.0.1", 1000.0)
+    with Harness(Recorder, proxying=Proxying(), gate=gate) as h:  # locked out, by the header
+        h.peer_sends(header + frame(b"AUTH s3cret-token-0123456789"))
+        h.run()
+        assert h.replies() == [ErrorFrame(LOCKED_OUT.encode())]
+    with Harness(Recorder, proxying=Proxying(), gate=gate) as h:  # another client: served
+        h.peer_sends(v1_header(("192.0.2.8", 5), ("127.0.0.1", 9999))
+                     + frame(b"AUTH s3cret-token-0123456789") + frame(b"x"))
+        h.run()
+        assert h.replies() == [b"OK", b"('192.0.2.8', 5)"]
 
 
 def test_health_checks_are_logged_at_debug_level_only(caplog: pytest.LogCaptureFixture) -> None:
