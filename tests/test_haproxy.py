@@ -241,3 +241,21 @@ def test_a_locust_run_through_haproxy_has_no_failures(tmp_path: Path) -> None:
         assert rows["pipelined"]["Failure Count"] == "0", said
         assert sum(srv.log_count("peer:") for srv in servers) > 10
         assert all(srv.log_count("peer:") for srv in servers)  # every backend served some
+
+
+NGINX_BLOCK = re.compile(r"```\n(stream \{\n.*?)```", re.S)
+
+
+@pytest.mark.skipif(shutil.which("nginx") is None, reason="nginx is not installed")
+def test_the_readme_nginx_stream_config_is_accepted_by_nginx(tmp_path: Path) -> None:
+    match = NGINX_BLOCK.search((ROOT / "README.md").read_text(encoding="utf-8"))
+    assert match, "the README's nginx stream block is gone"
+    block = match.group(1).replace("app1.internal", "127.0.0.2").replace(
+        "app2.internal", "127.0.0.3").replace("listen 9999", f"listen 127.0.0.1:{free_port()}")
+    modules = Path("/etc/nginx/modules-enabled")  # Debian's: where the stream module loads
+    (tmp_path / "nginx.conf").write_text(
+        (f"include {modules}/*.conf;\n" if modules.is_dir() else "")
+        + f"pid {tmp_path}/nginx.pid;\nerror_log {tmp_path}/error.log;\nevents {{}}\n" + block)
+    done = subprocess.run(["nginx", "-t", "-c", str(tmp_path / "nginx.conf")],
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
