@@ -275,7 +275,7 @@ class AuthGate(Stage):
     def __init__(self, gate: Gate, loop: EventLoop, peer: Any) -> None:
         self._gate = gate
         self._loop = loop
-        self._peer = peer
+        self.peer = peer  # a PROXY header's address, once the stage before has read it
         self._buffer = b""
         self._parting: list[Buffer] = []
         #: The timeout's timer, cancelled once authenticated.
@@ -323,7 +323,7 @@ class AuthGate(Stage):
             self._refuse(AUTH_REQUIRED)
             return
         if not gate.tokens.accepts(message[len(AUTH_PREFIX):]):
-            host = peer_host(self._peer)
+            host = peer_host(self.peer)
             if gate.ledger.failed(host, self._loop.now):
                 log.warning("locking out %s for %g s: %d failed authentication attempts "
                             "within %g s", host, LOCKOUT, MAX_FAILURES, FAILURE_WINDOW)
@@ -340,7 +340,7 @@ class AuthGate(Stage):
         self._parting = out
         self.ready = True
         self.done = True
-        log.debug("%s authenticated", format_address(self._peer))
+        log.debug("%s authenticated", format_address(self.peer))
 
     def _refuse(self, reason: str) -> None:
         if self.timer is not None:

@@ -30,6 +30,8 @@ from .handler import ConfigError, HandlerFactory, HandlerFunction
 from .handlers.exec_config import is_loopback
 from .loop import EventLoop
 from .options import max_frame, parse_size, positive_int, program_version, seconds, whole_number
+from .pidfile import PidFile, PidFileError
+from .proxying import DEFAULT_PROXY_FROM, Network, Proxying, parse_networks
 from .server import CannotListen, Server, Settings
 from .supervisor import supervise
 from .tls import (
@@ -63,6 +65,13 @@ def _host(text: str) -> str:
             "empty; for every address give 0.0.0.0 (IPv4) or :: (IPv6)"
         )
     return text
+
+
+def _networks(text: str) -> tuple[Network, ...]:
+    try:
+        return parse_networks(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def build_parser(handler: plugins.LoadedPlugin | None = None) -> argparse.ArgumentParser:
@@ -112,6 +121,15 @@ def build_parser(handler: plugins.LoadedPlugin | None = None) -> argparse.Argume
              "(default: 1000)")
     add("--no-protected-mode", dest="protected_mode", action="store_false",
         help="serve non-loopback clients on a non-loopback --host without authentication")
+    add("--proxy-protocol", action="store_true",
+        help="every connection starts with a PROXY protocol header (v1 or v2, within 5 s) "
+             "naming the real client, as a load balancer sends with send-proxy(-v2)")
+    add("--proxy-from", type=_networks, default=DEFAULT_PROXY_FROM, metavar="CIDR[,CIDR...]",
+        help="with --proxy-protocol, who may send the header; connections from anywhere "
+             "else are closed (default: loopback only, 127.0.0.0/8,::1/128)")
+    add("--pid-file", metavar="FILE",
+        help="write the server's PID (with --workers: the parent's) to FILE once listening; "
+             "removed on exit")
     add("--workers", type=_workers, default=1, metavar="N",
         help="run N server processes sharing the port with SO_REUSEPORT, under a parent that "
              "restarts them (default: 1, no parent; 0: one per CPU)")
@@ -157,6 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     tls = tls_from(options)
     gate = gate_from(options)
+    proxying = Proxying(options.proxy_from) if options.proxy_protocol else None
     function: HandlerFunction | None = None
     factory: HandlerFactory | None = None
     if loaded.form == "function":
@@ -171,17 +190,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = settings_from(options, loaded.describe)
     if options.workers != 1 and not hasattr(signal, "sigtimedwait"):
         _fail(f"--workers needs signal.sigtimedwait, which {sys.platform} lacks")
+    pid_file = PidFile(options.pid_file)
     try:
         if options.workers == 1:
-            return serve(settings, function=function, factory=factory, gate=gate, tls=tls)
+            return serve(settings, function=function, factory=factory, gate=gate, tls=tls,
+                         proxying=proxying, pid_file=pid_file)
         count = options.workers or os.cpu_count() or 1
         return supervise(
             settings, count,
-            lambda worker: serve(worker, function=function, factory=factory, gate=gate, tls=tls),
+            lambda worker: serve(worker, function=function, factory=factory, gate=gate, tls=tls,
+                                 proxying=proxying),
+            on_reserved=pid_file.write,
         )
     except CannotListen as exc:
         sys.stderr.write(f"muxsrv: error: {exc}\n")
         return 2 if exc.mistake else 1
+    except PidFileError as exc:
+        sys.stderr.write(f"muxsrv: error: {exc}\n")
+        return 1
+    finally:
+        pid_file.remove()
 
 
 def settings_from(options: argparse.Namespace, handler_name: str) -> Settings:
@@ -247,6 +275,8 @@ def serve(
     factory: HandlerFactory | None = None,
     gate: Gate | None = None,
     tls: TLSServer | None = None,
+    proxying: Proxying | None = None,
+    pid_file: PidFile | None = None,
 ) -> int:
     """Listen and serve until a signal has drained; the exit status.
 
@@ -258,7 +288,8 @@ def serve(
     tuned = keep_large_buffers_mapped()
     loop = EventLoop()
     try:
-        server = Server(loop, settings, function=function, factory=factory, gate=gate, tls=tls)
+        server = Server(loop, settings, function=function, factory=factory, gate=gate, tls=tls,
+                        proxying=proxying)
 
         def stop() -> None:
             if not (settings.reuse_port and server.draining):
@@ -271,6 +302,8 @@ def serve(
         if tokens is not None or tls is not None:
             loop.add_signal_handler(signal.SIGHUP, lambda: _reload(tokens, tls))
         where = ", ".join(format_address(address) for address in server.listen())
+        if pid_file is not None:
+            pid_file.write()
         worker = f", worker pid {os.getpid()}" if settings.reuse_port else ""
         if tls is not None:
             worker += ", TLS with client certificates" if tls.mutual else ", TLS"
@@ -278,6 +311,8 @@ def serve(
             worker += ", token authentication"
         elif gate is not None and gate.protected:
             worker += ", protected mode on: loopback clients only"
+        if proxying is not None:
+            worker += ", PROXY protocol from " + ",".join(map(str, proxying.trusted))
         sys.stderr.write(
             f"muxsrv: listening on {where} "
             f"(handler {settings.handler_name}, framing {settings.framing}{worker})\n"

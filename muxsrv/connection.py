@@ -46,6 +46,7 @@ from .transport import (
     MADE,
     OPEN,
     PAUSED,
+    QUIET,
     RECV_SIZE,
     STEP_PENDING,
     WRITING_PAUSED,
@@ -302,7 +303,8 @@ class Connection(Transport):
             return
         self._flags |= EOF_TOLD
         if decoder.buffered:
-            log.info("%s closed mid-message; %d bytes dropped", self._peer_text(), decoder.buffered)
+            log.log(self._info, "%s closed mid-message; %d bytes dropped", self._peer_text(),
+                    decoder.buffered)
         if self._handler is not None and self._flags & MADE:
             self._callback(self._handler.eof_received, "eof_received")
 
@@ -326,7 +328,8 @@ class Connection(Transport):
         return False
 
     def _violation(self, reason: str, frame: bool = True) -> None:
-        log.warning("closing %s: %s", self._peer_text(), reason)
+        level = logging.DEBUG if self._flags & QUIET else logging.WARNING
+        log.log(level, "closing %s: %s", self._peer_text(), reason)
         if frame:
             self._queue_error(reason)
         self.close()
@@ -412,7 +415,7 @@ class Connection(Transport):
         # Work waiting for a peer that reads nothing (writing paused) spares nobody.
         if ((self._work == 0 or self._flags & WRITING_PAUSED) and now - self.last_active >= timeout
                 and self._state == OPEN):
-            log.info("closing %s: idle for %.3g s", self._peer_text(), timeout)
+            log.log(self._info, "closing %s: idle for %.3g s", self._peer_text(), timeout)
             self._queue_error(f"idle timeout ({timeout:g} s)")
             self.close()
 

@@ -86,7 +86,11 @@ class Conn(Protocol):
 
     @property
     def peer(self) -> PeerAddress | None:
-        """The peer's address, as ``socket.getpeername()`` gives it (None if unknown)."""
+        """The peer's address, as ``socket.getpeername()`` gives it (None if unknown).
+
+        With ``--proxy-protocol``, the client's address from the PROXY header
+        (in the same shape), not the balancer's.
+        """
         ...
 
     @property

@@ -24,7 +24,11 @@ own in ``connection_lost``), then are aborted.
 
 With a :class:`~muxsrv.auth.Gate`, each accepted connection is first
 checked against protected mode and the brute-force ledger (turned away with
-an error frame), then starts with the auth gate as its last stage.
+an error frame), then starts with the auth gate as its last stage.  With a
+:class:`~muxsrv.proxying.Proxying` (``--proxy-protocol``), a connection from
+outside ``--proxy-from`` is closed at once; the others start with the PROXY
+header parser as their first stage, and the gate's checks wait for the
+header: they are made on the client's address it carries.
 
 With a :class:`~muxsrv.tls.TLSServer`, every connection has the TLS stage
 (after any PROXY-header stage, before the auth gate), refused ones too: their
@@ -61,6 +65,7 @@ if TYPE_CHECKING:
 
     from .auth import Gate
     from .handler import HandlerFactory, HandlerFunction
+    from .proxying import Proxying
     from .stages import Stage
     from .tls import TLSServer
 
@@ -143,6 +148,7 @@ class Server:
         stages: Callable[[], list[Stage]] | None = None,
         gate: Gate | None = None,
         tls: TLSServer | None = None,
+        proxying: Proxying | None = None,
     ) -> None:
         if (function is None) == (factory is None):
             raise ValueError("give exactly one of function= and factory=")
@@ -159,6 +165,7 @@ class Server:
         self.tls = tls
         if tls is not None:
             tls.on_slot_free = self._handshake_slot_freed
+        self.proxying = proxying
         # A dict used as an ordered set: ~20 bytes a connection less than a set.
         self._conns: dict[Connection, None] = {}
         self._refused: set[Connection] = set()
@@ -189,17 +196,18 @@ class Server:
         return [lsock.getsockname()[:2] for lsock in socks]
 
     def _connection(
-        self, sock: _socket.socket, peer: Any, handler: Any, last: Stage | None = None
+        self, sock: _socket.socket, peer: Any, handler: Any, last: Stage | None = None,
+        first: Stage | None = None,
     ) -> Connection:
         settings = self.settings
         decoder = make_decoder(settings.framing, settings.max_frame)
         stages = self._stages() if self._stages is not None else None
         tls = self.tls
         tls_stage = tls.stage() if tls is not None else None
-        if tls_stage is not None:
-            stages = [*(stages or ()), tls_stage]
-        if last is not None:
-            stages = [*(stages or ()), last]
+        # Nearest the socket first: the PROXY header, any given stages, TLS, the auth gate.
+        if first is not None or tls_stage is not None or last is not None:
+            stages = [stage for stage in (first, *(stages or ()), tls_stage, last)
+                      if stage is not None]
         kind = StagedConnection if stages else Connection
         conn = kind(self, sock, peer, decoder, self._function, handler, stages)
         if tls is not None and tls_stage is not None:
@@ -245,7 +253,13 @@ class Server:
 
     def _open(self, sock: _socket.socket, peer: Any) -> None:
         gate = self.gate
-        if gate is not None:
+        proxying = self.proxying
+        if proxying is not None:
+            if not proxying.trusts(peer):
+                self._refuse_log.warning("refusing %s: not in --proxy-from", format_address(peer))
+                sock.close()
+                return
+        elif gate is not None:
             reason = gate.refusal(peer, self.loop.now)
             if reason is not None:
                 self._turn_away(sock, peer, reason)
@@ -257,14 +271,21 @@ class Server:
             sock.close()
             return
         stage = gate.stage(self.loop, peer) if gate is not None else None
-        if stage is None:
+        header = proxying.stage(peer, self._refusal) if proxying is not None else None
+        if stage is None and header is None:
             conn = self._connection(sock, None, handler)
         else:
-            conn = self._connection(sock, peer, handler, stage)
+            conn = self._connection(sock, peer, handler, stage, header)
         self._conns[conn] = None
         conn.start()
+        if header is not None and proxying is not None:
+            proxying.arm(self.loop, conn, header)
         if stage is not None and gate is not None:
             gate.arm(self.loop, conn, stage)
+
+    def _refusal(self, peer: Any) -> str | None:
+        """The gate's checks, on the address a PROXY header gave."""
+        return self.gate.refusal(peer, self.loop.now) if self.gate is not None else None
 
     def _turn_away(self, sock: _socket.socket, peer: Any, reason: str) -> None:
         """Protected mode or a lock-out: an error frame, then a lingering close."""
@@ -330,6 +351,8 @@ class Server:
             self.gate.forget(conn)
         if self.tls is not None:
             self.tls.forget(conn)
+        if self.proxying is not None:
+            self.proxying.forget(conn)
         self._refused.discard(conn)
         if self.draining and not self._conns:
             self.loop.stop()

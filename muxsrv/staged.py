@@ -20,7 +20,17 @@ from __future__ import annotations
 
 from .connection import Connection
 from .loop import EVENT_READ
-from .transport import CLOSED, EOF, EOF_TOLD, IN_CALLBACK, MADE, OPEN, PAUSED, RECV_SIZE
+from .transport import (
+    CLOSED,
+    EOF,
+    EOF_TOLD,
+    IN_CALLBACK,
+    MADE,
+    OPEN,
+    PAUSED,
+    QUIET,
+    RECV_SIZE,
+)
 
 __all__ = ["StagedConnection"]
 
@@ -99,6 +109,10 @@ class StagedConnection(Connection):
         except Exception as exc:
             self._fatal(exc, "stage receive")
             return b""
+        if path.peer is not None and path.peer is not self._peer:
+            self._peer = path.peer  # a PROXY header's: conn.peer from now on
+        if path.health_check:
+            self._flags |= QUIET
         if path.error is not None:
             self._violation(path.error, frame=path.tell_peer)
             return b""

@@ -113,7 +113,8 @@ def _for_our_workers(sock: socket.socket) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 0)
 
 
-def supervise(settings: Settings, count: int, run_worker: Callable[[Settings], int]) -> int:
+def supervise(settings: Settings, count: int, run_worker: Callable[[Settings], int],
+              on_reserved: Callable[[], None] | None = None) -> int:
     """Run ``count`` workers (``run_worker(settings)`` in forked children) until a signal.
 
     Returns the exit status (module docstring); raises CannotListen before any
@@ -122,6 +123,8 @@ def supervise(settings: Settings, count: int, run_worker: Callable[[Settings], i
     held = reserve(settings)
     settings = replace(settings, port=held[0].getsockname()[1], reuse_port=True)
     try:
+        if on_reserved is not None:
+            on_reserved()  # the port is ours: the --pid-file
         return _Supervisor(settings, count, run_worker, held).run()
     finally:
         for sock in held:

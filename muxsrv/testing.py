@@ -39,6 +39,7 @@ from .framing import LengthDecoder, make_decoder
 from .handler import HandlerFactory, HandlerFunction
 from .length import encode_length
 from .loop import EVENT_READ, EVENT_WRITE, EventLoop
+from .proxying import Proxying
 from .staged import StagedConnection
 from .stages import Stage
 
@@ -288,6 +289,7 @@ class Harness:
         gate: Gate | None = None,
         peer: Any = ("127.0.0.1", 40000),
         clock: FakeClock | None = None,
+        proxying: Proxying | None = None,
     ) -> None:
         if (handler is None) == (function is None):
             raise TypeError("Harness takes a handler factory or a function, not both")
@@ -298,15 +300,24 @@ class Harness:
         #: How many times the connection told its owner it closed (0 or 1).
         self.closed = 0
         self._gate = gate
+        self._proxying = proxying
         self.handler = handler() if handler is not None else None
         sock: Any = self.sock  # a socket as far as the connection can tell
         # As the server does: protected mode and lock-outs turn the peer away at once.
-        refusal = gate.refusal(peer, self.clock.now) if gate is not None else None
+        # With a PROXY header (proxying), they wait for the header's address.
+        refusal = None
+        if gate is not None and proxying is None:
+            refusal = gate.refusal(peer, self.clock.now)
         if refusal is not None:
             self.handler = None
         gated = gate.stage(self.loop, peer) if gate is not None and refusal is None else None
         if gated is not None:
             stages = [*(stages or ()), gated]
+        header = None
+        if proxying is not None:
+            header = proxying.stage(
+                peer, None if gate is None else lambda p: gate.refusal(p, self.clock.now))
+            stages = [header, *(stages or ())]
         kind = StagedConnection if stages else Connection
         self.conn = kind(self, sock, self.sock.getpeername(),
                          make_decoder(framing, max_frame), function, self.handler, stages)
@@ -315,6 +326,8 @@ class Harness:
         self.conn.start()
         if refusal is not None:
             self.conn.refuse(refusal)
+        if proxying is not None and header is not None:
+            proxying.arm(self.loop, self.conn, header)
         if gate is not None and gated is not None:
             gate.arm(self.loop, self.conn, gated)
 
@@ -324,6 +337,8 @@ class Harness:
         self.closed += 1
         if self._gate is not None:
             self._gate.forget(conn)
+        if self._proxying is not None:
+            self._proxying.forget(conn)
 
     # -- driving -------------------------------------------------------------
 

@@ -71,6 +71,8 @@ MADE: Final = 8
 EOF_TOLD: Final = 16
 STEP_PENDING: Final = 32
 PAUSED: Final = 64
+# A balancer's health check (a PROXY LOCAL header): its endings are logged at debug level.
+QUIET: Final = 128
 
 _QUIET_ERRNOS: Final = frozenset(
     {errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED, errno.ETIMEDOUT, errno.ESHUTDOWN}
@@ -286,13 +288,14 @@ class Transport:
         self._update_mask()
 
     def _flush_timed_out(self) -> None:
-        log.info("closing %s: output not drained in %g s", self._peer_text(), FLUSH_TIMEOUT)
+        log.log(self._info, "closing %s: output not drained in %g s", self._peer_text(),
+                FLUSH_TIMEOUT)
         self._close(None)
 
     def _fatal(self, exc: BaseException, what: str) -> None:
         """The one path for errors: log once, close, and let the server go on."""
         if isinstance(exc, OSError) and exc.errno in _QUIET_ERRNOS:
-            log.info("%s: %s failed: %s", self._peer_text(), what, exc.strerror)
+            log.log(self._info, "%s: %s failed: %s", self._peer_text(), what, exc.strerror)
         else:
             log.error("%s: %s failed", self._peer_text(), what, exc_info=exc)
         self._close(exc)
@@ -310,6 +313,11 @@ class Transport:
         self._out = self._backlog = None
         self._sock.close()
         self._closed(exc)
+
+    @property
+    def _info(self) -> int:
+        """The level of the connection's routine log lines: debug for a health check."""
+        return logging.DEBUG if self._flags & QUIET else logging.INFO
 
     def _peer_text(self) -> str:
         return format_address(self.peer)

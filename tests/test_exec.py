@@ -267,6 +267,16 @@ def test_allow_remote_exec_lifts_the_refusal_only_with_a_token(tmp_path: Path) -
     assert service.config.cwd == str(tmp_path) and service.config.allowed is None
 
 
+def test_proxy_protocol_counts_as_remote_exec(tmp_path: Path) -> None:
+    # Behind a balancer on this host the listener is loopback but the clients are not.
+    with pytest.raises(ConfigError, match=r"--proxy-protocol.*--allow-remote-exec"):
+        ExecHandler.configure(exec_options("--proxy-protocol"))
+    tokens = tmp_path / "tokens"
+    tokens.write_text("0123456789abcdef\n")
+    ExecHandler.configure(exec_options("--proxy-protocol", "--allow-remote-exec",
+                                       "--auth-token-file", str(tokens)))
+
+
 # -- one child on a loop of its own ----------------------------------------------
 
 

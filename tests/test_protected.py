@@ -9,7 +9,9 @@ inside the namespace with ``ip netns exec``.  Needs root and ``ip``: CI has both
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -22,8 +24,9 @@ import pytest
 from muxsrv.auth import PROTECTED_MODE, Gate, is_loopback_peer
 from muxsrv.client import Client, ServerError
 from muxsrv.codec import ErrorFrame
+from muxsrv.stages.proxy import v1_header
 from muxsrv.testing import Harness, frame
-from tests.support import ROOT, ServerProcess
+from tests.support import ROOT, ServerProcess, recv_frame
 
 TOKEN = "protected-mode-token-0123"
 
@@ -129,6 +132,31 @@ def test_with_a_token_the_remote_peer_is_served_after_auth(
     with server_in(netns, "--host", netns.inside, "--auth-token-file", str(tokens)) as srv:
         assert request(netns.inside, srv.port, TOKEN) == "reply: ping"
         assert request(netns.inside, srv.port) == "error: authentication required"
+
+
+def through_balancer(ns: Netns, port: int, client: tuple[str, int]) -> tuple[bool, bytes]:
+    """The test as a balancer outside the namespace: a PROXY header naming ``client``, ping."""
+    with socket.create_connection((ns.inside, port), timeout=10) as sock:
+        sock.sendall(v1_header(client, (ns.inside, port)) + frame(b"ping"))
+        return recv_frame(sock)
+
+
+@needs_netns
+def test_behind_a_balancer_protected_mode_judges_the_header_address(netns: Netns) -> None:
+    with server_in(netns, "--host", netns.inside, "--proxy-protocol",
+                   "--proxy-from", f"{netns.outside}/32") as srv:
+        assert "protected mode on" in srv.stderr_text()
+        # The socket's peer is remote either way; only the header differs.
+        assert through_balancer(netns, srv.port, ("127.0.0.1", 5000)) == (False, b"ping")
+        refused, said = through_balancer(netns, srv.port, ("192.0.2.7", 5000))
+        assert refused and said.startswith(b"protected mode:"), said
+        srv.wait_log("closing 192.0.2.7:5000: protected mode")
+        # A client inside the namespace is not in --proxy-from: closed at accept.
+        code = LOOPBACK_CLIENT.replace('"127.0.0.1"', repr(netns.inside))
+        done = netns.run(sys.executable, "-c", code, str(srv.port))
+        assert done.returncode != 0, done.stdout
+        srv.wait_log(f"refusing {re.escape(netns.inside)}:[0-9]+: not in --proxy-from")
+        assert srv.stop() == 0
 
 
 # -- without a network ----------------------------------------------------------------

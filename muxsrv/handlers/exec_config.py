@@ -91,6 +91,12 @@ def from_options(options: argparse.Namespace) -> ExecConfig:
             "(give --allow-remote-exec with --auth-token-file or --tls-client-ca to require "
             "authentication)"
         )
+    if not options.allow_remote_exec and getattr(options, "proxy_protocol", False):
+        raise ConfigError(
+            "refusing to run the exec handler with --proxy-protocol: its clients come through "
+            "a load balancer, from anywhere it accepts them, and could run commands here "
+            "(give --allow-remote-exec with --auth-token-file to require a token)"
+        )
     cwd = os.path.abspath(options.exec_cwd or os.getcwd())
     if not os.path.isdir(cwd):
         raise ConfigError(f"--exec-cwd {options.exec_cwd}: not a directory")

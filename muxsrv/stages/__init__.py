@@ -29,6 +29,10 @@ and runs the plain hot path.  A stage never sees a socket:
 * ``finish()``: the connection is closing on purpose: bytes to send before
   its write side shuts (TLS close_notify), nearest the codec first;
 * ``peer_cert``: the peer's verified certificate, if a stage has one (mTLS).
+* ``peer`` set: the peer's address as the stage knows it; a stage that learns
+  the client's real one (a PROXY header) sets it, the path hands it to the
+  stages after it and the connection takes it as ``conn.peer`` (logged at
+  debug level only if ``health_check``: a balancer checking on us).
 
 The first stage of the list is the one nearest the socket.  A
 :class:`StagePath` runs a connection's list both ways.
@@ -59,6 +63,10 @@ class Stage:
     eof: bool = False
     #: The peer's verified certificate (TLS with client certificates); else None.
     peer_cert: dict[str, Any] | None = None
+    #: The peer's address as this stage knows it (None: the socket's).
+    peer: Any = None
+    #: With ``peer``: the connection is a balancer's health check.
+    health_check: bool = False
 
     def receive(self, data: bytes) -> bytes:
         """Bytes from the peer in; what passes on to the next stage out."""
@@ -83,7 +91,7 @@ class Stage:
 class StagePath:
     """One connection's stages, nearest the socket first, run in both directions."""
 
-    __slots__ = ("error", "parting", "stages", "tell_peer")
+    __slots__ = ("error", "health_check", "parting", "peer", "stages", "tell_peer")
 
     def __init__(self, stages: list[Stage]) -> None:
         self.stages = stages
@@ -93,6 +101,9 @@ class StagePath:
         self.tell_peer = False
         #: Codec output from stages that have just left the path, to queue first.
         self.parting: list[Buffer] = []
+        #: The peer's address as the last stage to learn it said (None: the socket's).
+        self.peer: Any = None
+        self.health_check = False
 
     @property
     def ready(self) -> bool:
@@ -125,8 +136,13 @@ class StagePath:
     def receive(self, data: bytes) -> bytes:
         """Bytes from the socket through every stage; what reaches the codec."""
         stages = self.stages
-        for stage in stages:
+        for i, stage in enumerate(stages):
             data = stage.receive(data)
+            if stage.peer is not None and stage.peer is not self.peer:
+                self.peer = stage.peer
+                self.health_check = stage.health_check
+                for later in stages[i + 1:]:
+                    later.peer = stage.peer
             if stage.error is not None:
                 self.error = stage.error
                 self.tell_peer = stage.tell_peer

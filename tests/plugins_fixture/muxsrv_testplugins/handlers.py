@@ -209,3 +209,14 @@ class PeerCert(Handler):
             return
         names = [value for rdn in cert["subject"] for key, value in rdn if key == "commonName"]
         conn.send(",".join(names).encode())
+
+
+class Peers(Handler):
+    """Echoes; ``peer?`` is answered with ``repr(conn.peer)``, and logged (PROXY tests)."""
+
+    def message_received(self, conn: Conn, payload: bytes) -> None:
+        if payload == b"peer?":
+            log.warning("peer: %r", conn.peer)
+            conn.send(repr(conn.peer).encode())
+        else:
+            conn.send(payload)
