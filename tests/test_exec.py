@@ -551,13 +551,21 @@ def test_a_client_that_reads_nothing_costs_about_the_high_water_mark(tmp_path: P
             wait_for(lambda: srv.log_count(r"started: 'yes") >= 5
                      and srv.log_count(r"exit 0 in") == srv.log_count(r"started: ")
                      and not children(srv.pid), 30, what="no command running")
-            ran = srv.log_count(r"started: 'yes")
             # And it stays quiet: a command on another connection, there and back, and
-            # no other one started meanwhile (the server logs in order).
-            warm.sendall(frame(b"true round trip"))
-            assert not recv_frame(warm)[0]
-            srv.wait_log(rf"pid {started_pid(srv, 'true round trip')} exit 0 in")
-            assert srv.log_count(r"started: 'yes") == ran
+            # no other one started meanwhile (the server logs in order).  The kernel may
+            # still be taking output into its buffers (they grow), which rightly resumes
+            # the connection for another command or two: quiet is a round trip with none.
+            for attempt in range(20):
+                ran = srv.log_count(r"started: 'yes")
+                warm.sendall(frame(b"true round trip %d" % attempt))
+                assert not recv_frame(warm)[0]
+                pid = started_pid(srv, f"true round trip {attempt}")
+                srv.wait_log(rf"pid {pid} exit 0 in")
+                if srv.log_count(r"started: 'yes") == ran:
+                    break
+            else:
+                raise AssertionError(f"commands kept starting: {ran} of {PIPELINED} ran")
+            assert ran < PIPELINED // 2, ran  # stopped: most never ran while unread
             replies = [recv_frame(s) for _ in range(PIPELINED)]
         grew = peak_rss(srv.pid) - before
     print(f"\n{PIPELINED} x {OUTPUT_EACH >> 10} KiB pipelined, not read: {ran} ran, server "
