@@ -29,7 +29,7 @@ from muxsrv.codec import ErrorFrame
 from muxsrv.connection import Connection
 from muxsrv.handler import Conn, Handler
 from muxsrv.testing import FakeClock, Harness, frame
-from tests.support import ROOT, recv_frame, running_server, wait_for
+from tests.support import ROOT, recv_frame, running_server
 
 TOKEN = b"s3cret-token-0123456789"
 OTHER = b"another-token-abcdefghij"
