@@ -132,8 +132,9 @@ def build_parser(handler: plugins.LoadedPlugin | None = None) -> argparse.Argume
         help="write the server's PID (with --workers: the parent's) to FILE once listening; "
              "removed on exit")
     add("--workers", type=_workers, default=1, metavar="N",
-        help="run N server processes sharing the port with SO_REUSEPORT, under a parent that "
-             "restarts them (default: 1, no parent; 0: one per CPU)")
+        help="run N server processes sharing the listening sockets, under a parent that "
+             "restarts them and, on SIGHUP, replaces them with fresh ones "
+             "(default: 1, no parent; 0: one per CPU)")
     add("--log-level", default="info", type=str.lower,
         choices=("debug", "info", "warning", "error"), help="(default: info)")
     add("--version", action="version", version=program_version("muxsrv"))
