@@ -177,8 +177,9 @@ class Generations:
             return
         generation = worker.generation
         lived = now - worker.started
+        expected = code in CLEAN_EXITS or (worker.killed and code == -signal.SIGKILL)
         if self.stopping:
-            if code not in CLEAN_EXITS and code != -signal.SIGKILL:
+            if not expected:
                 log.warning("worker %d %s while stopping", pid, describe_exit(code))
                 self.status = 1
         elif generation == self.starting:
@@ -186,7 +187,7 @@ class Generations:
         elif generation == self.serving and worker.kill_at == math.inf:
             self._died(pid, code, lived, now)
         else:  # draining: an old generation, or a failed new one
-            if code not in CLEAN_EXITS and code != -signal.SIGKILL:
+            if not expected:
                 log.warning("reload: worker %d of generation %d %s while draining",
                             pid, generation, describe_exit(code))
             if not self.pids(generation) and generation != self.serving:

@@ -233,3 +233,13 @@ def test_a_spawn_that_fails_during_a_reload_fails_the_reload() -> None:
     h.act()
     assert h.gens.starting == 0 and h.termed == [102, 103]
     assert h.gens.deadline() == DRAIN + GRACE  # for the failed generation's workers
+
+
+def test_a_sigkill_from_elsewhere_while_stopping_is_news(caplog: pytest.LogCaptureFixture) -> None:
+    """Bug caught: every SIGKILL taken for our own (the OOM killer's is not)."""
+    h = Harness()
+    h.gens.stop(0.0, "SIGTERM")
+    h.act()
+    h.exit(100, -signal.SIGKILL)
+    assert "worker 100 was killed by SIGKILL while stopping" in caplog.text
+    assert h.gens.status == 1
