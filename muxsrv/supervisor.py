@@ -43,6 +43,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any, Final
 
@@ -110,7 +111,7 @@ def inherited() -> tuple[list[socket.socket], int] | None:
 
 
 def supervise(settings: Settings, count: int, argv: list[str],
-              on_listening: Any = None) -> int:
+              on_listening: Callable[[], None] | None = None) -> int:
     """Run ``count`` workers (``python -m muxsrv *argv``) until a signal; the exit status.
 
     Raises CannotListen before any worker starts if the port cannot be had.
