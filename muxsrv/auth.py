@@ -132,8 +132,12 @@ class Tokens:
             log.error("%s; keeping the %d tokens loaded before", exc, len(self._digests))
             return False
         self._digests = digests
-        log.info("re-read --auth-token-file: %d tokens", len(digests))
+        log.debug("re-read --auth-token-file: %d tokens", len(digests))  # the caller says it
         return True
+
+    @property
+    def count(self) -> int:
+        return len(self._digests)
 
     def accepts(self, candidate: bytes) -> bool:
         """Is ``candidate`` one of the tokens?  Time depends on neither its value nor length."""

@@ -18,6 +18,7 @@ import argparse
 import logging
 import os
 import signal
+import socket
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
@@ -33,7 +34,7 @@ from .options import max_frame, parse_size, positive_int, program_version, secon
 from .pidfile import PidFile, PidFileError
 from .proxying import DEFAULT_PROXY_FROM, Network, Proxying, parse_networks
 from .server import CannotListen, Server, Settings
-from .supervisor import supervise
+from .supervisor import inherited, supervise
 from .tls import (
     DEFAULT_HANDSHAKE_TIMEOUT,
     DEFAULT_MAX_HANDSHAKES,
@@ -131,8 +132,9 @@ def build_parser(handler: plugins.LoadedPlugin | None = None) -> argparse.Argume
         help="write the server's PID (with --workers: the parent's) to FILE once listening; "
              "removed on exit")
     add("--workers", type=_workers, default=1, metavar="N",
-        help="run N server processes sharing the port with SO_REUSEPORT, under a parent that "
-             "restarts them (default: 1, no parent; 0: one per CPU)")
+        help="run N server processes sharing the listening sockets, under a parent that "
+             "restarts them and, on SIGHUP, replaces them with fresh ones "
+             "(default: 1, no parent; 0: one per CPU)")
     add("--log-level", default="info", type=str.lower,
         choices=("debug", "info", "warning", "error"), help="(default: info)")
     add("--version", action="version", version=program_version("muxsrv"))
@@ -162,6 +164,10 @@ def load_handler(name: str) -> plugins.LoadedPlugin:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        worker = inherited()  # first: nothing this process starts may see the variables
+    except ValueError as exc:
+        _fail(f"not a worker: {exc}")
     pre = _Parser(prog="muxsrv", add_help=False, allow_abbrev=False)
     pre.add_argument("--handler", default="echo")
     known, _rest = pre.parse_known_args(args)
@@ -190,18 +196,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = settings_from(options, loaded.describe)
     if options.workers != 1 and not hasattr(signal, "sigtimedwait"):
         _fail(f"--workers needs signal.sigtimedwait, which {sys.platform} lacks")
-    pid_file = PidFile(options.pid_file)
+    pid_file = PidFile(options.pid_file if worker is None else None)  # the supervisor's
     try:
-        if options.workers == 1:
+        if worker is not None or options.workers == 1:
             return serve(settings, function=function, factory=factory, gate=gate, tls=tls,
-                         proxying=proxying, pid_file=pid_file)
+                         proxying=proxying, pid_file=pid_file, worker=worker)
         count = options.workers or os.cpu_count() or 1
-        return supervise(
-            settings, count,
-            lambda worker: serve(worker, function=function, factory=factory, gate=gate, tls=tls,
-                                 proxying=proxying),
-            on_reserved=pid_file.write,
-        )
+        return supervise(settings, count, args, on_listening=pid_file.write)
     except CannotListen as exc:
         sys.stderr.write(f"muxsrv: error: {exc}\n")
         return 2 if exc.mistake else 1
@@ -261,11 +262,21 @@ def gate_from(options: argparse.Namespace) -> Gate | None:
 
 
 def _reload(tokens: Tokens | None, tls: TLSServer | None) -> None:
-    """SIGHUP: re-read the token file and the TLS files (each keeps its old self if bad)."""
-    if tokens is not None:
-        tokens.reload()
+    """SIGHUP in a single process: re-read the TLS files and the token file (each keeps
+    its old self if bad, after an error line of its own); one line says what was done."""
+    done = []
     if tls is not None:
-        tls.reload()
+        files = ["--tls-cert"] + [f"--{name}" for name, path in
+                                  (("tls-key", tls.files and tls.files[1]),
+                                   ("tls-client-ca", tls.files and tls.files[2])) if path]
+        done.append(f"re-read {', '.join(files)}" if tls.reload()
+                    else "kept the TLS files loaded before")
+    if tokens is not None:
+        done.append(f"re-read --auth-token-file: {tokens.count} tokens" if tokens.reload()
+                    else f"kept the {tokens.count} tokens loaded before")
+    done.append("the log goes to stderr (no log file to reopen); the handler code is not "
+                "reloaded (it is with --workers)")
+    log.info("SIGHUP: %s", "; ".join(done))
 
 
 def serve(
@@ -277,12 +288,15 @@ def serve(
     tls: TLSServer | None = None,
     proxying: Proxying | None = None,
     pid_file: PidFile | None = None,
+    worker: tuple[list[socket.socket], int] | None = None,
 ) -> int:
     """Listen and serve until a signal has drained; the exit status.
 
-    Raises CannotListen.  As a worker (``reuse_port``), only the first SIGINT or
-    SIGTERM counts: a Ctrl-C reaches the whole process group and the parent
-    forwards it as well; the parent deals with a second one.
+    Raises CannotListen.  As a ``--workers`` worker (``worker``: the inherited
+    listening sockets and readiness pipe), only the first SIGINT or SIGTERM
+    counts: a Ctrl-C reaches the whole process group and the supervisor
+    forwards it as well; the supervisor deals with a second one.  A worker
+    ignores SIGHUP (the supervisor reloads by starting new workers).
     """
     soft, _hard = raise_open_files_limit()
     tuned = keep_large_buffers_mapped()
@@ -292,30 +306,36 @@ def serve(
                         proxying=proxying)
 
         def stop() -> None:
-            if not (settings.reuse_port and server.draining):
+            if not (worker is not None and server.draining):
                 server.shutdown()
 
         # Before listening, so that no signal finds a listener without its handler.
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stop)
         tokens = gate.tokens if gate is not None else None
-        if tokens is not None or tls is not None:
+        if worker is None:
             loop.add_signal_handler(signal.SIGHUP, lambda: _reload(tokens, tls))
-        where = ", ".join(format_address(address) for address in server.listen())
+        else:
+            loop.add_signal_handler(signal.SIGHUP, lambda: log.debug(
+                "SIGHUP ignored: the --workers supervisor reloads"))
+        listening = server.listen(worker[0] if worker is not None else None)
+        where = ", ".join(format_address(address) for address in listening)
         if pid_file is not None:
             pid_file.write()
-        worker = f", worker pid {os.getpid()}" if settings.reuse_port else ""
+        if worker is not None and worker[1] >= 0:
+            loop.call_soon(_report_ready, worker[1])
+        details = f", worker pid {os.getpid()}" if worker is not None else ""
         if tls is not None:
-            worker += ", TLS with client certificates" if tls.mutual else ", TLS"
+            details += ", TLS with client certificates" if tls.mutual else ", TLS"
         if tokens is not None:
-            worker += ", token authentication"
+            details += ", token authentication"
         elif gate is not None and gate.protected:
-            worker += ", protected mode on: loopback clients only"
+            details += ", protected mode on: loopback clients only"
         if proxying is not None:
-            worker += ", PROXY protocol from " + ",".join(map(str, proxying.trusted))
+            details += ", PROXY protocol from " + ",".join(map(str, proxying.trusted))
         sys.stderr.write(
             f"muxsrv: listening on {where} "
-            f"(handler {settings.handler_name}, framing {settings.framing}{worker})\n"
+            f"(handler {settings.handler_name}, framing {settings.framing}{details})\n"
         )
         sys.stderr.flush()
         log.debug("open files limit: %d; allocator thresholds raised: %s", soft, tuned)
@@ -324,3 +344,13 @@ def serve(
         loop.close()
     log.info("stopped")
     return server.exit_status
+
+
+def _report_ready(fd: int) -> None:
+    """A worker's loop runs: one byte tells the supervisor (whom a failure here need not stop)."""
+    try:
+        os.write(fd, b"R")
+    except OSError as exc:
+        log.warning("cannot tell the supervisor this worker serves: %s", exc.strerror)
+    finally:
+        os.close(fd)

@@ -2,7 +2,8 @@
 
 Written (atomically: a temporary file renamed over it) once the server
 listens, or once the ``--workers`` parent holds the port; removed when that
-process exits.  A forked worker never removes its parent's file.
+process exits.  A ``--workers`` worker writes none (the supervisor's PID is
+the file's), and a forked child never removes its parent's file.
 """
 
 from __future__ import annotations

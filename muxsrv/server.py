@@ -176,13 +176,16 @@ class Server:
 
     # -- listening ----------------------------------------------------------
 
-    def listen(self, sock: socket.socket | None = None) -> list[tuple[str, int]]:
-        """Bind the listening sockets (or adopt ``sock``); return their addresses.
+    def listen(
+        self, sock: socket.socket | list[socket.socket] | None = None
+    ) -> list[tuple[str, int]]:
+        """Bind the listening sockets (or adopt ``sock``, one or a list); their addresses.
 
         Raises CannotListen (an OSError) naming the address.
         """
         try:
-            socks = [sock] if sock is not None else _bind(self.settings)
+            socks = (_bind(self.settings) if sock is None
+                     else [sock] if isinstance(sock, socket.socket) else list(sock))
         except OSError as exc:
             raise CannotListen(self.settings.host, self.settings.port, exc) from exc
         for lsock in socks:

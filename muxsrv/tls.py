@@ -103,7 +103,7 @@ class TLSServer:
             log.error("%s; keeping the certificate loaded before", exc)
             return False
         self.context = context  # open connections keep the session they have
-        log.info("re-read --tls-cert, --tls-key and --tls-client-ca")
+        log.debug("re-read --tls-cert, --tls-key and --tls-client-ca")  # the caller says it
         return True
 
     @property

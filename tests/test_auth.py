@@ -29,7 +29,7 @@ from muxsrv.codec import ErrorFrame
 from muxsrv.connection import Connection
 from muxsrv.handler import Conn, Handler
 from muxsrv.testing import FakeClock, Harness, frame
-from tests.support import ROOT, recv_frame, running_server, wait_for
+from tests.support import ROOT, recv_frame, running_server
 
 TOKEN = b"s3cret-token-0123456789"
 OTHER = b"another-token-abcdefghij"
@@ -305,13 +305,15 @@ def test_rotation_by_sighup(tmp_path: Path) -> None:
     assert "token authentication" in log
 
 
-def test_sighup_reaches_every_worker(tmp_path: Path) -> None:
+def test_sighup_reloads_every_worker(tmp_path: Path) -> None:
+    """With --workers, SIGHUP starts new workers, which read the token file afresh."""
     path = token_file(tmp_path, TOKEN)
     with running_server("--auth-token-file", str(path), "--workers", "2") as srv:
-        wait_for(lambda: srv.log_count(r"listening on") >= 2, what="both workers")
+        srv.wait_log(r"generation 1 serving")
         path.write_bytes(OTHER + b"\n")
         srv.signal(signal.SIGHUP)
-        wait_for(lambda: srv.log_count(r"re-read --auth-token-file") == 2, what="two re-reads")
+        srv.wait_log(r"reload: generation 2 serving", timeout=30)
+        srv.wait_log(r"reload: generation 1 drained", timeout=30)
         for _ in range(4):  # whichever worker takes it
             with authed(srv.address, OTHER) as sock:
                 assert recv_frame(sock) == (False, b"OK")
