@@ -28,6 +28,7 @@ from .auth import Gate, TokenFileError, Tokens
 from .framing import FRAMINGS
 from .handler import ConfigError, HandlerFactory, HandlerFunction
 from .handlers.exec_config import is_loopback
+from .limits import DEFAULT_FRAME_TIMEOUT
 from .loop import EventLoop
 from .options import max_frame, parse_size, positive_int, program_version, seconds, whole_number
 from .pidfile import PidFile, PidFileError
@@ -97,6 +98,9 @@ def build_parser(handler: plugins.LoadedPlugin | None = None) -> argparse.Argume
              "(default: 10000)")
     add("--idle-timeout", type=seconds, default=300.0, metavar="SECONDS",
         help="close connections idle this long (default: 300; 0: never)")
+    add("--frame-timeout", type=seconds, default=DEFAULT_FRAME_TIMEOUT, metavar="SECONDS",
+        help="a message must be complete this long after its first byte, else the "
+             "connection is closed (default: 30; 0: never; not with --framing raw)")
     add("--drain-timeout", type=seconds, default=5.0, metavar="SECONDS",
         help="on SIGINT/SIGTERM, how long to deliver owed replies (default: 5)")
     add("--auth-token-file", metavar="FILE",
@@ -222,6 +226,7 @@ def settings_from(options: argparse.Namespace, handler_name: str) -> Settings:
         max_conns=options.max_conns,
         idle_timeout=options.idle_timeout,
         drain_timeout=options.drain_timeout,
+        frame_timeout=options.frame_timeout,
         handler_name=handler_name,
     )
 

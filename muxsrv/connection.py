@@ -419,6 +419,23 @@ class Connection(Transport):
             self._queue_error(f"idle timeout ({timeout:g} s)")
             self.close()
 
+    def partial_mark(self) -> int | None:
+        """While the client owes the rest of a message: its decoder's ``completions``.
+
+        None when it owes nothing, or when the server holds its input back (a
+        paused handler, messages not handed over yet): see ``muxsrv.limits``.
+        """
+        decoder = self._decoder
+        if (self._state != OPEN or self._flags & (EOF | PAUSED) or self._held or decoder.more
+                or not decoder.buffered):
+            return None
+        return decoder.completions
+
+    def frame_timed_out(self, timeout: float) -> None:
+        """A message not complete ``timeout`` s after its first byte: error frame, close."""
+        if self._state == OPEN:
+            self._violation(f"frame timeout: message not complete within {timeout:g} s")
+
     def at_rest(self, now: float, quiet: float) -> bool:
         """Owes nothing, holds no partial message, and heard nothing for ``quiet`` s."""
         return (self._state == OPEN and self.owes_nothing() and not self._decoder.buffered

@@ -119,10 +119,11 @@ class LineDecoder(Decoder):
                 self._rest = data[pos:]
                 self.more = True
                 return out
-            if acc:
+            if acc:  # (a line begun in an earlier call: once per call at most)
                 acc += data[pos:i]
                 line = bytes(acc)
                 acc.clear()
+                self.completions += 1
             else:
                 line = data[pos:i]
             if line.endswith(b"\r"):

@@ -110,6 +110,7 @@ class LengthDecoder(Decoder):
         if self.want:
             return None
         self._chunks = None
+        self.completions += 1
         message = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         if type(message) is not bytes:
             message = bytes(message)
@@ -158,7 +159,10 @@ class LengthDecoder(Decoder):
         """
         k = min(len(data), _TAIL_JOIN)
         tail, self._tail = self._tail, b""
-        if not self._frames(tail + data[:k], 0, fn, out, failed):
+        joined = tail + data[:k]
+        if len(joined) >= 4 and _unpack_header(joined)[0] + 4 <= len(joined):
+            self.completions += 1  # the frame held over is finished (once per read at most)
+        if not self._frames(joined, 0, fn, out, failed):
             if self.more:  # the batch is full: all the rest waits as the tail
                 self._tail += data[k:]
             return -1

@@ -36,6 +36,9 @@ error frame goes inside TLS once the handshake is done.  While the
 handshakes in flight are at ``--tls-max-handshakes``, accepting stops (the
 listeners leave the selector) until one ends.
 
+The whole-message deadline (``--frame-timeout``) is kept by one periodic
+sweep over the connections (``muxsrv.limits``), nothing per message.
+
 The server is the connections' owner (``connection.Owner``); a connection
 never imports this module.
 """
@@ -53,6 +56,7 @@ from typing import TYPE_CHECKING, Any, Final
 from .address import format_address
 from .connection import Connection
 from .framing import make_decoder
+from .limits import DEFAULT_FRAME_TIMEOUT, LimitSweep
 from .listening import CannotListen, bind_addresses, bind_sockets
 from .loop import EVENT_READ, EventLoop
 from .outbound import connector_of
@@ -101,6 +105,7 @@ class Settings:
     idle_timeout: float = 300.0
     drain_timeout: float = 5.0
     reuse_port: bool = False
+    frame_timeout: float = DEFAULT_FRAME_TIMEOUT  # 0: off (and with raw framing)
     handler_name: str = "echo"  # as the start-up line names it: "echo (built-in)"
 
 
@@ -173,6 +178,10 @@ class Server:
         self._accept_paused = False  # since EMFILE, until an accept succeeds
         self._listening = False  # the listeners are registered with the selector
         self._refuse_log = _RateLimitedLog()
+        self._limits = LimitSweep(
+            loop, self._conns.keys,
+            frame_timeout=settings.frame_timeout if settings.framing != "raw" else 0.0,
+        )
 
     # -- listening ----------------------------------------------------------
 
@@ -193,6 +202,7 @@ class Server:
         self._listening = True
         if self.settings.idle_timeout > 0:
             self._schedule_idle_sweep()
+        self._limits.start()
         return [lsock.getsockname()[:2] for lsock in socks]
 
     def _connection(
@@ -386,6 +396,7 @@ class Server:
         log.info("shutting down: draining %d connections (up to %g s)",
                  len(self._conns), self.settings.drain_timeout)
         self.draining = True
+        self._limits.stop()
         self._stop_listening()
         for listener in self._listeners:
             listener.sock.close()

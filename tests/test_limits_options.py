@@ -1,0 +1,37 @@
+"""The limits' options (issue 11): bad values are one line and exit 2; good ones reach Settings."""
+
+from __future__ import annotations
+
+import pytest
+
+from muxsrv import cli
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--frame-timeout", "-1"], "argument --frame-timeout: must be a finite number"),
+        (["--frame-timeout", "inf"], "argument --frame-timeout: must be a finite number"),
+        (["--frame-timeout", "soon"], "argument --frame-timeout: not a number of seconds"),
+    ],
+)
+def test_bad_values_one_line_exit_2(
+    args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Bug caught: a bad limit starting a server with a default, or a traceback."""
+    with pytest.raises(SystemExit) as info:
+        cli.main(args)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("muxsrv: error: "), err
+    assert message in err
+
+
+def settings(*args: str) -> cli.Settings:
+    return cli.settings_from(cli.build_parser().parse_args(list(args)), "echo")
+
+
+def test_defaults_and_values_reach_the_settings() -> None:
+    assert settings().frame_timeout == 30.0
+    assert settings("--frame-timeout", "2.5").frame_timeout == 2.5
+    assert settings("--frame-timeout", "0").frame_timeout == 0.0
