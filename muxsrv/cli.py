@@ -56,6 +56,7 @@ class _Parser(argparse.ArgumentParser):
 
 _port = whole_number(0, 65535, "must be from 0 to 65535 (0: any free port)", "a port number")
 _workers = whole_number(0, None, "must be 0 (one per CPU) or more")
+_per_ip = whole_number(0, None, "must be 0 (no limit) or more")
 
 
 def _host(text: str) -> str:
@@ -96,6 +97,9 @@ def build_parser(handler: plugins.LoadedPlugin | None = None) -> argparse.Argume
     add("--max-conns", type=positive_int, default=10000, metavar="N",
         help="connections served at once; more get an error frame and are closed "
              "(default: 10000)")
+    add("--max-conns-per-ip", type=_per_ip, default=0, metavar="N",
+        help="connections at once from one client address (with --proxy-protocol, the "
+             "header's); more get an error frame and are closed (default: 0, no limit)")
     add("--idle-timeout", type=seconds, default=300.0, metavar="SECONDS",
         help="close connections idle this long (default: 300; 0: never)")
     add("--frame-timeout", type=seconds, default=DEFAULT_FRAME_TIMEOUT, metavar="SECONDS",
@@ -227,6 +231,7 @@ def settings_from(options: argparse.Namespace, handler_name: str) -> Settings:
         idle_timeout=options.idle_timeout,
         drain_timeout=options.drain_timeout,
         frame_timeout=options.frame_timeout,
+        max_conns_per_ip=options.max_conns_per_ip,
         handler_name=handler_name,
     )
 

@@ -431,6 +431,10 @@ class Connection(Transport):
             return None
         return decoder.completions
 
+    def log_quietly(self) -> None:
+        """Log this connection's ending at debug level (its refusal was logged already)."""
+        self._flags |= QUIET
+
     def frame_timed_out(self, timeout: float) -> None:
         """A message not complete ``timeout`` s after its first byte: error frame, close."""
         if self._state == OPEN:

@@ -1,4 +1,8 @@
-"""Limits kept by one periodic sweep: the whole-message deadline (``--frame-timeout``).
+"""Limits on what a client can make the server hold: deadlines, budgets, counts.
+
+``LimitSweep``: the limits kept by one periodic sweep, the whole-message
+deadline (``--frame-timeout``); ``AddressCounts``: connections per client
+address (``--max-conns-per-ip``), counted at admission, uncounted at close.
 
 Why a sweep, and what it costs
 ------------------------------
@@ -35,13 +39,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 if TYPE_CHECKING:
     from .connection import Connection
     from .loop import EventLoop, Timer
 
-__all__ = ["DEFAULT_FRAME_TIMEOUT", "LimitSweep", "sweep_interval"]
+__all__ = ["DEFAULT_FRAME_TIMEOUT", "AddressCounts", "LimitSweep", "address_key",
+           "sweep_interval"]
 
 log = logging.getLogger("muxsrv")
 
@@ -116,3 +121,59 @@ class LimitSweep:
         self._partial = still
         for conn in late:  # (closing may change the collection walked above)
             conn.frame_timed_out(timeout)
+
+
+# -- --max-conns-per-ip -------------------------------------------------------------
+
+
+def address_key(peer: Any) -> str | None:
+    """The client address a per-address limit counts by (None: not an IP peer)."""
+    if not isinstance(peer, tuple) or not peer:
+        return None  # a Unix socket: whoever may open it is on this host
+    host = str(peer[0]).partition("%")[0]
+    if host.startswith("::ffff:") and "." in host:
+        host = host[7:]  # an IPv4 client on a dual-stack listener is the same client
+    return host
+
+
+class AddressCounts:
+    """Connections open per client address, exact over every way a connection ends.
+
+    A connection is counted when it is admitted (``add``) and uncounted when it
+    closes (``forget``, from the server's ``connection_closed``, which every
+    close path reaches exactly once); a connection never admitted is never
+    uncounted.  Only addresses with a connection open are kept.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.reason = f"too many connections from your address (limit {limit})"
+        self._counts: dict[str, int] = {}
+        self._keys: dict[Connection, str] = {}
+
+    def full(self, peer: Any) -> bool:
+        key = address_key(peer)
+        return key is not None and self._counts.get(key, 0) >= self.limit
+
+    def add(self, conn: Connection, peer: Any) -> None:
+        key = address_key(peer)
+        if key is not None and conn not in self._keys:
+            self._keys[conn] = key
+            self._counts[key] = self._counts.get(key, 0) + 1
+
+    def forget(self, conn: Connection) -> None:
+        key = self._keys.pop(conn, None)
+        if key is not None:
+            left = self._counts[key] - 1
+            if left:
+                self._counts[key] = left
+            else:
+                del self._counts[key]
+
+    def count(self, peer: Any) -> int:
+        key = address_key(peer)
+        return self._counts.get(key, 0) if key is not None else 0
+
+    def __len__(self) -> int:
+        """Connections counted."""
+        return len(self._keys)

@@ -56,7 +56,7 @@ from typing import TYPE_CHECKING, Any, Final
 from .address import format_address
 from .connection import Connection
 from .framing import make_decoder
-from .limits import DEFAULT_FRAME_TIMEOUT, LimitSweep
+from .limits import DEFAULT_FRAME_TIMEOUT, AddressCounts, LimitSweep
 from .listening import CannotListen, bind_addresses, bind_sockets
 from .loop import EVENT_READ, EventLoop
 from .outbound import connector_of
@@ -106,6 +106,7 @@ class Settings:
     drain_timeout: float = 5.0
     reuse_port: bool = False
     frame_timeout: float = DEFAULT_FRAME_TIMEOUT  # 0: off (and with raw framing)
+    max_conns_per_ip: int = 0  # 0: off
     handler_name: str = "echo"  # as the start-up line names it: "echo (built-in)"
 
 
@@ -178,6 +179,10 @@ class Server:
         self._accept_paused = False  # since EMFILE, until an accept succeeds
         self._listening = False  # the listeners are registered with the selector
         self._refuse_log = _RateLimitedLog()
+        #: --max-conns-per-ip: its refusals have a log line (once a second) of their own.
+        self._per_ip = (AddressCounts(settings.max_conns_per_ip)
+                        if settings.max_conns_per_ip > 0 else None)
+        self._per_ip_log = _RateLimitedLog()
         self._limits = LimitSweep(
             loop, self._conns.keys,
             frame_timeout=settings.frame_timeout if settings.framing != "raw" else 0.0,
@@ -274,6 +279,10 @@ class Server:
             if reason is not None:
                 self._turn_away(sock, peer, reason)
                 return
+        per_ip = self._per_ip
+        if per_ip is not None and proxying is None and per_ip.full(peer):
+            self._turn_away(sock, peer, per_ip.reason, self._per_ip_log)
+            return
         try:
             handler = self._factory() if self._factory is not None else None
         except Exception:
@@ -281,12 +290,20 @@ class Server:
             sock.close()
             return
         stage = gate.stage(self.loop, peer) if gate is not None else None
-        header = proxying.stage(peer, self._refusal) if proxying is not None else None
+        admitted: list[Connection] = []  # (the connection, for a PROXY header's count)
+        refusal = self._refusal if per_ip is None else (
+            lambda client: self._refusal_counted(client, admitted))
+        header = proxying.stage(peer, refusal) if proxying is not None else None
         if stage is None and header is None:
             conn = self._connection(sock, None, handler)
         else:
             conn = self._connection(sock, peer, handler, stage, header)
         self._conns[conn] = None
+        if per_ip is not None:
+            if header is None:
+                per_ip.add(conn, peer)
+            else:
+                admitted.append(conn)  # counted once its header names the client
         conn.start()
         if header is not None and proxying is not None:
             proxying.arm(self.loop, conn, header)
@@ -297,9 +314,25 @@ class Server:
         """The gate's checks, on the address a PROXY header gave."""
         return self.gate.refusal(peer, self.loop.now) if self.gate is not None else None
 
-    def _turn_away(self, sock: _socket.socket, peer: Any, reason: str) -> None:
-        """Protected mode or a lock-out: an error frame, then a lingering close."""
-        self._refuse_log.warning("refusing %s: %s", format_address(peer), reason.split(";")[0])
+    def _refusal_counted(self, peer: Any, admitted: list[Connection]) -> str | None:
+        """``_refusal``, then --max-conns-per-ip on the header's address (counted if let in)."""
+        reason = self._refusal(peer)
+        per_ip = self._per_ip
+        if reason is not None or per_ip is None or not admitted:
+            return reason
+        conn = admitted[0]
+        if per_ip.full(peer):
+            self._per_ip_log.warning("refusing %s: %s", format_address(peer), per_ip.reason)
+            conn.log_quietly()  # logged just now, at most once a second: not once more
+            return per_ip.reason
+        per_ip.add(conn, peer)
+        return None
+
+    def _turn_away(self, sock: _socket.socket, peer: Any, reason: str,
+                   log_to: _RateLimitedLog | None = None) -> None:
+        """Protected mode, a lock-out, an address's limit: an error frame, a lingering close."""
+        (log_to or self._refuse_log).warning("refusing %s: %s", format_address(peer),
+                                             reason.split(";")[0])
         if len(self._refused) >= MAX_REFUSED_LINGERING:
             sock.close()
             return
@@ -357,6 +390,8 @@ class Server:
 
     def connection_closed(self, conn: Connection) -> None:
         self._conns.pop(conn, None)
+        if self._per_ip is not None:
+            self._per_ip.forget(conn)
         if self.gate is not None:
             self.gate.forget(conn)
         if self.tls is not None:

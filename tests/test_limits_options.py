@@ -13,6 +13,8 @@ from muxsrv import cli
         (["--frame-timeout", "-1"], "argument --frame-timeout: must be a finite number"),
         (["--frame-timeout", "inf"], "argument --frame-timeout: must be a finite number"),
         (["--frame-timeout", "soon"], "argument --frame-timeout: not a number of seconds"),
+        (["--max-conns-per-ip", "-1"], "argument --max-conns-per-ip: must be 0 (no limit) or more"),
+        (["--max-conns-per-ip", "2.5"], "argument --max-conns-per-ip: not a whole number: '2.5'"),
     ],
 )
 def test_bad_values_one_line_exit_2(
@@ -35,3 +37,5 @@ def test_defaults_and_values_reach_the_settings() -> None:
     assert settings().frame_timeout == 30.0
     assert settings("--frame-timeout", "2.5").frame_timeout == 2.5
     assert settings("--frame-timeout", "0").frame_timeout == 0.0
+    assert settings().max_conns_per_ip == 0
+    assert settings("--max-conns-per-ip", "3").max_conns_per_ip == 3
