@@ -28,9 +28,17 @@ from .auth import Gate, TokenFileError, Tokens
 from .framing import FRAMINGS
 from .handler import ConfigError, HandlerFactory, HandlerFunction
 from .handlers.exec_config import is_loopback
-from .limits import DEFAULT_FRAME_TIMEOUT
+from .limits import DEFAULT_FRAME_TIMEOUT, DEFAULT_MAX_OUTPUT, DEFAULT_SOFT_SECONDS
 from .loop import EventLoop
-from .options import max_frame, parse_size, positive_int, program_version, seconds, whole_number
+from .options import (
+    max_frame,
+    parse_size,
+    positive_int,
+    program_version,
+    seconds,
+    size_or_zero,
+    whole_number,
+)
 from .pidfile import PidFile, PidFileError
 from .proxying import DEFAULT_PROXY_FROM, Network, Proxying, parse_networks
 from .server import CannotListen, Server, Settings
@@ -105,6 +113,14 @@ def build_parser(handler: plugins.LoadedPlugin | None = None) -> argparse.Argume
     add("--frame-timeout", type=seconds, default=DEFAULT_FRAME_TIMEOUT, metavar="SECONDS",
         help="a message must be complete this long after its first byte, else the "
              "connection is closed (default: 30; 0: never; not with --framing raw)")
+    add("--max-output", type=size_or_zero, default=DEFAULT_MAX_OUTPUT, metavar="BYTES",
+        help="a connection with more output queued than this (a client not reading what a "
+             "handler pushes) is dropped (default: 64M; 0: no limit)")
+    add("--output-soft-limit", type=size_or_zero, default=0, metavar="BYTES",
+        help="a connection with more output queued than this for --output-soft-seconds "
+             "is dropped (default: 0, off)")
+    add("--output-soft-seconds", type=seconds, default=DEFAULT_SOFT_SECONDS, metavar="SECONDS",
+        help="how long a connection may stay over --output-soft-limit (default: 60)")
     add("--drain-timeout", type=seconds, default=5.0, metavar="SECONDS",
         help="on SIGINT/SIGTERM, how long to deliver owed replies (default: 5)")
     add("--auth-token-file", metavar="FILE",
@@ -175,6 +191,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     known, _rest = pre.parse_known_args(args)
     loaded = load_handler(known.handler)
     options = build_parser(loaded).parse_args(args)
+    if options.max_output and options.output_soft_limit >= options.max_output:
+        _fail("--output-soft-limit must be below --max-output (or --max-output 0)")
 
     logging.basicConfig(
         level=options.log_level.upper(),
@@ -232,6 +250,9 @@ def settings_from(options: argparse.Namespace, handler_name: str) -> Settings:
         drain_timeout=options.drain_timeout,
         frame_timeout=options.frame_timeout,
         max_conns_per_ip=options.max_conns_per_ip,
+        max_output=options.max_output,
+        output_soft_limit=options.output_soft_limit,
+        output_soft_seconds=options.output_soft_seconds,
         handler_name=handler_name,
     )
 

@@ -431,6 +431,17 @@ class Connection(Transport):
             return None
         return decoder.completions
 
+    def _output_grew(self) -> None:
+        limit = getattr(self._owner, "max_output", 0)
+        if limit and self.pending > limit:
+            self.output_over(f"over --max-output ({limit} bytes)")
+
+    def output_over(self, limit: str) -> None:
+        """Output queued past a limit: dropped at once (what is queued cannot go first)."""
+        log.warning("closing %s: %d bytes of output queued, %s", self._peer_text(),
+                    self.pending, limit)
+        self.abort()
+
     def log_quietly(self) -> None:
         """Log this connection's ending at debug level (its refusal was logged already)."""
         self._flags |= QUIET

@@ -1,8 +1,9 @@
 """Limits on what a client can make the server hold: deadlines, budgets, counts.
 
 ``LimitSweep``: the limits kept by one periodic sweep, the whole-message
-deadline (``--frame-timeout``); ``AddressCounts``: connections per client
-address (``--max-conns-per-ip``), counted at admission, uncounted at close.
+deadline (``--frame-timeout``) and the output limits (``--max-output``,
+``--output-soft-limit``); ``AddressCounts``: connections per client address
+(``--max-conns-per-ip``), counted at admission, uncounted at close.
 
 Why a sweep, and what it costs
 ------------------------------
@@ -33,6 +34,22 @@ A connection whose input the server itself holds back (the handler paused
 reading, messages still to hand over) is not timed meanwhile: its client
 cannot finish a message the server does not read.  Raw framing has no
 messages to finish (every ``recv`` is one): the deadline does not apply.
+
+Output limits (Redis's ``client-output-buffer-limit``)
+------------------------------------------------------
+Back-pressure already stops reading from a client with more than
+``HIGH_WATER`` of replies pending, so a client that sends requests and reads
+nothing holds about 1 MiB.  What it cannot bound is output a handler queues
+without input (timers, exec, streams) to a client that reads slowly or not at
+all.  The hard limit (``--max-output``) is checked each time a connection's
+queue grows, which happens only when the kernel did not take everything
+(``Transport._output_grew``), and again by the sweep, so a connection that
+receives nothing is caught too; past it the connection is dropped at once
+(its queue cannot be delivered ahead of an error frame) and logged.  The soft
+limit is only the sweep's: a connection found over it on every pass for
+``--output-soft-seconds`` is dropped, as Redis drops a slow pub/sub reader.
+The sweep keeps ``{connection: first seen over}`` for those over it, rebuilt
+on every pass like the deadline's.
 """
 
 from __future__ import annotations
@@ -45,8 +62,15 @@ if TYPE_CHECKING:
     from .connection import Connection
     from .loop import EventLoop, Timer
 
-__all__ = ["DEFAULT_FRAME_TIMEOUT", "AddressCounts", "LimitSweep", "address_key",
-           "sweep_interval"]
+__all__ = [
+    "DEFAULT_FRAME_TIMEOUT",
+    "DEFAULT_MAX_OUTPUT",
+    "DEFAULT_SOFT_SECONDS",
+    "AddressCounts",
+    "LimitSweep",
+    "address_key",
+    "sweep_interval",
+]
 
 log = logging.getLogger("muxsrv")
 
@@ -54,6 +78,11 @@ log = logging.getLogger("muxsrv")
 #: nginx's request-header deadlines are of this order, and a 16 MiB frame
 #: needs only ~4.5 Mbit/s to arrive within it.
 DEFAULT_FRAME_TIMEOUT: Final = 30.0
+#: --max-output: a connection with more output queued than this is dropped.  Four
+#: --max-frame replies at the default; a client this far behind is not reading.
+DEFAULT_MAX_OUTPUT: Final = 64 * 1024 * 1024
+#: --output-soft-seconds: over --output-soft-limit (off by default) this long: dropped.
+DEFAULT_SOFT_SECONDS: Final = 60.0
 #: The sweep's period at most: deadlines are kept to within about this much.
 MAX_INTERVAL: Final = 1.0
 
@@ -73,18 +102,26 @@ class LimitSweep:
         conns: Callable[[], Iterable[Connection]],
         *,
         frame_timeout: float = 0.0,
+        max_output: int = 0,
+        soft_limit: int = 0,
+        soft_seconds: float = 0.0,
     ) -> None:
         self._loop = loop
         self._conns = conns
         self.frame_timeout = frame_timeout
-        self.interval = sweep_interval(frame_timeout)
+        self.max_output = max_output
+        self.soft_limit = soft_limit
+        self.soft_seconds = soft_seconds
+        self.interval = sweep_interval(frame_timeout, soft_seconds if soft_limit else 0)
         self._timer: Timer | None = None
         #: Connections seen mid-message: when first seen so, and the mark then.
         self._partial: dict[Connection, tuple[float, int]] = {}
+        #: Connections seen over the soft output limit: since when.
+        self._over: dict[Connection, float] = {}
 
     @property
     def active(self) -> bool:
-        return self.frame_timeout > 0
+        return self.frame_timeout > 0 or self.max_output > 0 or self.soft_limit > 0
 
     def start(self) -> None:
         if self.active and self._timer is None:
@@ -95,12 +132,35 @@ class LimitSweep:
             self._timer.cancel()
             self._timer = None
         self._partial.clear()
+        self._over.clear()
 
     def _sweep(self) -> None:
         self._timer = self._loop.call_later(self.interval, self._sweep)
         now = self._loop.now
         if self.frame_timeout > 0:
             self._frame_deadlines(now)
+        if self.max_output > 0 or self.soft_limit > 0:
+            self._output_limits(now)
+
+    def _output_limits(self, now: float) -> None:
+        hard, soft, seconds = self.max_output, self.soft_limit, self.soft_seconds
+        seen = self._over
+        over: dict[Connection, float] = {}
+        dropped: list[tuple[Connection, str]] = []
+        for conn in self._conns():
+            pending = conn.pending
+            if hard and pending > hard:
+                dropped.append((conn, f"over --max-output ({hard} bytes)"))
+            elif soft and pending > soft:
+                since = seen.get(conn, now)
+                if now - since >= seconds:
+                    dropped.append((conn, f"over --output-soft-limit ({soft} bytes) for "
+                                          f"{seconds:g} s"))
+                else:
+                    over[conn] = since
+        self._over = over
+        for conn, limit in dropped:
+            conn.output_over(limit)
 
     def _frame_deadlines(self, now: float) -> None:
         timeout = self.frame_timeout

@@ -36,8 +36,10 @@ error frame goes inside TLS once the handshake is done.  While the
 handshakes in flight are at ``--tls-max-handshakes``, accepting stops (the
 listeners leave the selector) until one ends.
 
-The whole-message deadline (``--frame-timeout``) is kept by one periodic
-sweep over the connections (``muxsrv.limits``), nothing per message.
+The whole-message deadline (``--frame-timeout``) and the output limits
+(``--max-output``, ``--output-soft-limit``) are kept by one periodic sweep
+over the connections (``muxsrv.limits``), nothing per message; the hard
+output limit also when a connection's output queue grows.
 
 The server is the connections' owner (``connection.Owner``); a connection
 never imports this module.
@@ -56,7 +58,13 @@ from typing import TYPE_CHECKING, Any, Final
 from .address import format_address
 from .connection import Connection
 from .framing import make_decoder
-from .limits import DEFAULT_FRAME_TIMEOUT, AddressCounts, LimitSweep
+from .limits import (
+    DEFAULT_FRAME_TIMEOUT,
+    DEFAULT_MAX_OUTPUT,
+    DEFAULT_SOFT_SECONDS,
+    AddressCounts,
+    LimitSweep,
+)
 from .listening import CannotListen, bind_addresses, bind_sockets
 from .loop import EVENT_READ, EventLoop
 from .outbound import connector_of
@@ -107,6 +115,9 @@ class Settings:
     reuse_port: bool = False
     frame_timeout: float = DEFAULT_FRAME_TIMEOUT  # 0: off (and with raw framing)
     max_conns_per_ip: int = 0  # 0: off
+    max_output: int = DEFAULT_MAX_OUTPUT  # 0: off
+    output_soft_limit: int = 0  # 0: off
+    output_soft_seconds: float = DEFAULT_SOFT_SECONDS
     handler_name: str = "echo"  # as the start-up line names it: "echo (built-in)"
 
 
@@ -186,7 +197,11 @@ class Server:
         self._limits = LimitSweep(
             loop, self._conns.keys,
             frame_timeout=settings.frame_timeout if settings.framing != "raw" else 0.0,
+            max_output=settings.max_output, soft_limit=settings.output_soft_limit,
+            soft_seconds=settings.output_soft_seconds,
         )
+        #: Asked by a connection whose output queue grew (``Connection._output_grew``).
+        self.max_output = settings.max_output
 
     # -- listening ----------------------------------------------------------
 

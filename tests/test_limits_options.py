@@ -15,6 +15,13 @@ from muxsrv import cli
         (["--frame-timeout", "soon"], "argument --frame-timeout: not a number of seconds"),
         (["--max-conns-per-ip", "-1"], "argument --max-conns-per-ip: must be 0 (no limit) or more"),
         (["--max-conns-per-ip", "2.5"], "argument --max-conns-per-ip: not a whole number: '2.5'"),
+        (["--max-output", "-1"], "argument --max-output: must be a size in bytes, 0 (no limit)"),
+        (["--max-output", "lots"], "argument --max-output: not a size in bytes: 'lots'"),
+        (["--output-soft-limit", "1T"], "argument --output-soft-limit: not a size in bytes"),
+        (["--output-soft-seconds", "-5"], "argument --output-soft-seconds: must be a finite"),
+        (["--output-soft-limit", "64M"], "--output-soft-limit must be below --max-output"),
+        (["--max-output", "1M", "--output-soft-limit", "2M"],
+         "--output-soft-limit must be below --max-output"),
     ],
 )
 def test_bad_values_one_line_exit_2(
@@ -39,3 +46,11 @@ def test_defaults_and_values_reach_the_settings() -> None:
     assert settings("--frame-timeout", "0").frame_timeout == 0.0
     assert settings().max_conns_per_ip == 0
     assert settings("--max-conns-per-ip", "3").max_conns_per_ip == 3
+    assert settings().max_output == 64 << 20
+    assert settings().output_soft_limit == 0
+    assert settings().output_soft_seconds == 60.0
+    got = settings("--max-output", "1G", "--output-soft-limit", "8mb",
+                   "--output-soft-seconds", "30")
+    assert (got.max_output, got.output_soft_limit, got.output_soft_seconds) == (
+        1 << 30, 8 << 20, 30.0)
+    assert settings("--max-output", "0", "--output-soft-limit", "1M").max_output == 0
