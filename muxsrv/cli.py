@@ -28,7 +28,12 @@ from .auth import Gate, TokenFileError, Tokens
 from .framing import FRAMINGS
 from .handler import ConfigError, HandlerFactory, HandlerFunction
 from .handlers.exec_config import is_loopback
-from .limits import DEFAULT_FRAME_TIMEOUT, DEFAULT_MAX_OUTPUT, DEFAULT_SOFT_SECONDS
+from .limits import (
+    DEFAULT_FRAME_TIMEOUT,
+    DEFAULT_MAX_BUFFERED,
+    DEFAULT_MAX_OUTPUT,
+    DEFAULT_SOFT_SECONDS,
+)
 from .loop import EventLoop
 from .options import (
     max_frame,
@@ -113,6 +118,9 @@ def build_parser(handler: plugins.LoadedPlugin | None = None) -> argparse.Argume
     add("--frame-timeout", type=seconds, default=DEFAULT_FRAME_TIMEOUT, metavar="SECONDS",
         help="a message must be complete this long after its first byte, else the "
              "connection is closed (default: 30; 0: never; not with --framing raw)")
+    add("--max-buffered", type=size_or_zero, default=DEFAULT_MAX_BUFFERED, metavar="BYTES",
+        help="bytes held for large unfinished messages across all connections; beyond, the "
+             "largest holders are stalled, then closed (default: 256M; 0: no limit)")
     add("--max-output", type=size_or_zero, default=DEFAULT_MAX_OUTPUT, metavar="BYTES",
         help="a connection with more output queued than this (a client not reading what a "
              "handler pushes) is dropped (default: 64M; 0: no limit)")
@@ -251,6 +259,7 @@ def settings_from(options: argparse.Namespace, handler_name: str) -> Settings:
         frame_timeout=options.frame_timeout,
         max_conns_per_ip=options.max_conns_per_ip,
         max_output=options.max_output,
+        max_buffered=options.max_buffered,
         output_soft_limit=options.output_soft_limit,
         output_soft_seconds=options.output_soft_seconds,
         handler_name=handler_name,

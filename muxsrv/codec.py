@@ -135,6 +135,9 @@ class Decoder:
         """Bytes held for an unfinished message."""
         return 0
 
+    def discard(self) -> None:
+        """Let go of an unfinished message (its connection is being closed)."""
+
 
 
 def _never_fails(exc: Exception) -> bool:

@@ -48,6 +48,7 @@ from .transport import (
     PAUSED,
     QUIET,
     RECV_SIZE,
+    STALLED,
     STEP_PENDING,
     WRITING_PAUSED,
     Transport,
@@ -58,10 +59,13 @@ if TYPE_CHECKING:
     from .loop import EventLoop
     from .stages import Stage
 
-__all__ = ["Connection", "Owner"]
+__all__ = ["OVER_BUDGET", "Connection", "Owner"]
 
 log = logging.getLogger("muxsrv")
 
+#: The error frame of a connection closed by the input budget (--max-buffered).
+OVER_BUDGET: Final = ("server busy: too many bytes held for unfinished messages "
+                      "(--max-buffered); send it again later")
 #: The most one recv of a large frame's body asks for (bytes are allocated first).
 BODY_RECV_MAX: Final = 4 * 1024 * 1024
 
@@ -196,8 +200,15 @@ class Connection(Transport):
         # Inside a large frame, ask for just the rest of its body: fresh bytes
         # the decoder keeps as they are and joins once.
         want = decoder.want
+        if want:  # (the budget is asked only here: inside a large message's body)
+            budget = getattr(self._owner, "input_budget", None)
+            if budget is not None and not budget.admits(self, decoder.buffered):
+                return
+            size = min(want, BODY_RECV_MAX)
+        else:
+            size = RECV_SIZE
         try:
-            data = self._sock.recv(min(want, BODY_RECV_MAX) if want else RECV_SIZE)
+            data = self._sock.recv(size)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
@@ -378,7 +389,7 @@ class Connection(Transport):
     # -- what the transport asks ----------------------------------------------
 
     def _wants_input(self) -> bool:
-        return not (self._flags & (EOF | PAUSED | WRITING_PAUSED) or self._held
+        return not (self._flags & (EOF | PAUSED | WRITING_PAUSED | STALLED) or self._held
                     or self._decoder.more)
 
     def _tell_writing(self, paused: bool) -> None:
@@ -426,7 +437,8 @@ class Connection(Transport):
         paused handler, messages not handed over yet): see ``muxsrv.limits``.
         """
         decoder = self._decoder
-        if (self._state != OPEN or self._flags & (EOF | PAUSED) or self._held or decoder.more
+        if (self._state != OPEN or self._flags & (EOF | PAUSED | STALLED) or self._held
+                or decoder.more
                 or not decoder.buffered):
             return None
         return decoder.completions
@@ -441,6 +453,28 @@ class Connection(Transport):
         log.warning("closing %s: %d bytes of output queued, %s", self._peer_text(),
                     self.pending, limit)
         self.abort()
+
+    def large_partial(self) -> int:
+        """Bytes held of a large message still being received (what --max-buffered counts)."""
+        decoder = self._decoder
+        return decoder.buffered if decoder.want and self._state == OPEN else 0
+
+    def stall(self, stalled: bool) -> None:
+        """Stop (or go on) reading for the input budget."""
+        if stalled != bool(self._flags & STALLED):
+            self._flags ^= STALLED
+            self._update_mask()
+
+    def over_budget(self, limit: int) -> None:
+        """Stalled by the input budget and among the largest: error frame, close."""
+        if self._state != OPEN:
+            return
+        held = self._decoder.buffered
+        log.warning("closing %s: %d bytes of an unfinished message held while the server is "
+                    "over --max-buffered (%d bytes)", self._peer_text(), held, limit)
+        self._decoder.discard()  # the memory goes back now, not after the lingering close
+        self._queue_error(OVER_BUDGET)
+        self.close()
 
     def log_quietly(self) -> None:
         """Log this connection's ending at debug level (its refusal was logged already)."""

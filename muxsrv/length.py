@@ -109,6 +109,11 @@ class LengthDecoder(Decoder):
             return _HEADER.size + sum(map(len, self._chunks))
         return len(self._tail)
 
+    def discard(self) -> None:
+        self._chunks = None
+        self._tail = b""
+        self.want = 0
+
     def body_received(self, chunk: bytes) -> bytes | None:
         chunks = self._chunks
         assert chunks is not None and 0 < len(chunk) <= self.want

@@ -2,8 +2,10 @@
 
 ``LimitSweep``: the limits kept by one periodic sweep, the whole-message
 deadline (``--frame-timeout``) and the output limits (``--max-output``,
-``--output-soft-limit``); ``AddressCounts``: connections per client address
-(``--max-conns-per-ip``), counted at admission, uncounted at close.
+``--output-soft-limit``); ``InputBudget``: the bytes held for large
+unfinished messages across all connections (``--max-buffered``);
+``AddressCounts``: connections per client address (``--max-conns-per-ip``),
+counted at admission, uncounted at close.
 
 Why a sweep, and what it costs
 ------------------------------
@@ -50,6 +52,22 @@ limit is only the sweep's: a connection found over it on every pass for
 ``--output-soft-seconds`` is dropped, as Redis drops a slow pub/sub reader.
 The sweep keeps ``{connection: first seen over}`` for those over it, rebuilt
 on every pass like the deadline's.
+
+The input budget (``--max-buffered``)
+-------------------------------------
+What a connection holds of an unfinished message is at most a header and
+4 KiB unless the message is large (``BODY_BUFFER_MIN``): then its body is
+collected in pieces, each read asking for the rest of it (``want``).  The
+budget counts only those bodies, and is asked only there, before each such
+read (``Connection.handle_event``'s ``if want:`` branch, which existed
+already): small messages, the per-message path, never meet it.  Over the
+budget, a connection that would read more of a large body is stalled (it
+stops reading; the kernel's window then stops its client).  The sweep
+recounts what each counted connection holds (a finished body drops out),
+and while the total is still over the budget it closes, with an error frame,
+the stalled connections holding the most, largest first, until the total is
+within it; then the others read again.  Connections sending small messages
+are never stalled, so they keep being served.
 """
 
 from __future__ import annotations
@@ -64,9 +82,11 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_FRAME_TIMEOUT",
+    "DEFAULT_MAX_BUFFERED",
     "DEFAULT_MAX_OUTPUT",
     "DEFAULT_SOFT_SECONDS",
     "AddressCounts",
+    "InputBudget",
     "LimitSweep",
     "address_key",
     "sweep_interval",
@@ -83,6 +103,9 @@ DEFAULT_FRAME_TIMEOUT: Final = 30.0
 DEFAULT_MAX_OUTPUT: Final = 64 * 1024 * 1024
 #: --output-soft-seconds: over --output-soft-limit (off by default) this long: dropped.
 DEFAULT_SOFT_SECONDS: Final = 60.0
+#: --max-buffered: 16 uploads of the default --max-frame at once; beyond, memory is
+#: an attacker's to take (50 connections announcing 16 MiB held 715 MiB unbounded).
+DEFAULT_MAX_BUFFERED: Final = 256 * 1024 * 1024
 #: The sweep's period at most: deadlines are kept to within about this much.
 MAX_INTERVAL: Final = 1.0
 
@@ -105,6 +128,7 @@ class LimitSweep:
         max_output: int = 0,
         soft_limit: int = 0,
         soft_seconds: float = 0.0,
+        budget: InputBudget | None = None,
     ) -> None:
         self._loop = loop
         self._conns = conns
@@ -112,6 +136,7 @@ class LimitSweep:
         self.max_output = max_output
         self.soft_limit = soft_limit
         self.soft_seconds = soft_seconds
+        self.budget = budget
         self.interval = sweep_interval(frame_timeout, soft_seconds if soft_limit else 0)
         self._timer: Timer | None = None
         #: Connections seen mid-message: when first seen so, and the mark then.
@@ -121,7 +146,8 @@ class LimitSweep:
 
     @property
     def active(self) -> bool:
-        return self.frame_timeout > 0 or self.max_output > 0 or self.soft_limit > 0
+        return (self.frame_timeout > 0 or self.max_output > 0 or self.soft_limit > 0
+                or self.budget is not None)
 
     def start(self) -> None:
         if self.active and self._timer is None:
@@ -141,6 +167,8 @@ class LimitSweep:
             self._frame_deadlines(now)
         if self.max_output > 0 or self.soft_limit > 0:
             self._output_limits(now)
+        if self.budget is not None:
+            self.budget.sweep()
 
     def _output_limits(self, now: float) -> None:
         hard, soft, seconds = self.max_output, self.soft_limit, self.soft_seconds
@@ -181,6 +209,59 @@ class LimitSweep:
         self._partial = still
         for conn in late:  # (closing may change the collection walked above)
             conn.frame_timed_out(timeout)
+
+
+# -- --max-buffered -------------------------------------------------------------------
+
+
+class InputBudget:
+    """Bytes held for large unfinished messages across all connections, and who is stalled."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.total = 0
+        self._held: dict[Connection, int] = {}
+        #: Stalled connections, in the order they were stalled.
+        self._stalled: dict[Connection, None] = {}
+
+    def admits(self, conn: Connection, held: int) -> bool:
+        """``conn`` holds ``held`` bytes of a large message and would read more: may it?"""
+        self.total += held - self._held.get(conn, 0)
+        self._held[conn] = held
+        if self.total <= self.limit:
+            return True
+        self._stalled[conn] = None
+        conn.stall(True)
+        return False
+
+    def forget(self, conn: Connection) -> None:
+        """``conn`` closed (or let go of its message)."""
+        self.total -= self._held.pop(conn, 0)
+        self._stalled.pop(conn, None)
+
+    def sweep(self) -> None:
+        """Recount; close the largest stalled holders while over; then let the rest read."""
+        for conn in list(self._held):
+            held = conn.large_partial()
+            if held:
+                self.total += held - self._held[conn]
+                self._held[conn] = held
+            else:
+                self.forget(conn)
+        if self.total > self.limit:
+            for conn in sorted(self._stalled, key=self._held.__getitem__, reverse=True):
+                conn.over_budget(self.limit)
+                self.forget(conn)
+                if self.total <= self.limit:
+                    break
+        if self.total <= self.limit:
+            stalled, self._stalled = self._stalled, {}
+            for conn in stalled:
+                conn.stall(False)
+
+    @property
+    def stalled(self) -> int:
+        return len(self._stalled)
 
 
 # -- --max-conns-per-ip -------------------------------------------------------------

@@ -36,8 +36,9 @@ error frame goes inside TLS once the handshake is done.  While the
 handshakes in flight are at ``--tls-max-handshakes``, accepting stops (the
 listeners leave the selector) until one ends.
 
-The whole-message deadline (``--frame-timeout``) and the output limits
-(``--max-output``, ``--output-soft-limit``) are kept by one periodic sweep
+The whole-message deadline (``--frame-timeout``), the output limits
+(``--max-output``, ``--output-soft-limit``) and the input budget
+(``--max-buffered``) are kept by one periodic sweep
 over the connections (``muxsrv.limits``), nothing per message; the hard
 output limit also when a connection's output queue grows.
 
@@ -60,9 +61,11 @@ from .connection import Connection
 from .framing import make_decoder
 from .limits import (
     DEFAULT_FRAME_TIMEOUT,
+    DEFAULT_MAX_BUFFERED,
     DEFAULT_MAX_OUTPUT,
     DEFAULT_SOFT_SECONDS,
     AddressCounts,
+    InputBudget,
     LimitSweep,
 )
 from .listening import CannotListen, bind_addresses, bind_sockets
@@ -118,6 +121,7 @@ class Settings:
     max_output: int = DEFAULT_MAX_OUTPUT  # 0: off
     output_soft_limit: int = 0  # 0: off
     output_soft_seconds: float = DEFAULT_SOFT_SECONDS
+    max_buffered: int = DEFAULT_MAX_BUFFERED  # 0: off
     handler_name: str = "echo"  # as the start-up line names it: "echo (built-in)"
 
 
@@ -194,11 +198,13 @@ class Server:
         self._per_ip = (AddressCounts(settings.max_conns_per_ip)
                         if settings.max_conns_per_ip > 0 else None)
         self._per_ip_log = _RateLimitedLog()
+        #: Asked by a connection about to read more of a large message (--max-buffered).
+        self.input_budget = InputBudget(settings.max_buffered) if settings.max_buffered else None
         self._limits = LimitSweep(
             loop, self._conns.keys,
             frame_timeout=settings.frame_timeout if settings.framing != "raw" else 0.0,
             max_output=settings.max_output, soft_limit=settings.output_soft_limit,
-            soft_seconds=settings.output_soft_seconds,
+            soft_seconds=settings.output_soft_seconds, budget=self.input_budget,
         )
         #: Asked by a connection whose output queue grew (``Connection._output_grew``).
         self.max_output = settings.max_output
@@ -407,6 +413,8 @@ class Server:
         self._conns.pop(conn, None)
         if self._per_ip is not None:
             self._per_ip.forget(conn)
+        if self.input_budget is not None:
+            self.input_budget.forget(conn)
         if self.gate is not None:
             self.gate.forget(conn)
         if self.tls is not None:

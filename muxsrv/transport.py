@@ -75,6 +75,8 @@ STEP_PENDING: Final = 32
 PAUSED: Final = 64
 # A balancer's health check (a PROXY LOCAL header): its endings are logged at debug level.
 QUIET: Final = 128
+# Reading stopped by the server's input budget (--max-buffered), inside a large message.
+STALLED: Final = 256
 
 _QUIET_ERRNOS: Final = frozenset(
     {errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED, errno.ETIMEDOUT, errno.ESHUTDOWN}

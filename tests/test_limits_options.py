@@ -19,6 +19,8 @@ from muxsrv import cli
         (["--max-output", "lots"], "argument --max-output: not a size in bytes: 'lots'"),
         (["--output-soft-limit", "1T"], "argument --output-soft-limit: not a size in bytes"),
         (["--output-soft-seconds", "-5"], "argument --output-soft-seconds: must be a finite"),
+        (["--max-buffered", "-1"], "argument --max-buffered: must be a size in bytes, 0"),
+        (["--max-buffered", "x"], "argument --max-buffered: not a size in bytes: 'x'"),
         (["--output-soft-limit", "64M"], "--output-soft-limit must be below --max-output"),
         (["--max-output", "1M", "--output-soft-limit", "2M"],
          "--output-soft-limit must be below --max-output"),
@@ -54,3 +56,5 @@ def test_defaults_and_values_reach_the_settings() -> None:
     assert (got.max_output, got.output_soft_limit, got.output_soft_seconds) == (
         1 << 30, 8 << 20, 30.0)
     assert settings("--max-output", "0", "--output-soft-limit", "1M").max_output == 0
+    assert settings().max_buffered == 256 << 20
+    assert settings("--max-buffered", "1g").max_buffered == 1 << 30
