@@ -29,8 +29,22 @@ from .auth import Gate, TokenFileError, Tokens
 from .framing import FRAMINGS
 from .handler import ConfigError, HandlerFactory, HandlerFunction
 from .handlers.exec_config import is_loopback
+from .limits import (
+    DEFAULT_FRAME_TIMEOUT,
+    DEFAULT_MAX_BUFFERED,
+    DEFAULT_MAX_OUTPUT,
+    DEFAULT_SOFT_SECONDS,
+)
 from .loop import EventLoop
-from .options import max_frame, parse_size, positive_int, program_version, seconds, whole_number
+from .options import (
+    max_frame,
+    parse_size,
+    positive_int,
+    program_version,
+    seconds,
+    size_or_zero,
+    whole_number,
+)
 from .pidfile import PidFile, PidFileError
 from .proxying import DEFAULT_PROXY_FROM, Network, Proxying, parse_networks
 from .server import CannotListen, Server, Settings
@@ -56,6 +70,7 @@ class _Parser(argparse.ArgumentParser):
 
 _port = whole_number(0, 65535, "must be from 0 to 65535 (0: any free port)", "a port number")
 _workers = whole_number(0, None, "must be 0 (one per CPU) or more")
+_per_ip = whole_number(0, None, "must be 0 (no limit) or more")
 
 
 def _host(text: str) -> str:
@@ -96,8 +111,25 @@ def build_parser(handler: plugins.LoadedPlugin | None = None) -> argparse.Argume
     add("--max-conns", type=positive_int, default=10000, metavar="N",
         help="connections served at once; more get an error frame and are closed "
              "(default: 10000)")
+    add("--max-conns-per-ip", type=_per_ip, default=0, metavar="N",
+        help="connections at once from one client address (with --proxy-protocol, the "
+             "header's); more get an error frame and are closed (default: 0, no limit)")
     add("--idle-timeout", type=seconds, default=300.0, metavar="SECONDS",
         help="close connections idle this long (default: 300; 0: never)")
+    add("--frame-timeout", type=seconds, default=DEFAULT_FRAME_TIMEOUT, metavar="SECONDS",
+        help="a message must be complete this long after its first byte, else the "
+             "connection is closed (default: 30; 0: never; not with --framing raw)")
+    add("--max-buffered", type=size_or_zero, default=DEFAULT_MAX_BUFFERED, metavar="BYTES",
+        help="bytes held for large unfinished messages across all connections; beyond, the "
+             "largest holders are stalled, then closed (default: 256M; 0: no limit)")
+    add("--max-output", type=size_or_zero, default=DEFAULT_MAX_OUTPUT, metavar="BYTES",
+        help="a connection with more output queued than this (a client not reading what a "
+             "handler pushes) is dropped (default: 64M; 0: no limit)")
+    add("--output-soft-limit", type=size_or_zero, default=0, metavar="BYTES",
+        help="a connection with more output queued than this for --output-soft-seconds "
+             "is dropped (default: 0, off)")
+    add("--output-soft-seconds", type=seconds, default=DEFAULT_SOFT_SECONDS, metavar="SECONDS",
+        help="how long a connection may stay over --output-soft-limit (default: 60)")
     add("--drain-timeout", type=seconds, default=5.0, metavar="SECONDS",
         help="on SIGINT/SIGTERM, how long to deliver owed replies (default: 5)")
     add("--auth-token-file", metavar="FILE",
@@ -173,6 +205,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     known, _rest = pre.parse_known_args(args)
     loaded = load_handler(known.handler)
     options = build_parser(loaded).parse_args(args)
+    if options.max_output and options.output_soft_limit >= options.max_output:
+        _fail("--output-soft-limit must be below --max-output (or --max-output 0)")
 
     logging.basicConfig(
         level=options.log_level.upper(),
@@ -223,6 +257,12 @@ def settings_from(options: argparse.Namespace, handler_name: str) -> Settings:
         max_conns=options.max_conns,
         idle_timeout=options.idle_timeout,
         drain_timeout=options.drain_timeout,
+        frame_timeout=options.frame_timeout,
+        max_conns_per_ip=options.max_conns_per_ip,
+        max_output=options.max_output,
+        max_buffered=options.max_buffered,
+        output_soft_limit=options.output_soft_limit,
+        output_soft_seconds=options.output_soft_seconds,
         handler_name=handler_name,
     )
 

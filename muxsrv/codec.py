@@ -57,7 +57,7 @@ class ErrorFrame(bytes):
 class Decoder:
     """Base decoder: byte stream in, list of messages out.  Subclasses fill in."""
 
-    __slots__ = ("error", "max_frame", "more")
+    __slots__ = ("completions", "error", "max_frame", "more")
 
     #: The framing's name, as ``--framing`` takes it.
     framing: str = ""
@@ -72,6 +72,11 @@ class Decoder:
         #: Bytes already given to the decoder hold more messages than one call
         #: hands out: call ``feed(b"")`` (or ``respond``) again for them.
         self.more = False
+        #: Messages finished from bytes held over from an earlier call (a running
+        #: count, bumped once per read at most, never per message): while it stands
+        #: still and ``buffered`` is not 0, the same message is still unfinished
+        #: (``muxsrv.limits``'s frame deadline compares it).
+        self.completions = 0
 
     def feed(self, data: Buffer) -> list[bytes]:
         """The next bytes of the stream; every message they complete, in order."""
@@ -129,6 +134,9 @@ class Decoder:
     def buffered(self) -> int:
         """Bytes held for an unfinished message."""
         return 0
+
+    def discard(self) -> None:
+        """Let go of an unfinished message (its connection is being closed)."""
 
 
 

@@ -48,6 +48,7 @@ from .transport import (
     PAUSED,
     QUIET,
     RECV_SIZE,
+    STALLED,
     STEP_PENDING,
     WRITING_PAUSED,
     Transport,
@@ -58,10 +59,13 @@ if TYPE_CHECKING:
     from .loop import EventLoop
     from .stages import Stage
 
-__all__ = ["Connection", "Owner"]
+__all__ = ["OVER_BUDGET", "Connection", "Owner"]
 
 log = logging.getLogger("muxsrv")
 
+#: The error frame of a connection closed by the input budget (--max-buffered).
+OVER_BUDGET: Final = ("server busy: too many bytes held for unfinished messages "
+                      "(--max-buffered); send it again later")
 #: The most one recv of a large frame's body asks for (bytes are allocated first).
 BODY_RECV_MAX: Final = 4 * 1024 * 1024
 
@@ -196,8 +200,15 @@ class Connection(Transport):
         # Inside a large frame, ask for just the rest of its body: fresh bytes
         # the decoder keeps as they are and joins once.
         want = decoder.want
+        if want:  # (the budget is asked only here: inside a large message's body)
+            budget = getattr(self._owner, "input_budget", None)
+            if budget is not None and not budget.admits(self, decoder.buffered):
+                return
+            size = min(want, BODY_RECV_MAX)
+        else:
+            size = RECV_SIZE
         try:
-            data = self._sock.recv(min(want, BODY_RECV_MAX) if want else RECV_SIZE)
+            data = self._sock.recv(size)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
@@ -378,7 +389,7 @@ class Connection(Transport):
     # -- what the transport asks ----------------------------------------------
 
     def _wants_input(self) -> bool:
-        return not (self._flags & (EOF | PAUSED | WRITING_PAUSED) or self._held
+        return not (self._flags & (EOF | PAUSED | WRITING_PAUSED | STALLED) or self._held
                     or self._decoder.more)
 
     def _tell_writing(self, paused: bool) -> None:
@@ -418,6 +429,61 @@ class Connection(Transport):
             log.log(self._info, "closing %s: idle for %.3g s", self._peer_text(), timeout)
             self._queue_error(f"idle timeout ({timeout:g} s)")
             self.close()
+
+    def partial_mark(self) -> int | None:
+        """While the client owes the rest of a message: its decoder's ``completions``.
+
+        None when it owes nothing, or when the server holds its input back (a
+        paused handler, messages not handed over yet): see ``muxsrv.limits``.
+        """
+        decoder = self._decoder
+        if (self._state != OPEN or self._flags & (EOF | PAUSED | STALLED) or self._held
+                or decoder.more
+                or not decoder.buffered):
+            return None
+        return decoder.completions
+
+    def _output_grew(self) -> None:
+        limit = getattr(self._owner, "max_output", 0)
+        if limit and self.pending > limit:
+            self.output_over(f"over --max-output ({limit} bytes)")
+
+    def output_over(self, limit: str) -> None:
+        """Output queued past a limit: dropped at once (what is queued cannot go first)."""
+        log.warning("closing %s: %d bytes of output queued, %s", self._peer_text(),
+                    self.pending, limit)
+        self.abort()
+
+    def large_partial(self) -> int:
+        """Bytes held of a large message still being received (what --max-buffered counts)."""
+        decoder = self._decoder
+        return decoder.buffered if decoder.want and self._state == OPEN else 0
+
+    def stall(self, stalled: bool) -> None:
+        """Stop (or go on) reading for the input budget."""
+        if stalled != bool(self._flags & STALLED):
+            self._flags ^= STALLED
+            self._update_mask()
+
+    def over_budget(self, limit: int) -> None:
+        """Stalled by the input budget and among the largest: error frame, close."""
+        if self._state != OPEN:
+            return
+        held = self._decoder.buffered
+        log.warning("closing %s: %d bytes of an unfinished message held while the server is "
+                    "over --max-buffered (%d bytes)", self._peer_text(), held, limit)
+        self._decoder.discard()  # the memory goes back now, not after the lingering close
+        self._queue_error(OVER_BUDGET)
+        self.close()
+
+    def log_quietly(self) -> None:
+        """Log this connection's ending at debug level (its refusal was logged already)."""
+        self._flags |= QUIET
+
+    def frame_timed_out(self, timeout: float) -> None:
+        """A message not complete ``timeout`` s after its first byte: error frame, close."""
+        if self._state == OPEN:
+            self._violation(f"frame timeout: message not complete within {timeout:g} s")
 
     def at_rest(self, now: float, quiet: float) -> bool:
         """Owes nothing, holds no partial message, and heard nothing for ``quiet`` s."""

@@ -51,7 +51,14 @@ from .codec import (
     ReplyFunction,
     as_payload,
 )
-from .length import BODY_BUFFER_MIN, LengthDecoder, encode_error, encode_length
+from .length import (
+    BODY_BUFFER_MIN,
+    TEXT_ON_LENGTH,
+    FirstFrameDecoder,
+    LengthDecoder,
+    encode_error,
+    encode_length,
+)
 
 __all__ = [
     "BODY_BUFFER_MIN",
@@ -60,10 +67,12 @@ __all__ = [
     "FRAMINGS",
     "MAX_BATCH",
     "MAX_FRAME_LIMIT",
+    "TEXT_ON_LENGTH",
     "Buffer",
     "Decoder",
     "ErrorFrame",
     "Failed",
+    "FirstFrameDecoder",
     "FramingError",
     "LengthDecoder",
     "LineDecoder",
@@ -119,10 +128,11 @@ class LineDecoder(Decoder):
                 self._rest = data[pos:]
                 self.more = True
                 return out
-            if acc:
+            if acc:  # (a line begun in an earlier call: once per call at most)
                 acc += data[pos:i]
                 line = bytes(acc)
                 acc.clear()
+                self.completions += 1
             else:
                 line = data[pos:i]
             if line.endswith(b"\r"):
@@ -198,8 +208,9 @@ def encode_raw(out: list[Buffer], payload: Buffer) -> None:
 
 
 def make_decoder(framing: str, max_frame: int) -> Decoder:
+    """A server's decoder (``length``: its first frame is judged for a text client)."""
     if framing == "length":
-        return LengthDecoder(max_frame)
+        return FirstFrameDecoder(max_frame)
     if framing == "line":
         return LineDecoder(max_frame)
     if framing == "raw":

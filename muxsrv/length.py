@@ -29,7 +29,8 @@ from .codec import (
     as_payload,
 )
 
-__all__ = ["BODY_BUFFER_MIN", "LengthDecoder", "encode_error", "encode_length"]
+__all__ = ["BODY_BUFFER_MIN", "TEXT_ON_LENGTH", "FirstFrameDecoder", "LengthDecoder",
+           "encode_error", "encode_length", "looks_like_text"]
 
 _HEADER: Final = struct.Struct(">I")
 _unpack_header = _HEADER.unpack_from
@@ -46,6 +47,12 @@ _CONCAT_MAX: Final = 4096
 #: A length prefix starting 0x16 0x03 is a TLS handshake record (a ClientHello), not a
 #: frame of ~370 MB: said so when it is refused as oversized (which costs nothing per frame).
 TLS_ON_PLAINTEXT: Final = "looks like TLS: a TLS ClientHello on a plaintext port"
+#: A connection whose first bytes are text (an HTTP request line, a typed line, telnet's
+#: negotiation) read as an oversized length: said so, instead of "frame of 1195725856 bytes".
+TEXT_ON_LENGTH: Final = ("this port speaks length-prefixed frames; use --framing line for "
+                         "text clients")
+#: Bytes a line of text is made of: printable ASCII, tab, CR, LF.
+_TEXT: Final = frozenset(range(0x20, 0x7F)) | {0x09, 0x0A, 0x0D}
 
 #: The headers of every such reply, packed once: a lookup beats a pack per message.
 _HEADERS: Final = tuple(pack_header(n) for n in range(_CONCAT_MAX + 1))
@@ -102,6 +109,11 @@ class LengthDecoder(Decoder):
             return _HEADER.size + sum(map(len, self._chunks))
         return len(self._tail)
 
+    def discard(self) -> None:
+        self._chunks = None
+        self._tail = b""
+        self.want = 0
+
     def body_received(self, chunk: bytes) -> bytes | None:
         chunks = self._chunks
         assert chunks is not None and 0 < len(chunk) <= self.want
@@ -110,6 +122,7 @@ class LengthDecoder(Decoder):
         if self.want:
             return None
         self._chunks = None
+        self.completions += 1
         message = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         if type(message) is not bytes:
             message = bytes(message)
@@ -158,7 +171,10 @@ class LengthDecoder(Decoder):
         """
         k = min(len(data), _TAIL_JOIN)
         tail, self._tail = self._tail, b""
-        if not self._frames(tail + data[:k], 0, fn, out, failed):
+        joined = tail + data[:k]
+        if len(joined) >= 4 and _unpack_header(joined)[0] + 4 <= len(joined):
+            self.completions += 1  # the frame held over is finished (once per read at most)
+        if not self._frames(joined, 0, fn, out, failed):
             if self.more:  # the batch is full: all the rest waits as the tail
                 self._tail += data[k:]
             return -1
@@ -273,6 +289,47 @@ class LengthDecoder(Decoder):
             return end
         return pos  # unfinished and small: kept as the tail
 
+
+
+class FirstFrameDecoder(LengthDecoder):
+    """A server's :class:`LengthDecoder` until its first length word is read.
+
+    Only the first message of a connection is judged: if its length word is over
+    ``max_frame`` and its four bytes look like text (``looks_like_text``: ``GET ``,
+    ``POST``, a line typed in telnet or nc), the error is ``TEXT_ON_LENGTH`` instead
+    of the oversize one (a TLS ClientHello keeps its own).  A first read of fewer
+    than four bytes that is a whole typed line (``a``, Enter) is judged too.  Then
+    the decoder becomes a plain :class:`LengthDecoder` (the classes share one
+    layout, as ``muxsrv.staged`` does for connections): nothing per message, and
+    a later frame with a large length is the normal oversize error.
+    """
+
+    __slots__ = ()
+
+    def _cut(self, data: Buffer, fn: ReplyFunction | None, out: list[Any], failed: Failed) -> None:
+        head = self._tail + bytes(data[:4])
+        if len(head) >= 4:
+            self.__class__ = LengthDecoder  # type: ignore[assignment]
+            (n,) = _unpack_header(head)
+            if n > self.max_frame and n >> 16 != 0x1603 and looks_like_text(head[:4]):
+                self.error = TEXT_ON_LENGTH
+                self._tail = b""
+                return
+        elif (head.endswith(b"\n") and looks_like_text(head) and self.error is None
+              and int.from_bytes(head.ljust(4, b"\0"), "big") > self.max_frame):
+            self.error = TEXT_ON_LENGTH
+            self._tail = b""
+            return
+        LengthDecoder._cut(self, data, fn, out, failed)
+
+    respond = _cut
+
+
+def looks_like_text(head: bytes) -> bool:
+    """The first bytes of a stream are text: ASCII a person or HTTP would send, or telnet."""
+    if head[:1] == b"\xff" and head[1:2] in (b"\xfb", b"\xfc", b"\xfd", b"\xfe"):
+        return True  # telnet's IAC WILL/WONT/DO/DONT, its option negotiation
+    return bool(head) and all(byte in _TEXT for byte in head)
 
 
 def _add_piece(chunks: list[Any], piece: bytes) -> None:

@@ -23,6 +23,7 @@ __all__ = [
     "positive_seconds",
     "program_version",
     "seconds",
+    "size_or_zero",
     "whole_number",
 ]
 
@@ -44,6 +45,14 @@ def max_frame(text: str) -> int:
     value = parse_size(text)
     if not 1 <= value <= MAX_FRAME_LIMIT:
         raise argparse.ArgumentTypeError(f"must be from 1 to {MAX_FRAME_LIMIT} (2^31-1) bytes")
+    return value
+
+
+def size_or_zero(text: str) -> int:
+    """An argparse type: a size in bytes (K, M, G suffixes), 0 or more (0: no limit)."""
+    value = parse_size(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be a size in bytes, 0 (no limit) or more")
     return value
 
 

@@ -36,6 +36,12 @@ error frame goes inside TLS once the handshake is done.  While the
 handshakes in flight are at ``--tls-max-handshakes``, accepting stops (the
 listeners leave the selector) until one ends.
 
+The whole-message deadline (``--frame-timeout``), the output limits
+(``--max-output``, ``--output-soft-limit``) and the input budget
+(``--max-buffered``) are kept by one periodic sweep
+over the connections (``muxsrv.limits``), nothing per message; the hard
+output limit also when a connection's output queue grows.
+
 The server is the connections' owner (``connection.Owner``); a connection
 never imports this module.
 """
@@ -53,6 +59,15 @@ from typing import TYPE_CHECKING, Any, Final
 from .address import format_address
 from .connection import Connection
 from .framing import make_decoder
+from .limits import (
+    DEFAULT_FRAME_TIMEOUT,
+    DEFAULT_MAX_BUFFERED,
+    DEFAULT_MAX_OUTPUT,
+    DEFAULT_SOFT_SECONDS,
+    AddressCounts,
+    InputBudget,
+    LimitSweep,
+)
 from .listening import CannotListen, bind_addresses, bind_sockets
 from .loop import EVENT_READ, EventLoop
 from .outbound import connector_of
@@ -101,6 +116,12 @@ class Settings:
     idle_timeout: float = 300.0
     drain_timeout: float = 5.0
     reuse_port: bool = False
+    frame_timeout: float = DEFAULT_FRAME_TIMEOUT  # 0: off (and with raw framing)
+    max_conns_per_ip: int = 0  # 0: off
+    max_output: int = DEFAULT_MAX_OUTPUT  # 0: off
+    output_soft_limit: int = 0  # 0: off
+    output_soft_seconds: float = DEFAULT_SOFT_SECONDS
+    max_buffered: int = DEFAULT_MAX_BUFFERED  # 0: off
     handler_name: str = "echo"  # as the start-up line names it: "echo (built-in)"
 
 
@@ -173,6 +194,20 @@ class Server:
         self._accept_paused = False  # since EMFILE, until an accept succeeds
         self._listening = False  # the listeners are registered with the selector
         self._refuse_log = _RateLimitedLog()
+        #: --max-conns-per-ip: its refusals have a log line (once a second) of their own.
+        self._per_ip = (AddressCounts(settings.max_conns_per_ip)
+                        if settings.max_conns_per_ip > 0 else None)
+        self._per_ip_log = _RateLimitedLog()
+        #: Asked by a connection about to read more of a large message (--max-buffered).
+        self.input_budget = InputBudget(settings.max_buffered) if settings.max_buffered else None
+        self._limits = LimitSweep(
+            loop, self._conns.keys,
+            frame_timeout=settings.frame_timeout if settings.framing != "raw" else 0.0,
+            max_output=settings.max_output, soft_limit=settings.output_soft_limit,
+            soft_seconds=settings.output_soft_seconds, budget=self.input_budget,
+        )
+        #: Asked by a connection whose output queue grew (``Connection._output_grew``).
+        self.max_output = settings.max_output
 
     # -- listening ----------------------------------------------------------
 
@@ -196,6 +231,7 @@ class Server:
         self._listening = True
         if self.settings.idle_timeout > 0:
             self._schedule_idle_sweep()
+        self._limits.start()
         return [lsock.getsockname()[:2] for lsock in socks]
 
     def _connection(
@@ -267,6 +303,10 @@ class Server:
             if reason is not None:
                 self._turn_away(sock, peer, reason)
                 return
+        per_ip = self._per_ip
+        if per_ip is not None and proxying is None and per_ip.full(peer):
+            self._turn_away(sock, peer, per_ip.reason, self._per_ip_log)
+            return
         try:
             handler = self._factory() if self._factory is not None else None
         except Exception:
@@ -274,12 +314,20 @@ class Server:
             sock.close()
             return
         stage = gate.stage(self.loop, peer) if gate is not None else None
-        header = proxying.stage(peer, self._refusal) if proxying is not None else None
+        admitted: list[Connection] = []  # (the connection, for a PROXY header's count)
+        refusal = self._refusal if per_ip is None else (
+            lambda client: self._refusal_counted(client, admitted))
+        header = proxying.stage(peer, refusal) if proxying is not None else None
         if stage is None and header is None:
             conn = self._connection(sock, None, handler)
         else:
             conn = self._connection(sock, peer, handler, stage, header)
         self._conns[conn] = None
+        if per_ip is not None:
+            if header is None:
+                per_ip.add(conn, peer)
+            else:
+                admitted.append(conn)  # counted once its header names the client
         conn.start()
         if header is not None and proxying is not None:
             proxying.arm(self.loop, conn, header)
@@ -290,9 +338,25 @@ class Server:
         """The gate's checks, on the address a PROXY header gave."""
         return self.gate.refusal(peer, self.loop.now) if self.gate is not None else None
 
-    def _turn_away(self, sock: _socket.socket, peer: Any, reason: str) -> None:
-        """Protected mode or a lock-out: an error frame, then a lingering close."""
-        self._refuse_log.warning("refusing %s: %s", format_address(peer), reason.split(";")[0])
+    def _refusal_counted(self, peer: Any, admitted: list[Connection]) -> str | None:
+        """``_refusal``, then --max-conns-per-ip on the header's address (counted if let in)."""
+        reason = self._refusal(peer)
+        per_ip = self._per_ip
+        if reason is not None or per_ip is None or not admitted:
+            return reason
+        conn = admitted[0]
+        if per_ip.full(peer):
+            self._per_ip_log.warning("refusing %s: %s", format_address(peer), per_ip.reason)
+            conn.log_quietly()  # logged just now, at most once a second: not once more
+            return per_ip.reason
+        per_ip.add(conn, peer)
+        return None
+
+    def _turn_away(self, sock: _socket.socket, peer: Any, reason: str,
+                   log_to: _RateLimitedLog | None = None) -> None:
+        """Protected mode, a lock-out, an address's limit: an error frame, a lingering close."""
+        (log_to or self._refuse_log).warning("refusing %s: %s", format_address(peer),
+                                             reason.split(";")[0])
         if len(self._refused) >= MAX_REFUSED_LINGERING:
             sock.close()
             return
@@ -350,6 +414,10 @@ class Server:
 
     def connection_closed(self, conn: Connection) -> None:
         self._conns.pop(conn, None)
+        if self._per_ip is not None:
+            self._per_ip.forget(conn)
+        if self.input_budget is not None:
+            self.input_budget.forget(conn)
         if self.gate is not None:
             self.gate.forget(conn)
         if self.tls is not None:
@@ -389,6 +457,7 @@ class Server:
         log.info("shutting down: draining %d connections (up to %g s)",
                  len(self._conns), self.settings.drain_timeout)
         self.draining = True
+        self._limits.stop()
         self._stop_listening()
         for listener in self._listeners:
             listener.sock.close()

@@ -48,6 +48,10 @@ class StagedConnection(Connection):
             super().handle_event(mask)
             return
         self.last_active = self._loop.now
+        if self._decoder.want:  # inside a large message: the input budget's say first
+            budget = getattr(self._owner, "input_budget", None)
+            if budget is not None and not budget.admits(self, self._decoder.buffered):
+                return
         try:
             data = self._sock.recv(RECV_SIZE)
         except (BlockingIOError, InterruptedError):

@@ -8,7 +8,9 @@ Writing, the asyncio way: try ``send`` at once; keep exactly what it did not
 take in an :class:`~muxsrv.output.OutputQueue` (a running byte count, linear
 cost); ask for ``EVENT_WRITE`` only while output is pending.  Above
 ``HIGH_WATER`` pending bytes the connection stops reading and its handler
-hears ``pause_writing``; below ``LOW_WATER``, ``resume_writing``.
+hears ``pause_writing``; below ``LOW_WATER``, ``resume_writing``.  Each time
+the queue grows, ``_output_grew`` lets the read side check the output limit
+(``--max-output``): never when the kernel took everything.
 
 State decides the event mask: ``_update_mask`` computes it from state (the
 read side says whether it wants input, ``_wants_input``) and asks the loop to
@@ -73,6 +75,8 @@ STEP_PENDING: Final = 32
 PAUSED: Final = 64
 # A balancer's health check (a PROXY LOCAL header): its endings are logged at debug level.
 QUIET: Final = 128
+# Reading stopped by the server's input budget (--max-buffered), inside a large message.
+STALLED: Final = 256
 
 _QUIET_ERRNOS: Final = frozenset(
     {errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED, errno.ETIMEDOUT, errno.ESHUTDOWN}
@@ -126,6 +130,9 @@ class Transport:
     def _closed(self, exc: BaseException | None) -> None:
         """The socket is closed (once): tell whoever needs to know."""
 
+    def _output_grew(self) -> None:
+        """Output the kernel did not take was queued (only then: not on the common path)."""
+
     # -- the public side ------------------------------------------------------
 
     @property
@@ -173,6 +180,8 @@ class Transport:
             if self._backlog is not None:
                 self._backlog.extend(out)
                 self._send_backlog()
+                if self._backlog is not None:
+                    self._output_grew()
             else:
                 # The common case, kept inline: send it all at once.
                 try:
@@ -197,6 +206,7 @@ class Transport:
                     backlog = self._backlog = OutputQueue()
                     backlog.extend(out)
                     backlog.consume(sent)
+                    self._output_grew()
                 elif self._mask == EVENT_READ and self._state == OPEN:
                     # All sent, and nothing else changed the mask: whatever stops
                     # reading (a pause, held input, EOF) updated it already.
