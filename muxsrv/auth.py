@@ -36,7 +36,8 @@ import logging
 from typing import TYPE_CHECKING, Any, Final
 
 from .address import format_address
-from .length import TLS_ON_PLAINTEXT, encode_length
+from .codec import TLS_ON_PLAINTEXT, looks_like_tls
+from .length import encode_length
 from .stages import Stage
 
 if TYPE_CHECKING:
@@ -308,6 +309,9 @@ class AuthGate(Stage):
         return buffer[4:4 + size], buffer[4 + size:]
 
     def _cut_line(self, buffer: bytes) -> tuple[bytes, bytes] | None:
+        if looks_like_tls(buffer[:3]):
+            self._refuse(TLS_ON_PLAINTEXT)
+            return None
         end = buffer.find(b"\n", 0, MAX_AUTH_MESSAGE + 1)
         if end < 0:
             if len(buffer) > MAX_AUTH_MESSAGE:

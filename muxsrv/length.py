@@ -19,6 +19,7 @@ from .codec import (
     ERROR_FLAG,
     MAX_BATCH,
     MAX_FRAME_LIMIT,
+    TLS_ON_PLAINTEXT,
     Buffer,
     Decoder,
     ErrorFrame,
@@ -29,7 +30,13 @@ from .codec import (
     as_payload,
 )
 
-__all__ = ["BODY_BUFFER_MIN", "LengthDecoder", "encode_error", "encode_length"]
+__all__ = [
+    "BODY_BUFFER_MIN",
+    "TLS_ON_PLAINTEXT",
+    "LengthDecoder",
+    "encode_error",
+    "encode_length",
+]
 
 _HEADER: Final = struct.Struct(">I")
 _unpack_header = _HEADER.unpack_from
@@ -44,8 +51,8 @@ _TAIL_JOIN: Final = _HEADER.size + BODY_BUFFER_MIN
 #: Replies up to this size are framed as one buffer (header + payload).
 _CONCAT_MAX: Final = 4096
 #: A length prefix starting 0x16 0x03 is a TLS handshake record (a ClientHello), not a
-#: frame of ~370 MB: said so when it is refused as oversized (which costs nothing per frame).
-TLS_ON_PLAINTEXT: Final = "looks like TLS: a TLS ClientHello on a plaintext port"
+#: frame of ~370 MB: said so (TLS_ON_PLAINTEXT) when it is refused as oversized (which
+#: costs nothing per frame).
 
 #: The headers of every such reply, packed once: a lookup beats a pack per message.
 _HEADERS: Final = tuple(pack_header(n) for n in range(_CONCAT_MAX + 1))
