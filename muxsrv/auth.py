@@ -59,6 +59,7 @@ __all__ = [
     "Tokens",
     "is_loopback_peer",
     "read_token_file",
+    "read_tokens",
 ]
 
 log = logging.getLogger("muxsrv")
@@ -95,27 +96,37 @@ class TokenFileError(Exception):
     """The token file cannot be used; the message names the file, never a token."""
 
 
-def read_token_file(path: str) -> frozenset[bytes]:
-    """The SHA-256 digests of the tokens in ``path``; TokenFileError if unusable."""
+def read_tokens(path: str, option: str = "--auth-token-file") -> list[bytes]:
+    """The tokens in ``path``, in file order; TokenFileError (naming ``option``) if unusable.
+
+    One token per line; blank lines and ``#`` comments are skipped; a token is
+    the line's bytes with surrounding whitespace stripped, at least
+    ``MIN_TOKEN_BYTES`` long.  Clients (the Locust kit) read their file with it too.
+    """
     try:
         with open(path, "rb") as file:
             lines = file.read().split(b"\n")
     except OSError as exc:
-        raise TokenFileError(f"--auth-token-file {path}: {exc.strerror or exc}") from None
-    digests = set()
+        raise TokenFileError(f"{option} {path}: {exc.strerror or exc}") from None
+    tokens = []
     for number, line in enumerate(lines, 1):
         token = line.strip()
         if not token or token.startswith(b"#"):
             continue
         if len(token) < MIN_TOKEN_BYTES:
             raise TokenFileError(
-                f"--auth-token-file {path}: line {number}: a token must be at least "
+                f"{option} {path}: line {number}: a token must be at least "
                 f"{MIN_TOKEN_BYTES} bytes long"
             )
-        digests.add(hashlib.sha256(token).digest())
-    if not digests:
-        raise TokenFileError(f"--auth-token-file {path}: no token in the file")
-    return frozenset(digests)
+        tokens.append(token)
+    if not tokens:
+        raise TokenFileError(f"{option} {path}: no token in the file")
+    return tokens
+
+
+def read_token_file(path: str) -> frozenset[bytes]:
+    """The SHA-256 digests of the tokens in ``path``; TokenFileError if unusable."""
+    return frozenset(hashlib.sha256(token).digest() for token in read_tokens(path))
 
 
 class Tokens:
