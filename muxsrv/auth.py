@@ -36,7 +36,7 @@ import logging
 from typing import TYPE_CHECKING, Any, Final
 
 from .address import format_address
-from .codec import TLS_ON_PLAINTEXT, looks_like_tls
+from .codec import TLS_ON_PLAINTEXT, opens_tls_record
 from .length import encode_length
 from .stages import Stage
 
@@ -320,7 +320,7 @@ class AuthGate(Stage):
         return buffer[4:4 + size], buffer[4 + size:]
 
     def _cut_line(self, buffer: bytes) -> tuple[bytes, bytes] | None:
-        if looks_like_tls(buffer[:3]):
+        if opens_tls_record(buffer[:3]):
             self._refuse(TLS_ON_PLAINTEXT)
             return None
         end = buffer.find(b"\n", 0, MAX_AUTH_MESSAGE + 1)

@@ -29,7 +29,7 @@ __all__ = [
     "ErrorFrame",
     "FramingError",
     "as_payload",
-    "looks_like_tls",
+    "opens_tls_record",
 ]
 
 #: The error frame a draining server sends before it closes: every message before
@@ -164,7 +164,7 @@ def _check_size(size: int) -> None:
         )
 
 
-def looks_like_tls(head: bytes) -> bool | None:
+def opens_tls_record(head: bytes) -> bool | None:
     """Do a stream's first bytes open a TLS handshake record (a ClientHello)?
 
     A record header is type 22, then version 3.0 to 3.4: ``16 03 00``..``16 03 04``.

@@ -61,7 +61,7 @@ from .codec import (
     FramingError,
     ReplyFunction,
     as_payload,
-    looks_like_tls,
+    opens_tls_record,
 )
 from .length import BODY_BUFFER_MIN, LengthDecoder, encode_error, encode_length
 
@@ -218,7 +218,7 @@ class _TLSRefusingLineDecoder(LineDecoder):
         if self.error is not None:
             return []
         # Until decided, _acc holds the whole stream so far (under three bytes).
-        verdict = looks_like_tls(bytes(self._acc[:3]) + bytes(data[:3]))
+        verdict = opens_tls_record(bytes(self._acc[:3]) + bytes(data[:3]))
         if verdict:
             self.error = TLS_ON_PLAINTEXT
             self._acc.clear()
@@ -237,7 +237,7 @@ class _TLSRefusingRawDecoder(RawDecoder):
         if self.error is not None:
             return []
         if data:
-            if looks_like_tls(bytes(data[:3])):
+            if opens_tls_record(bytes(data[:3])):
                 self.error = TLS_ON_PLAINTEXT
                 return []
             self.__class__ = RawDecoder  # type: ignore[assignment]

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from support import Owner, running_server
 from tls_certs import Certs
 
-from muxsrv.codec import TLS_ON_PLAINTEXT, looks_like_tls
+from muxsrv.codec import TLS_ON_PLAINTEXT, opens_tls_record
 from muxsrv.connection import Connection
 from muxsrv.framing import LineDecoder, RawDecoder, make_decoder
 from muxsrv.loop import EventLoop
@@ -33,14 +33,14 @@ HELLO = b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(range(32)) + b"\
 
 
 def test_looks_like_tls_needs_three_bytes() -> None:
-    assert looks_like_tls(b"") is None
-    assert looks_like_tls(b"\x16") is None
-    assert looks_like_tls(b"\x16\x03") is None
+    assert opens_tls_record(b"") is None
+    assert opens_tls_record(b"\x16") is None
+    assert opens_tls_record(b"\x16\x03") is None
     for third in range(5):
-        assert looks_like_tls(bytes([0x16, 3, third])) is True
-    assert looks_like_tls(b"\x16\x03\x05") is False
-    assert looks_like_tls(b"\x16\x02\x01") is False
-    assert looks_like_tls(b"GET") is False
+        assert opens_tls_record(bytes([0x16, 3, third])) is True
+    assert opens_tls_record(b"\x16\x03\x05") is False
+    assert opens_tls_record(b"\x16\x02\x01") is False
+    assert opens_tls_record(b"GET") is False
 
 
 def _feed_split(decoder: Any, data: bytes, cuts: list[int]) -> list[bytes]:
