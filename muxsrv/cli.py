@@ -196,12 +196,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             return serve(settings, function=function, factory=factory, gate=gate, tls=tls,
                          proxying=proxying, pid_file=pid_file)
         count = options.workers or os.cpu_count() or 1
-        return supervise(
-            settings, count,
-            lambda worker: serve(worker, function=function, factory=factory, gate=gate, tls=tls,
-                                 proxying=proxying),
-            on_reserved=pid_file.write,
-        )
+        tokens = gate.tokens if gate is not None else None
+        stamped = _stamps(tokens, tls)
+
+        def worker(worker_settings: Settings) -> int:
+            # Forked from the parent, which read the files once, at start: a worker
+            # started after a SIGHUP (a restart) must not serve what that replaced.
+            if _stamps(tokens, tls) != stamped:
+                _reload(tokens, tls)
+            return serve(worker_settings, function=function, factory=factory, gate=gate,
+                         tls=tls, proxying=proxying)
+
+        return supervise(settings, count, worker, on_reserved=pid_file.write)
     except CannotListen as exc:
         sys.stderr.write(f"muxsrv: error: {exc}\n")
         return 2 if exc.mistake else 1
@@ -258,6 +264,21 @@ def gate_from(options: argparse.Namespace) -> Gate | None:
     if tokens is None and not protected:
         return None
     return Gate(options.framing, tokens, options.auth_timeout, protected)
+
+
+def _stamps(tokens: Tokens | None, tls: TLSServer | None) -> list[tuple[int, int] | None]:
+    """When each token and TLS file last changed, and its size (None: unreadable)."""
+    paths = ([tokens.path] if tokens is not None else []) + [
+        path for path in (tls.files if tls is not None and tls.files else ()) if path]
+    stamps: list[tuple[int, int] | None] = []
+    for path in paths:
+        try:
+            info = os.stat(path)
+        except OSError:
+            stamps.append(None)
+        else:
+            stamps.append((info.st_mtime_ns, info.st_size))
+    return stamps
 
 
 def _reload(tokens: Tokens | None, tls: TLSServer | None) -> None:

@@ -418,3 +418,48 @@ def test_protected_mode_behind_a_proxy_on_a_real_tls_server(
         assert refused and text.startswith(b"protected mode:"), text
         srv.wait_log("closing 192.0.2.7:5000: protected mode")
         assert srv.stop() == 0
+
+
+def test_a_worker_restarted_after_sighup_has_the_new_files_too(
+        certs: Certs, reloadable: tuple[ServerProcess, Path, Path, Path]) -> None:
+    """Bug caught: the files are loaded in the parent before the fork and only the running
+    workers re-read them on SIGHUP, so a worker restarted later (after a crash) served the
+    old certificate and took the token rotated out, again."""
+    srv, cert, key, tokens = reloadable
+    cert.write_bytes(certs.server2_cert.read_bytes())
+    key.write_bytes(certs.server2_key.read_bytes())
+    tokens.write_text("new-token-0123456789abcdef\n")
+    srv.signal(signal.SIGHUP)
+    reloaded: set[int] = set()
+
+    def both_reloaded() -> bool:
+        sock, ok = authenticated(srv, certs, b"new-token-0123456789abcdef")
+        with sock:
+            if ok and common_name(sock) == "server2":
+                reloaded.add(ask_pid(sock))
+        return len(reloaded) >= 2
+
+    wait_for(both_reloaded, timeout=30, interval=0.01, what="both workers to reload")
+    victim = min(reloaded)
+    os.kill(victim, signal.SIGKILL)  # a worker of the server this test started
+    fresh: set[int] = set()
+
+    def a_fresh_worker_serves() -> bool:
+        try:  # (connections queued at the killed worker are reset)
+            sock, ok = authenticated(srv, certs, b"new-token-0123456789abcdef")
+        except OSError:
+            return False
+        with sock:
+            if ok and common_name(sock) == "server2":
+                pid = ask_pid(sock)
+                if pid not in reloaded:
+                    fresh.add(pid)
+        return bool(fresh)
+
+    wait_for(a_fresh_worker_serves, timeout=30, interval=0.01,
+             what="the restarted worker to serve the new certificate and token")
+    # And none, old or new, takes the old token any more.
+    for _ in range(8):
+        sock, ok = authenticated(srv, certs, b"old-token-0123456789abcdef")
+        with sock:
+            assert not ok
