@@ -14,6 +14,7 @@ import logging
 import socket
 import ssl
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,11 +23,12 @@ from hypothesis import strategies as st
 from support import Owner, running_server
 from tls_certs import Certs
 
+from muxsrv.auth import Gate, Tokens
 from muxsrv.codec import TLS_ON_PLAINTEXT, opens_tls_record
 from muxsrv.connection import Connection
 from muxsrv.framing import LineDecoder, RawDecoder, make_decoder
 from muxsrv.loop import EventLoop
-from muxsrv.testing import FakeClock, FakeSelector, FakeSocket
+from muxsrv.testing import FakeClock, FakeSelector, FakeSocket, Harness
 
 #: The start of a real ClientHello: record header (type 22, version 3.1, length), type 1.
 HELLO = b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(range(32)) + b"\n\x00\n"
@@ -145,3 +147,20 @@ def test_python_ssl_client_on_a_plaintext_server(certs: Certs, framing: str) -> 
         with socket.create_connection(srv.address, timeout=10) as plain:
             plain.sendall(b"hello\n")
             assert plain.recv(100).startswith(b"hello")
+
+
+def test_the_line_auth_gate_refuses_a_hello_too(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """With --auth-token-file the gate reads the first bytes (the decoder does not check):
+    a ClientHello is refused as TLS, not buffered up to the 1 KiB limit."""
+    tokens = tmp_path / "tokens"
+    tokens.write_text("a-token-long-enough-0123\n")
+    gate = Gate("line", Tokens(str(tokens)))
+    with caplog.at_level(logging.INFO, logger="muxsrv"), \
+            Harness(function=bytes, framing="line", gate=gate) as h:
+        for byte in HELLO[:3]:  # byte at a time: decided on the third
+            h.peer_sends(bytes([byte]))
+            h.run()
+        assert h.sock.shut_wr and h.sock.sent == b""
+    assert [r.getMessage() for r in caplog.records if "looks like TLS" in r.getMessage()] == [
+        "closing 127.0.0.1:40000: " + TLS_ON_PLAINTEXT]
