@@ -36,7 +36,8 @@ import logging
 from typing import TYPE_CHECKING, Any, Final
 
 from .address import format_address
-from .length import TLS_ON_PLAINTEXT, encode_length
+from .codec import TLS_ON_PLAINTEXT, opens_tls_record
+from .length import encode_length
 from .stages import Stage
 
 if TYPE_CHECKING:
@@ -58,6 +59,7 @@ __all__ = [
     "Tokens",
     "is_loopback_peer",
     "read_token_file",
+    "read_tokens",
 ]
 
 log = logging.getLogger("muxsrv")
@@ -94,27 +96,37 @@ class TokenFileError(Exception):
     """The token file cannot be used; the message names the file, never a token."""
 
 
-def read_token_file(path: str) -> frozenset[bytes]:
-    """The SHA-256 digests of the tokens in ``path``; TokenFileError if unusable."""
+def read_tokens(path: str, option: str = "--auth-token-file") -> list[bytes]:
+    """The tokens in ``path``, in file order; TokenFileError (naming ``option``) if unusable.
+
+    One token per line; blank lines and ``#`` comments are skipped; a token is
+    the line's bytes with surrounding whitespace stripped, at least
+    ``MIN_TOKEN_BYTES`` long.  Clients (the Locust kit) read their file with it too.
+    """
     try:
         with open(path, "rb") as file:
             lines = file.read().split(b"\n")
     except OSError as exc:
-        raise TokenFileError(f"--auth-token-file {path}: {exc.strerror or exc}") from None
-    digests = set()
+        raise TokenFileError(f"{option} {path}: {exc.strerror or exc}") from None
+    tokens = []
     for number, line in enumerate(lines, 1):
         token = line.strip()
         if not token or token.startswith(b"#"):
             continue
         if len(token) < MIN_TOKEN_BYTES:
             raise TokenFileError(
-                f"--auth-token-file {path}: line {number}: a token must be at least "
+                f"{option} {path}: line {number}: a token must be at least "
                 f"{MIN_TOKEN_BYTES} bytes long"
             )
-        digests.add(hashlib.sha256(token).digest())
-    if not digests:
-        raise TokenFileError(f"--auth-token-file {path}: no token in the file")
-    return frozenset(digests)
+        tokens.append(token)
+    if not tokens:
+        raise TokenFileError(f"{option} {path}: no token in the file")
+    return tokens
+
+
+def read_token_file(path: str) -> frozenset[bytes]:
+    """The SHA-256 digests of the tokens in ``path``; TokenFileError if unusable."""
+    return frozenset(hashlib.sha256(token).digest() for token in read_tokens(path))
 
 
 class Tokens:
@@ -312,6 +324,9 @@ class AuthGate(Stage):
         return buffer[4:4 + size], buffer[4 + size:]
 
     def _cut_line(self, buffer: bytes) -> tuple[bytes, bytes] | None:
+        if opens_tls_record(buffer[:3]):
+            self._refuse(TLS_ON_PLAINTEXT)
+            return None
         end = buffer.find(b"\n", 0, MAX_AUTH_MESSAGE + 1)
         if end < 0:
             if len(buffer) > MAX_AUTH_MESSAGE:

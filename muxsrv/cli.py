@@ -301,6 +301,7 @@ def gate_from(options: argparse.Namespace) -> Gate | None:
     return Gate(options.framing, tokens, options.auth_timeout, protected)
 
 
+
 def _reload(tokens: Tokens | None, tls: TLSServer | None) -> None:
     """SIGHUP in a single process: re-read the TLS files and the token file (each keeps
     its old self if bad, after an error line of its own); one line says what was done."""

@@ -23,11 +23,13 @@ __all__ = [
     "MAX_BATCH",
     "MAX_FRAME_LIMIT",
     "SHUTTING_DOWN",
+    "TLS_ON_PLAINTEXT",
     "Buffer",
     "Decoder",
     "ErrorFrame",
     "FramingError",
     "as_payload",
+    "opens_tls_record",
 ]
 
 #: The error frame a draining server sends before it closes: every message before
@@ -40,6 +42,8 @@ MAX_FRAME_LIMIT: Final = 0x7FFFFFFF
 #: Messages one ``feed``/``respond`` call hands out at most (about a millisecond
 #: of handler calls); the rest waits inside the decoder (``more``).
 MAX_BATCH: Final = 1024
+#: Why a plaintext server closes a connection whose first bytes open a TLS record.
+TLS_ON_PLAINTEXT: Final = "looks like TLS: a TLS ClientHello on a plaintext port"
 
 
 class FramingError(Exception):
@@ -167,3 +171,21 @@ def _check_size(size: int) -> None:
             f"a reply of {size} bytes does not fit a length frame (at most {MAX_FRAME_LIMIT})"
         )
 
+
+def opens_tls_record(head: bytes) -> bool | None:
+    """Do a stream's first bytes open a TLS handshake record (a ClientHello)?
+
+    A record header is type 22, then version 3.0 to 3.4: ``16 03 00``..``16 03 04``.
+    None: fewer than three bytes, all of them matching so far (too few to tell).
+    """
+    if not head:
+        return None
+    if head[0] != 0x16:
+        return False
+    if len(head) < 2:
+        return None
+    if head[1] != 0x03:
+        return False
+    if len(head) < 3:
+        return None
+    return head[2] <= 0x04

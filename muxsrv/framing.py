@@ -33,6 +33,16 @@ Each decoder is also its connection's encoder: ``encode`` frames a reply and
 has no error channel (``line``, ``raw``).  A reply is anything bytes-like;
 ``as_payload`` turns it into a buffer whose ``len`` is its size in bytes (a
 ``memoryview`` of 2-byte items is framed by its bytes, not its items).
+
+A plaintext server's decoder (``make_decoder(..., refuse_tls=True)``) refuses
+a stream that opens with a TLS record header (a client that speaks TLS to the
+wrong port), with ``error`` saying it "looks like TLS": ``length`` does it in
+its oversized-frame branch, for free; ``line`` and ``raw`` start as a subclass
+that looks at the stream's first bytes and then turns itself into the plain
+class (``__class__``), so no message after them pays anything.  ``raw``
+decides on the first chunk alone (any bytes are a raw client's right: only a
+chunk that opens with the three bytes of a record header is refused); ``line``
+waits for three bytes, which it would hold anyway, before a newline.
 """
 
 from __future__ import annotations
@@ -43,6 +53,7 @@ from .codec import (
     ERROR_FLAG,
     MAX_BATCH,
     MAX_FRAME_LIMIT,
+    TLS_ON_PLAINTEXT,
     Buffer,
     Decoder,
     ErrorFrame,
@@ -50,6 +61,7 @@ from .codec import (
     FramingError,
     ReplyFunction,
     as_payload,
+    opens_tls_record,
 )
 from .length import (
     BODY_BUFFER_MIN,
@@ -207,14 +219,49 @@ def encode_raw(out: list[Buffer], payload: Buffer) -> None:
     out.append(payload)
 
 
-def make_decoder(framing: str, max_frame: int) -> Decoder:
-    """A server's decoder (``length``: its first frame is judged for a text client)."""
+class _TLSRefusingLineDecoder(LineDecoder):
+    """A LineDecoder until the stream's first three bytes are known not to open TLS."""
+
+    __slots__ = ()
+
+    def feed(self, data: Buffer) -> list[bytes]:
+        if self.error is not None:
+            return []
+        # Until decided, _acc holds the whole stream so far (under three bytes).
+        verdict = opens_tls_record(bytes(self._acc[:3]) + bytes(data[:3]))
+        if verdict:
+            self.error = TLS_ON_PLAINTEXT
+            self._acc.clear()
+            return []
+        if verdict is False:
+            self.__class__ = LineDecoder  # type: ignore[assignment]
+        return LineDecoder.feed(self, data)
+
+
+class _TLSRefusingRawDecoder(RawDecoder):
+    """A RawDecoder whose first chunk may not open with a TLS record header."""
+
+    __slots__ = ()
+
+    def feed(self, data: Buffer) -> list[bytes]:
+        if self.error is not None:
+            return []
+        if data:
+            if opens_tls_record(bytes(data[:3])):
+                self.error = TLS_ON_PLAINTEXT
+                return []
+            self.__class__ = RawDecoder  # type: ignore[assignment]
+        return RawDecoder.feed(self, data)
+
+
+def make_decoder(framing: str, max_frame: int, *, refuse_tls: bool = False) -> Decoder:
+    """A decoder for ``framing``; ``refuse_tls``: a plaintext server's (see above)."""
     if framing == "length":
         return FirstFrameDecoder(max_frame)
     if framing == "line":
-        return LineDecoder(max_frame)
+        return (_TLSRefusingLineDecoder if refuse_tls else LineDecoder)(max_frame)
     if framing == "raw":
-        return RawDecoder(max_frame)
+        return (_TLSRefusingRawDecoder if refuse_tls else RawDecoder)(max_frame)
     raise ValueError(f"unknown framing {framing!r}; choose from {', '.join(FRAMINGS)}")
 
 

@@ -19,6 +19,7 @@ from .codec import (
     ERROR_FLAG,
     MAX_BATCH,
     MAX_FRAME_LIMIT,
+    TLS_ON_PLAINTEXT,
     Buffer,
     Decoder,
     ErrorFrame,
@@ -29,8 +30,8 @@ from .codec import (
     as_payload,
 )
 
-__all__ = ["BODY_BUFFER_MIN", "TEXT_ON_LENGTH", "FirstFrameDecoder", "LengthDecoder",
-           "encode_error", "encode_length", "looks_like_text"]
+__all__ = ["BODY_BUFFER_MIN", "TEXT_ON_LENGTH", "TLS_ON_PLAINTEXT", "FirstFrameDecoder",
+           "LengthDecoder", "encode_error", "encode_length", "looks_like_text"]
 
 _HEADER: Final = struct.Struct(">I")
 _unpack_header = _HEADER.unpack_from
@@ -45,8 +46,9 @@ _TAIL_JOIN: Final = _HEADER.size + BODY_BUFFER_MIN
 #: Replies up to this size are framed as one buffer (header + payload).
 _CONCAT_MAX: Final = 4096
 #: A length prefix starting 0x16 0x03 is a TLS handshake record (a ClientHello), not a
-#: frame of ~370 MB: said so when it is refused as oversized (which costs nothing per frame).
-TLS_ON_PLAINTEXT: Final = "looks like TLS: a TLS ClientHello on a plaintext port"
+#: frame of ~370 MB: said so (TLS_ON_PLAINTEXT) when it is refused as oversized (which
+#: costs nothing per frame).
+
 #: A connection whose first bytes are text (an HTTP request line, a typed line, telnet's
 #: negotiation) read as an oversized length: said so, instead of "frame of 1195725856 bytes".
 TEXT_ON_LENGTH: Final = ("this port speaks length-prefixed frames; use --framing line for "

@@ -239,9 +239,11 @@ class Server:
         first: Stage | None = None,
     ) -> Connection:
         settings = self.settings
-        decoder = make_decoder(settings.framing, settings.max_frame)
-        stages = self._stages() if self._stages is not None else None
         tls = self.tls
+        # A ClientHello on a plaintext port is refused (the auth gate checks its own).
+        decoder = make_decoder(settings.framing, settings.max_frame,
+                               refuse_tls=tls is None and last is None)
+        stages = self._stages() if self._stages is not None else None
         tls_stage = tls.stage() if tls is not None else None
         # Nearest the socket first: the PROXY header, any given stages, TLS, the auth gate.
         if first is not None or tls_stage is not None or last is not None:

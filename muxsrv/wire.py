@@ -210,16 +210,23 @@ def encode(framing: str, payload: bytes) -> bytes:
     raise ValueError(f"unknown framing {framing!r}; choose from {', '.join(FRAMINGS)}")
 
 
-def parse_host(host: str) -> tuple[str, int]:
-    """``tcp://HOST:PORT`` (also bare ``HOST:PORT``; IPv6 as ``[::1]:PORT``) to (host, port)."""
+def parse_target(host: str) -> tuple[str, str, int]:
+    """``tcp://HOST:PORT`` or ``tls://HOST:PORT`` (also bare ``HOST:PORT``, taken as
+    tcp; IPv6 as ``[::1]:PORT``) to (scheme, host, port)."""
     url = urlsplit(host if "://" in host else f"tcp://{host}")
     try:
         port = url.port
     except ValueError:
         port = None
-    if url.scheme != "tcp" or not url.hostname or port is None or url.path not in ("", "/"):
-        raise ValueError(f"host {host!r} is not of the form tcp://HOST:PORT")
-    return url.hostname, port
+    if (url.scheme not in ("tcp", "tls") or not url.hostname or port is None
+            or url.path not in ("", "/")):
+        raise ValueError(f"host {host!r} is not of the form tcp://HOST:PORT or tls://HOST:PORT")
+    return url.scheme, url.hostname, port
+
+
+def parse_host(host: str) -> tuple[str, int]:
+    """(host, port) of ``tcp://HOST:PORT`` or ``tls://HOST:PORT`` (see parse_target)."""
+    return parse_target(host)[1:]
 
 
 def _verdict(check: Callable[..., object], payload: bytes, reply: object) -> Exception | None:

@@ -21,10 +21,13 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from support import ROOT, ServerProcess
+from tls_certs import Certs
 
 from muxsrv.wire import LineFrameDecoder, RawStream, encode, make_decoder
 
@@ -285,3 +288,160 @@ def test_a_reply_beyond_the_count_fails_the_next_request(tmp_path: Path) -> None
     # The stray b"q" is read by "none"'s successor, "three", whose list is then wrong.
     assert int(rows["three"]["Failure Count"]) > 0, rows["three"]
     assert int(rows["raw"]["Failure Count"]) == 0, rows["raw"]
+
+
+# -- TLS and tokens: --host tls://, --mux-tls-ca, --mux-token-file ------------------
+
+SECURE_LOCUSTFILE = '''\
+import os
+import random
+
+from locust import task
+
+from muxsrv.locust import MuxUser
+
+
+class Secure(MuxUser):
+    framing = os.environ["KIT_FRAMING"]
+
+    @task
+    def echo(self) -> None:
+        rng = random.Random()
+        size = 100_000 if self.framing == "length" else 3000  # no \\n, no \\r: line-safe
+        payloads = [bytes(rng.randrange(14, 256) for _ in range(rng.randrange(size)))
+                    for _ in range(4)]
+        self.client.pipeline(payloads, name="echo", check=lambda sent, got: got == sent)
+'''
+
+TOKEN = "kit-token-" + "7" * 24  # never to be seen in any output
+
+
+def run_secure(tmp_path: Path, srv: ServerProcess, framing: str, *options: str,
+               host: str | None = None) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "locustfile.py").write_text(SECURE_LOCUSTFILE)
+    env = dict(os.environ, KIT_FRAMING=framing,
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    run = subprocess.run(
+        [sys.executable, "-m", "locust", "-f", "locustfile.py", "--headless", "-u", "2",
+         "-r", "2", "-t", "2s", "--host", host or f"tls://127.0.0.1:{srv.port}",
+         *options, "--csv", "run", "--only-summary"],
+        cwd=tmp_path, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+        timeout=40,
+    )
+    rows: dict[str, Any] = {}
+    if (tmp_path / "run_stats.csv").exists():
+        with (tmp_path / "run_stats.csv").open(newline="") as f:
+            rows = {row["Name"]: row for row in csv.DictReader(f)}
+    if (tmp_path / "run_failures.csv").exists():
+        rows["failures"] = (tmp_path / "run_failures.csv").read_text()
+    return run, rows
+
+
+@pytest.fixture
+def secure_server(certs: Certs, tmp_path: Path, request: pytest.FixtureRequest,
+                  ) -> Iterator[ServerProcess]:
+    """A TLS server with a token, on 127.0.0.1 (or the address after the framing: "line@HOST")."""
+    framing, _, host = request.param.partition("@")
+    tokens = tmp_path / "server-tokens"
+    tokens.write_text(f"# the server's\n{TOKEN}\n")
+    srv = ServerProcess(["--port", "0", "--host", host or "127.0.0.1", "--framing", framing,
+                         "--tls-cert", str(certs.server_cert), "--tls-key", str(certs.server_key),
+                         "--auth-token-file", str(tokens)])
+    try:
+        yield srv.wait_started()
+    finally:
+        srv.stop()
+
+
+@needs_locust
+@pytest.mark.parametrize("secure_server", ["length", "line"], indirect=True)
+def test_tls_and_token_zero_failures_byte_exact(
+        certs: Certs, tmp_path: Path, secure_server: ServerProcess) -> None:
+    """Bugs caught: no AUTH sent (every request refused), the OK taken for a reply, a
+    TLS read that loses or reorders bytes (the check compares byte for byte)."""
+    srv = secure_server
+    framing = srv.args[srv.args.index("--framing") + 1]
+    tokens = tmp_path / "mine"
+    tokens.write_text(f"\n# comment\n  {TOKEN}  \nsecond-token-xxxxxxxxxxxx\n")
+    run, rows = run_secure(tmp_path, srv, framing, "--mux-token-file", str(tokens),
+                           "--mux-tls-ca", str(certs.ca))
+    output = run.stdout + run.stderr
+    assert run.returncode == 0, output[-3000:]
+    assert int(rows["echo"]["Request Count"]) > 20, rows["echo"]
+    assert int(rows["echo"]["Failure Count"]) == 0, rows
+    assert TOKEN not in output and TOKEN not in srv.stderr_text()
+
+
+@needs_locust
+@pytest.mark.parametrize("secure_server", ["length"], indirect=True)
+def test_wrong_token_and_wrong_ca_count_as_failures(
+        certs: Certs, tmp_path: Path, secure_server: ServerProcess) -> None:
+    wrong = tmp_path / "wrong"
+    wrong.write_text("not-the-token-at-all-0123456789\n")
+    run, rows = run_secure(tmp_path / "a", secure_server, "length", "--mux-token-file",
+                           str(wrong), "--mux-tls-ca", str(certs.ca))
+    assert run.returncode == 1, (run.stdout + run.stderr)[-3000:]
+    assert int(rows["echo"]["Failure Count"]) > 0 and rows["echo"]["Request Count"] == \
+        rows["echo"]["Failure Count"], rows
+    assert "authentication failed" in rows["failures"] or "too many failed" in rows["failures"]
+    assert "not-the-token" not in run.stdout + run.stderr + rows["failures"]
+    # A CA that did not sign the server's certificate: the handshake fails, every request too.
+    stranger_ca = certs.stranger_cert.parent / "strangerca.pem"
+    run, rows = run_secure(tmp_path / "b", secure_server, "length", "--mux-token-file",
+                           str(wrong), "--mux-tls-ca", str(stranger_ca))
+    assert run.returncode == 1
+    assert rows["echo"]["Request Count"] == rows["echo"]["Failure Count"] != "0", rows
+    assert "CERTIFICATE_VERIFY_FAILED" in rows["failures"], rows["failures"]
+
+
+@needs_locust
+@pytest.mark.parametrize("secure_server", ["length@127.0.0.2"], indirect=True)
+def test_host_name_is_verified(certs: Certs, tmp_path: Path,
+                               secure_server: ServerProcess) -> None:
+    """The certificate names 127.0.0.1 and localhost, not 127.0.0.2 (still this machine)."""
+    tokens = tmp_path / "mine"
+    tokens.write_text(TOKEN + "\n")
+    run, rows = run_secure(tmp_path, secure_server, "length", "--mux-token-file", str(tokens),
+                           "--mux-tls-ca", str(certs.ca),
+                           host=f"tls://127.0.0.2:{secure_server.port}")
+    assert run.returncode == 1
+    assert rows["echo"]["Request Count"] == rows["echo"]["Failure Count"] != "0", rows
+    assert "IP address mismatch" in rows["failures"], rows["failures"]
+
+
+@needs_locust
+@pytest.mark.parametrize(("make", "says"), [
+    (lambda d: ["--mux-token-file", str(d / "missing")], "--mux-token-file"),
+    (lambda d: ["--mux-token-file", str(d / "short")], "at least 16 bytes"),
+    (lambda d: ["--mux-tls-ca", str(d / "missing-ca.pem")], "--mux-tls-ca"),
+    (lambda d: ["--mux-tls-ca", str(d / "short")], "cannot load the CA"),
+])
+def test_bad_kit_options_are_refused_at_start(tmp_path: Path, make: Any, says: str) -> None:
+    (tmp_path / "short").write_text("tooshort\n")
+    (tmp_path / "locustfile.py").write_text(SECURE_LOCUSTFILE)
+    env = dict(os.environ, KIT_FRAMING="length",
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    run = subprocess.run(
+        [sys.executable, "-m", "locust", "-f", "locustfile.py", "--headless", "-u", "1",
+         "-t", "1s", "--host", "tls://127.0.0.1:9", *make(tmp_path)],
+        cwd=tmp_path, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+        timeout=40,
+    )
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert says in run.stderr and "Traceback" not in run.stderr, run.stderr[-2000:]
+    assert "tooshort" not in run.stderr
+
+
+@needs_locust
+def test_tls_ca_with_a_tcp_host_is_refused(certs: Certs, tmp_path: Path) -> None:
+    (tmp_path / "locustfile.py").write_text(SECURE_LOCUSTFILE)
+    env = dict(os.environ, KIT_FRAMING="length",
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    run = subprocess.run(
+        [sys.executable, "-m", "locust", "-f", "locustfile.py", "--headless", "-u", "1",
+         "-t", "1s", "--host", "tcp://127.0.0.1:9", "--mux-tls-ca", str(certs.ca)],
+        cwd=tmp_path, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+        timeout=40,
+    )
+    assert run.returncode == 2 and "--mux-tls-ca is for tls:// hosts" in run.stderr, run.stderr

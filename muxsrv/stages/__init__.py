@@ -29,6 +29,11 @@ and runs the plain hot path.  A stage never sees a socket:
 * ``finish()``: the connection is closing on purpose: bytes to send before
   its write side shuts (TLS close_notify), nearest the codec first;
 * ``peer_cert``: the peer's verified certificate, if a stage has one (mTLS).
+* ``defer_refusal(reason)``: a one-shot stage that refuses the peer (the
+  PROXY header's address in protected mode) first offers the refusal to the
+  stages after it (``inner``, set by the path); one that is not ready yet
+  may take it and tell it once it is: TLS, inside TLS after the handshake,
+  so the error frame is readable by a TLS client.
 * ``peer`` set: the peer's address as the stage knows it; a stage that learns
   the client's real one (a PROXY header) sets it, the path hands it to the
   stages after it and the connection takes it as ``conn.peer`` (logged at
@@ -67,6 +72,8 @@ class Stage:
     peer: Any = None
     #: With ``peer``: the connection is a balancer's health check.
     health_check: bool = False
+    #: The stages after this one, nearest first (set by the path).
+    inner: tuple[Stage, ...] = ()
 
     def receive(self, data: bytes) -> bytes:
         """Bytes from the peer in; what passes on to the next stage out."""
@@ -87,6 +94,14 @@ class Stage:
         """Bytes going out in (``b""``: only what the stage itself has); bytes out."""
         return data
 
+    def defer_refusal(self, reason: str) -> bool:
+        """Take a refusal from a stage nearer the socket, to tell once ready; False: cannot."""
+        return False
+
+    def hand_refusal(self, reason: str) -> bool:
+        """Offer ``reason`` to the stages after this one; True if one took it."""
+        return any(stage.defer_refusal(reason) for stage in self.inner)
+
 
 class StagePath:
     """One connection's stages, nearest the socket first, run in both directions."""
@@ -95,6 +110,8 @@ class StagePath:
 
     def __init__(self, stages: list[Stage]) -> None:
         self.stages = stages
+        for i, stage in enumerate(stages):
+            stage.inner = tuple(stages[i + 1:])
         #: The first violation any stage reported; nothing passes after it.
         self.error: str | None = None
         #: Whether that violation's reason goes to the peer as an error frame.

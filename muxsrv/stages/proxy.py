@@ -173,7 +173,8 @@ class ProxyHeader(Stage):
         self.done = True
         if self._refusal is not None:
             reason = self._refusal(self.peer)
-            if reason is not None:
+            # A TLS stage after us says it inside TLS, once its handshake is done.
+            if reason is not None and not self.hand_refusal(reason):
                 self.error = reason
                 self.tell_peer = True
 

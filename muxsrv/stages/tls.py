@@ -61,6 +61,7 @@ class TLSStage(Stage):
         self._started = False  # the first bytes arrived (and looked like TLS)
         self._pending: list[bytes] = []  # plaintext sent before the handshake ended
         self._closed = False  # our close_notify is out (or there is none to send)
+        self._refusal: str | None = None  # to tell the peer once the handshake is done
         #: Called once, when the handshake is done.
         self.on_handshake = on_handshake
         #: The peer sent close_notify: it will send nothing more.
@@ -85,9 +86,23 @@ class TLSStage(Stage):
                 return b""
             self._started = True
         self._incoming.write(data)
-        if not self.ready and not self._handshake():
-            return b""
+        if not self.ready:
+            if not self._handshake():
+                return b""
+            if self._refusal is not None:  # (defer_refusal): the error frame goes inside TLS
+                self._read()  # dropped; it lets OpenSSL end its side (TLS 1.3 tickets)
+                if self.error is None:
+                    self.error = self._refusal
+                    self.tell_peer = True
+                return b""
         return self._read()
+
+    def defer_refusal(self, reason: str) -> bool:
+        """A refusal decided before the handshake (on a PROXY header's address)."""
+        if self.ready or self.error is not None:
+            return False
+        self._refusal = reason
+        return True
 
     def _handshake(self) -> bool:
         try:
@@ -159,7 +174,8 @@ class TLSStage(Stage):
         if self._closed:
             return b""
         self._closed = True
-        if self.ready and self.error is None and self.ending != "truncated":
+        told = self.error is not None and self.error == self._refusal
+        if self.ready and (self.error is None or told) and self.ending != "truncated":
             try:
                 self._ssl.unwrap()
             except ssl.SSLWantReadError:
