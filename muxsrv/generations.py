@@ -212,9 +212,9 @@ class Generations:
         elif generation == self.serving and worker.kill_at == math.inf:
             self._died(pid, how, lived, now)
         else:  # draining: an old generation, a failed new one, or a hung worker
-            if not expected:
-                log.warning("reload: worker %d of generation %d %s while draining",
-                            pid, generation, how)
+            if not expected:  # (a failed generation's failure has been told)
+                (log.debug if generation > self.serving else log.warning)(
+                    "reload: worker %d of generation %d %s while draining", pid, generation, how)
             if not self.pids(generation) and generation != self.serving:
                 log.info("reload: generation %d drained", generation)
 
