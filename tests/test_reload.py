@@ -103,7 +103,7 @@ class Load:
                         if self.stop.is_set() or time.monotonic() > deadline:
                             break
                         if n % 4 == 3 and cycle % 20 == 0:
-                            time.sleep(0.3)  # quiet for longer than the drain waits for
+                            self.stop.wait(0.3)  # quiet for longer than the drain waits for
                     with self.lock:
                         self.resent_after_goodbye += client.reconnects
         except Exception as exc:
