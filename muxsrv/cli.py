@@ -18,7 +18,6 @@ import argparse
 import logging
 import os
 import signal
-import socket
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
@@ -29,6 +28,7 @@ from .auth import Gate, TokenFileError, Tokens
 from .framing import FRAMINGS
 from .handler import ConfigError, HandlerFactory, HandlerFunction
 from .handlers.exec_config import is_loopback
+from .handover import Handover, inherited
 from .limits import (
     DEFAULT_FRAME_TIMEOUT,
     DEFAULT_MAX_BUFFERED,
@@ -48,7 +48,7 @@ from .options import (
 from .pidfile import PidFile, PidFileError
 from .proxying import DEFAULT_PROXY_FROM, Network, Proxying, parse_networks
 from .server import CannotListen, Server, Settings
-from .supervisor import inherited, supervise
+from .supervisor import CannotStart, supervise
 from .tls import (
     DEFAULT_HANDSHAKE_TIMEOUT,
     DEFAULT_MAX_HANDSHAKES,
@@ -182,9 +182,16 @@ def _said(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+class _Failed(SystemExit):
+    """Cannot start: one line, exit status 2 (``main`` says where the line goes)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(2)
+        self.message = message
+
+
 def _fail(message: str) -> NoReturn:
-    sys.stderr.write(f"muxsrv: error: {message}\n")
-    raise SystemExit(2)
+    raise _Failed(message)
 
 
 def load_handler(name: str) -> plugins.LoadedPlugin:
@@ -197,9 +204,20 @@ def load_handler(name: str) -> plugins.LoadedPlugin:
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     try:
-        worker = inherited()  # first: nothing this process starts may see the variables
+        handed = inherited()  # first: nothing this process starts may see the variables
     except ValueError as exc:
-        _fail(f"not a worker: {exc}")
+        sys.stderr.write(f"muxsrv: error: not a worker: {exc}\n")
+        raise SystemExit(2) from None
+    try:
+        return _main(args, handed)
+    except _Failed as exc:  # a worker tells its supervisor, which logs it in its own line
+        if not handed.report_failure(exc.message):
+            sys.stderr.write(f"muxsrv: error: {exc.message}\n")
+        raise SystemExit(2) from None
+
+
+def _main(args: list[str], handed: Handover) -> int:
+    worker = handed if handed.socks is not None else None
     pre = _Parser(prog="muxsrv", add_help=False, allow_abbrev=False)
     pre.add_argument("--handler", default="echo")
     known, _rest = pre.parse_known_args(args)
@@ -213,6 +231,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s muxsrv %(levelname)s: %(message)s",
         stream=sys.stderr,
     )
+    if handed.ignored:
+        log.debug("not a --workers worker: %s; listening on a port of its own", handed.ignored)
     tls = tls_from(options)
     gate = gate_from(options)
     proxying = Proxying(options.proxy_from) if options.proxy_protocol else None
@@ -240,6 +260,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CannotListen as exc:
         sys.stderr.write(f"muxsrv: error: {exc}\n")
         return 2 if exc.mistake else 1
+    except CannotStart as exc:
+        sys.stderr.write(f"muxsrv: error: {exc}\n")
+        return 1
     except PidFileError as exc:
         sys.stderr.write(f"muxsrv: error: {exc}\n")
         return 1
@@ -329,7 +352,7 @@ def serve(
     tls: TLSServer | None = None,
     proxying: Proxying | None = None,
     pid_file: PidFile | None = None,
-    worker: tuple[list[socket.socket], int] | None = None,
+    worker: Handover | None = None,
 ) -> int:
     """Listen and serve until a signal has drained; the exit status.
 
@@ -359,12 +382,12 @@ def serve(
         else:
             loop.add_signal_handler(signal.SIGHUP, lambda: log.debug(
                 "SIGHUP ignored: the --workers supervisor reloads"))
-        listening = server.listen(worker[0] if worker is not None else None)
+        listening = server.listen(worker.socks if worker is not None else None)
         where = ", ".join(format_address(address) for address in listening)
         if pid_file is not None:
             pid_file.write()
-        if worker is not None and worker[1] >= 0:
-            loop.call_soon(_report_ready, worker[1])
+        if worker is not None and worker.ready_fd >= 0:
+            loop.call_soon(worker.report_ready)
         details = f", worker pid {os.getpid()}" if worker is not None else ""
         if tls is not None:
             details += ", TLS with client certificates" if tls.mutual else ", TLS"
@@ -386,12 +409,3 @@ def serve(
     log.info("stopped")
     return server.exit_status
 
-
-def _report_ready(fd: int) -> None:
-    """A worker's loop runs: one byte tells the supervisor (whom a failure here need not stop)."""
-    try:
-        os.write(fd, b"R")
-    except OSError as exc:
-        log.warning("cannot tell the supervisor this worker serves: %s", exc.strerror)
-    finally:
-        os.close(fd)

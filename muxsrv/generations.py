@@ -26,6 +26,16 @@ into it): when the reload in progress ends, serving or failed, another one
 starts, so the code and files on disk at the last SIGHUP are the ones that
 end up serving.
 
+Starting.  Every worker must report that it serves within ``ready_timeout``
+of its start, whether of generation 1, a reload or a replacement.  Until
+generation 1 (or a reload started meanwhile) has served, a worker that exits,
+cannot be spawned or misses that time means the workers cannot start at all
+(a handler that raises at import, say): nothing is replaced, every worker is
+stopped, and ``failed`` says why in one line (the supervisor exits 1 with
+it).  Later, a replacement that misses its time is taken as hung: it is
+stopped and replaced, with the back-off.  A worker's own words on why it
+cannot start (``said``) go into the line about its exit.
+
 Stopping (SIGINT/SIGTERM): every worker drains, a queued reload is dropped,
 nothing more is started; ``done`` once all have exited.  A second stop, or a
 worker past its time, is SIGKILLed.  ``status`` is 1 if any worker had to be
@@ -115,7 +125,8 @@ class Generations:
         self.due: list[float] = []  # replacements for the serving generation, when
         self.backoff = Backoff()
         self._actions: list[tuple[str, int]] = []
-        self._announced = False  # generation 1's "serving" line
+        self.up = False  # a generation has served: the workers can start
+        self.failed = ""  # why they cannot: the supervisor's last word
 
     # -- what the supervisor reads --------------------------------------------
 
@@ -135,7 +146,10 @@ class Generations:
     def deadline(self) -> float:
         """The next moment ``tick`` has something to do (inf: none)."""
         kills = [w.kill_at for w in self.workers.values() if not w.killed]
-        return min([math.inf, self.ready_by if self.starting else math.inf, *self.due, *kills])
+        late = [w.started + self.ready_timeout for w in self.workers.values()
+                if not w.ready and w.kill_at == math.inf]
+        return min([math.inf, self.ready_by if self.starting else math.inf, *self.due, *kills,
+                    *late])
 
     def waiting_for_ready(self) -> bool:
         """Is some worker still to report that it serves?  (Its pipe needs watching.)"""
@@ -153,11 +167,16 @@ class Generations:
 
     def spawn_failed(self, generation: int, now: float, reason: str) -> None:
         """The process could not even be created: as a worker that died at once."""
-        log.error("cannot start a worker of generation %d: %s", generation, reason)
-        if generation == self.starting:
-            self._fail(now, f"a worker could not be started ({reason})")
-        elif generation == self.serving and not self.stopping:
-            self._replace(now, 0.0)
+        why = f"a worker could not be started ({reason})"
+        if self.stopping:
+            log.debug("%s while stopping", why)
+        elif generation == self.starting:
+            self._fail(now, why)
+        elif generation == self.serving and not self.up:
+            self._give_up(now, why)
+        elif generation == self.serving:
+            log.error("cannot start a worker of generation %d: %s", generation, reason)
+            self._replace(now, self.backoff.died(now, 0.0)[0])
 
     def ready(self, pid: int, now: float) -> None:
         worker = self.workers.get(pid)
@@ -166,30 +185,36 @@ class Generations:
         worker.ready = True
         if worker.generation == self.starting and len(self._ready(self.starting)) == self.count:
             self._serve(now)
-        elif (worker.generation == self.serving == 1 and not self._announced
-              and len(self._ready(1)) == self.count):
-            self._announced = True
-            log.info("generation 1 serving (pids %s)", _listed(self._ready(1)))
+        elif (worker.generation == self.serving and not self.up and not self.stopping
+              and len(self._ready(self.serving)) == self.count):
+            self.up = True
+            log.info("generation %d serving (pids %s)", self.serving,
+                     _listed(self._ready(self.serving)))
 
-    def exited(self, pid: int, code: int, now: float) -> None:
+    def exited(self, pid: int, code: int, now: float, said: str = "") -> None:
+        """Worker ``pid`` ended (``waitstatus_to_exitcode``); ``said``: why, in its words."""
         worker = self.workers.pop(pid, None)
         if worker is None:
             return
         generation = worker.generation
         lived = now - worker.started
         expected = code in CLEAN_EXITS or (worker.killed and code == -signal.SIGKILL)
+        how = describe_exit(code) + (f" ({said})" if said else "")
         if self.stopping:
             if not expected:
-                log.warning("worker %d %s while stopping", pid, describe_exit(code))
+                (log.debug if self.failed else log.warning)(
+                    "worker %d %s while stopping", pid, how)
                 self.status = 1
         elif generation == self.starting:
-            self._fail(now, f"worker {pid} {describe_exit(code)} before the generation served")
+            self._fail(now, f"worker {pid} {how} before the generation served")
+        elif generation == self.serving and worker.kill_at == math.inf and not self.up:
+            self._give_up(now, f"worker {pid} {how}")
         elif generation == self.serving and worker.kill_at == math.inf:
-            self._died(pid, code, lived, now)
-        else:  # draining: an old generation, or a failed new one
-            if not expected:
-                log.warning("reload: worker %d of generation %d %s while draining",
-                            pid, generation, describe_exit(code))
+            self._died(pid, how, lived, now)
+        else:  # draining: an old generation, a failed new one, or a hung worker
+            if not expected:  # (a failed generation's failure has been told)
+                (log.debug if generation > self.serving else log.warning)(
+                    "reload: worker %d of generation %d %s while draining", pid, generation, how)
             if not self.pids(generation) and generation != self.serving:
                 log.info("reload: generation %d drained", generation)
 
@@ -221,9 +246,21 @@ class Generations:
                 self._term(pid, now)
 
     def tick(self, now: float) -> None:
-        """Time passed: replacements due, a new generation late, draining workers late."""
+        """Time passed: replacements due, new workers late, draining workers late."""
         if self.starting and now >= self.ready_by:
             self._fail(now, f"not every worker serves after {self.ready_timeout:g} s")
+        hung = [pid for pid, w in self.workers.items()
+                if not w.ready and w.kill_at == math.inf and w.generation != self.starting
+                and now >= w.started + self.ready_timeout]
+        if hung and not self.up:
+            self._give_up(now, f"worker {hung[0]} is not serving {self.ready_timeout:g} s "
+                               "after it started")
+        for pid in hung if self.up else []:
+            log.warning("worker %d of generation %d is not serving %g s after it started; "
+                        "stopping it and starting another", pid, self.workers[pid].generation,
+                        self.ready_timeout)
+            self._term(pid, now)
+            self._replace(now, self.backoff.died(now, 0.0)[0])
         while not self.stopping and self.due and min(self.due) <= now:
             self.due.remove(min(self.due))
             self._actions.append((SPAWN, self.serving))
@@ -253,6 +290,7 @@ class Generations:
                  new, _listed(self.pids(new)), old, _listed(self.pids(old)) or "none")
         self.serving, self.starting = new, 0
         self.ready_by = math.inf
+        self.up = True
         self.due.clear()  # replacements for the old generation are not needed any more
         for pid, worker in self.workers.items():
             if worker.generation == old and worker.kill_at == math.inf:
@@ -272,24 +310,35 @@ class Generations:
                 self._term(pid, now)
         self._next(now)
 
+    def _give_up(self, now: float, why: str) -> None:
+        """The workers cannot start: stop them all, quietly (``failed`` is the one line)."""
+        self.failed = f"the workers cannot start: {why}"
+        self.stopping = True
+        self.status = 1
+        self.queued = False
+        self.starting = 0
+        self.due.clear()
+        for pid, worker in self.workers.items():
+            if worker.kill_at == math.inf:
+                self._term(pid, now)
+
     def _next(self, now: float) -> None:
         if self.queued:
             self.queued = False
             self._begin(now)
 
-    def _died(self, pid: int, code: int, lived: float, now: float) -> None:
+    def _died(self, pid: int, how: str, lived: float, now: float) -> None:
         delay, starts = self.backoff.died(now, lived)
         if delay == 0:
-            log.warning("worker %d %s after %.0f s; starting another", pid, describe_exit(code),
-                        lived)
+            log.warning("worker %d %s after %.0f s; starting another", pid, how, lived)
         elif starts:
             log.warning(
                 "worker %d %s %.1f s after starting; restarting workers after a back-off "
                 "(%g s doubling to %g s) until one has lived %g s",
-                pid, describe_exit(code), lived, FIRST_BACKOFF, MAX_BACKOFF, HEALTHY_AFTER,
+                pid, how, lived, FIRST_BACKOFF, MAX_BACKOFF, HEALTHY_AFTER,
             )
         else:
-            log.debug("worker %d %s; restarting in %g s", pid, describe_exit(code), delay)
+            log.debug("worker %d %s; restarting in %g s", pid, how, delay)
         self._replace(now, delay)
 
     def _replace(self, now: float, delay: float) -> None:

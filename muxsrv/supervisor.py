@@ -11,12 +11,12 @@ the next ``accept`` instead of being reset (closing a ``SO_REUSEPORT``
 listener resets its queue), as nginx and gunicorn keep theirs.
 
 The workers.  Each is a fresh interpreter, ``python -m muxsrv`` with the
-supervisor's own command line, so a reload runs the handler code now on
-disk; it inherits the listening sockets (their descriptors named in
-``MUXSRV_LISTEN_FDS``) and the write end of a pipe (``MUXSRV_READY_FD``) to
-which it writes one byte once its loop serves.  The worker takes both out of
-its environment at once, so nothing it starts sees them.  Its stdout and
-stderr are the supervisor's.  Before it execs, the child asks the kernel for
+supervisor's own interpreter flags (``-X``, ``-W``, ``-O`` ...) and command
+line, so a reload runs the handler code now on disk; it inherits the
+listening sockets and the write end of a pipe on which it says that its
+loop serves, or why it cannot start (``handover.py``: the variables, and why
+only a child of the supervisor adopts them).  Its stdout and stderr are the
+supervisor's.  Before it execs, the child asks the kernel for
 a SIGTERM when the supervisor dies (``PR_SET_PDEATHSIG``, Linux) and checks
 that it has not died already, so even a SIGKILLed supervisor leaves no
 worker behind.  Workers share the accept queue: whichever is free takes the
@@ -25,11 +25,14 @@ next connection.
 The supervisor.  SIGINT, SIGTERM, SIGHUP and SIGCHLD stay blocked in it; it
 takes them with ``sigtimedwait`` and reaps with ``waitpid(WNOHANG)``, so a
 signal at any moment is handled, never lost.  While a worker is still to
-report that it serves, it looks at the readiness pipes every ``READY_POLL``.
+report that it serves, it looks at the readiness pipes every ``READY_POLL``
+(for ``READY_TIMEOUT`` at most: then the worker is taken as hung).
 What to start and stop is decided by :class:`~muxsrv.generations.Generations`
 (replacing dead workers with a back-off, SIGHUP reloads, the drain, SIGKILL
-for stragglers); this module carries it out.  It never touches a client
-connection.
+for stragglers, giving up when the first generation cannot start); this
+module carries it out.  Should the supervisor itself fail (an exception),
+its workers still drain: SIGTERM, and SIGKILL only for those still running
+after the drain timeout and grace.  It never touches a client connection.
 """
 
 from __future__ import annotations
@@ -49,15 +52,13 @@ from typing import Any, Final
 
 from . import server as _server
 from .generations import KILL, SPAWN, TERM, Generations
+from .handover import ENV_LISTEN, ENV_READY, ENV_SUPERVISOR, FAILED, READY
 from .server import DRAIN_GRACE, HANDLER_CLEANUP_TIMEOUT, CannotListen, Settings
 
-__all__ = ["ENV_LISTEN", "ENV_READY", "inherited", "open_listeners", "supervise"]
+__all__ = ["CannotStart", "open_listeners", "supervise"]
 
 log = logging.getLogger("muxsrv")
 
-#: The environment variables that hand a worker its listening sockets and readiness pipe.
-ENV_LISTEN: Final = "MUXSRV_LISTEN_FDS"
-ENV_READY: Final = "MUXSRV_READY_FD"
 #: After the drain timeout, how long a worker may take to exit before it is
 #: killed: the server's own grace periods, and a second for the process.
 STOP_GRACE: Final = DRAIN_GRACE + HANDLER_CLEANUP_TIMEOUT + 1.0
@@ -82,45 +83,26 @@ def open_listeners(settings: Settings) -> list[socket.socket]:
         raise CannotListen(settings.host, settings.port, exc) from exc
 
 
-def inherited() -> tuple[list[socket.socket], int] | None:
-    """In a worker: the listening sockets and the readiness pipe; None outside a worker.
-
-    Takes both variables out of the environment.  Raises ValueError if they do
-    not name listening sockets.
-    """
-    listen = os.environ.pop(ENV_LISTEN, None)
-    ready = os.environ.pop(ENV_READY, None)
-    if listen is None:
-        return None
-    socks: list[socket.socket] = []
-    try:
-        for fd in (int(text) for text in listen.split(",")):
-            sock = socket.socket(fileno=fd)
-            socks.append(sock)
-            sock.set_inheritable(False)
-            if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
-                raise ValueError(f"descriptor {fd} is not listening")
-        ready_fd = int(ready) if ready else -1
-        if ready_fd >= 0:
-            os.set_inheritable(ready_fd, False)
-    except (ValueError, OSError) as exc:
-        for sock in socks:
-            sock.detach()
-        raise ValueError(f"{ENV_LISTEN}={listen!r}, {ENV_READY}={ready!r}: {exc}") from None
-    return socks, ready_fd
+class CannotStart(Exception):
+    """The first generation of workers could not start; ``str()`` says why, in one line."""
 
 
 def supervise(settings: Settings, count: int, argv: list[str],
               on_listening: Callable[[], None] | None = None) -> int:
     """Run ``count`` workers (``python -m muxsrv *argv``) until a signal; the exit status.
 
-    Raises CannotListen before any worker starts if the port cannot be had.
+    Raises CannotListen before any worker starts if the port cannot be had, and
+    CannotStart (once every worker has exited) if the first generation fails to start.
     """
     socks = open_listeners(settings)
     try:
         if on_listening is not None:
             on_listening()  # the port is ours: the --pid-file
-        return _Supervisor(settings, count, argv, socks).run()
+        supervisor = _Supervisor(settings, count, argv, socks)
+        status = supervisor.run()
+        if supervisor.gens.failed:
+            raise CannotStart(supervisor.gens.failed)
+        return status
     finally:
         for sock in socks:
             sock.close()
@@ -129,13 +111,15 @@ def supervise(settings: Settings, count: int, argv: list[str],
 class _Supervisor:
     def __init__(self, settings: Settings, count: int, argv: list[str],
                  socks: list[socket.socket]) -> None:
-        self.command = [sys.executable, "-m", "muxsrv", *argv]
+        flags: list[str] = subprocess._args_from_interpreter_flags()  # type: ignore[attr-defined]
+        self.command = [sys.executable, *flags, "-m", "muxsrv", *argv]
         self.fds = [sock.fileno() for sock in socks]
         self.gens = Generations(count, settings.drain_timeout, STOP_GRACE)
         self.pid = os.getpid()
         self.prctl = _load_prctl()
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
         self.pipes: dict[int, int] = {}  # pid -> the read end of its readiness pipe
+        self.said: dict[int, str] = {}  # pid -> why it cannot start, in its own words
         self.old_mask: set[int | signal.Signals] = set()
 
     def run(self) -> int:
@@ -159,7 +143,7 @@ class _Supervisor:
                 if info is not None:
                     self.on_signal(info.si_signo)
         finally:
-            self.kill_all()  # none left, unless an exception brought us here
+            self.stop_all()  # none left, unless an exception brought us here
             for _ in range(8):  # let no pending SIGINT raise KeyboardInterrupt later
                 if signal.sigtimedwait(_SIGNALS, 0) is None:
                     break
@@ -198,18 +182,23 @@ class _Supervisor:
     # -- workers come ... ------------------------------------------------------
 
     def spawn(self, generation: int) -> None:
-        ready_r, ready_w = os.pipe()
-        env = {**os.environ, ENV_LISTEN: ",".join(map(str, self.fds)), ENV_READY: str(ready_w)}
+        ready_r = ready_w = -1
         try:
+            ready_r, ready_w = os.pipe()
+            os.set_blocking(ready_r, False)
+            env = {**os.environ, ENV_LISTEN: ",".join(map(str, self.fds)),
+                   ENV_READY: str(ready_w), ENV_SUPERVISOR: str(self.pid)}
             proc = subprocess.Popen(self.command, env=env, pass_fds=(*self.fds, ready_w),
                                     preexec_fn=self.in_child)
         except (OSError, subprocess.SubprocessError) as exc:
-            os.close(ready_r)
+            _close(ready_r)
             self.gens.spawn_failed(generation, time.monotonic(), str(exc))
             return
+        except BaseException:
+            _close(ready_r)
+            raise
         finally:
-            os.close(ready_w)
-        os.set_blocking(ready_r, False)
+            _close(ready_w)
         self.procs[proc.pid] = proc
         self.pipes[proc.pid] = ready_r
         self.gens.spawned(proc.pid, generation, time.monotonic())
@@ -223,48 +212,86 @@ class _Supervisor:
         signal.pthread_sigmask(signal.SIG_SETMASK, self.old_mask)
 
     def read_ready(self) -> None:
-        for pid, fd in list(self.pipes.items()):
-            try:
-                byte = os.read(fd, 1)
-            except BlockingIOError:
-                continue
-            os.close(fd)
-            del self.pipes[pid]
-            if byte:
-                self.gens.ready(pid, time.monotonic())
+        for pid in list(self.pipes):
+            self.read_pipe(pid)
+
+    def read_pipe(self, pid: int) -> None:
+        """The worker's one word, if it has said it: it serves, or why it cannot start."""
+        fd = self.pipes[pid]
+        try:
+            data = os.read(fd, 8192)
+        except BlockingIOError:
+            return
+        os.close(fd)
+        del self.pipes[pid]
+        if data.startswith(FAILED):
+            self.said[pid] = data[len(FAILED):].decode("utf-8", "replace").strip()
+        elif data.startswith(READY):
+            self.gens.ready(pid, time.monotonic())
 
     # -- ... and go --------------------------------------------------------------
 
     def reap(self) -> None:
-        while self.procs:
-            try:
-                pid, wait_status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
-            self.forget(pid, os.waitstatus_to_exitcode(wait_status))
+        while self.procs and (reaped := _reap_one()) is not None:
+            self.forget(*reaped)
 
     def forget(self, pid: int, code: int) -> None:
         proc = self.procs.pop(pid, None)
         if proc is None:
             return
         proc.returncode = code  # reaped here: Popen must never wait for this PID again
+        if pid in self.pipes:  # what it wrote just before it exited
+            self.read_pipe(pid)
         fd = self.pipes.pop(pid, None)
         if fd is not None:
             os.close(fd)
-        self.gens.exited(pid, code, time.monotonic())
+        self.gens.exited(pid, code, time.monotonic(), self.said.pop(pid, ""))
 
-    def kill_all(self) -> None:
-        for pid in list(self.procs):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-            with contextlib.suppress(ChildProcessError):
-                _, wait_status = os.waitpid(pid, 0)
-                self.forget(pid, os.waitstatus_to_exitcode(wait_status))
+    def stop_all(self) -> None:
+        """After an exception (else no worker is left): every worker drains, as on SIGTERM;
+        those still running after the drain timeout and grace, or at a stop signal, are
+        killed.  Nothing is asked of the generations, whose state may be what failed."""
         for fd in self.pipes.values():
             os.close(fd)
         self.pipes.clear()
+        if not self.procs:
+            return
+        log.error("the supervisor failed; stopping its %d workers", len(self.procs))
+        self.signal_all(signal.SIGTERM)
+        deadline = time.monotonic() + self.gens.stop_after
+        while self.procs:
+            while self.procs and (reaped := _reap_one()) is not None:
+                if (proc := self.procs.pop(reaped[0], None)) is not None:
+                    proc.returncode = reaped[1]
+            left = deadline - time.monotonic()
+            if not self.procs:
+                break
+            info = signal.sigtimedwait(_SIGNALS, min(TICK, left)) if left > 0 else None
+            if left <= 0 or (info is not None and info.si_signo in _STOP_SIGNALS):
+                self.signal_all(signal.SIGKILL)
+                for pid, proc in self.procs.items():
+                    with contextlib.suppress(ChildProcessError):
+                        proc.returncode = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+                self.procs.clear()
+
+    def signal_all(self, signum: int) -> None:
+        for pid in self.procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+
+def _reap_one() -> tuple[int, int] | None:
+    """(pid, exit code) of a child that has exited, if any."""
+    try:
+        pid, wait_status = os.waitpid(-1, os.WNOHANG)
+    except ChildProcessError:
+        return None
+    return (pid, os.waitstatus_to_exitcode(wait_status)) if pid else None
+
+
+def _close(fd: int) -> None:
+    if fd >= 0:
+        os.close(fd)
 
 
 def _load_prctl() -> Any:

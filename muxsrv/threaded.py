@@ -54,8 +54,9 @@ def _parse(loaded: plugins.LoadedPlugin, options: tuple[str, ...]) -> Any:
         with contextlib.redirect_stderr(err):
             # Inside: a handler option that clashes with a core one exits too.
             parsed = cli.build_parser(loaded).parse_args(["--port", "0", *options])
-    except SystemExit:
-        raise ValueError(err.getvalue().strip() or f"bad options {options!r}") from None
+    except SystemExit as exc:  # cli's own mistakes carry their line (``cli._Failed``)
+        said = getattr(exc, "message", "") or err.getvalue().strip()
+        raise ValueError(said or f"bad options {options!r}") from None
     if "--handler" in options or any(o.startswith("--handler=") for o in options):
         raise ValueError("give the handler as the first argument, not as --handler")
     if parsed.workers != 1:

@@ -45,7 +45,8 @@ def wait_for(
 
 
 class ServerProcess:
-    """A muxsrv started as a user starts it: `python -m muxsrv ARGS` (or the whole `argv`)."""
+    """A muxsrv started as a user starts it: `python -m muxsrv ARGS` (or the whole `argv`),
+    with the descriptors `pass_fds` inherited."""
 
     def __init__(
         self,
@@ -54,6 +55,7 @@ class ServerProcess:
         preexec_fn: Callable[[], None] | None = None,
         argv: Sequence[str] | None = None,
         cwd: Path = ROOT,
+        pass_fds: Sequence[int] = (),
     ) -> None:
         full_env = dict(os.environ)
         full_env["PYTHONPATH"] = str(ROOT) + os.pathsep + full_env.get("PYTHONPATH", "")
@@ -69,6 +71,7 @@ class ServerProcess:
             env=full_env,
             cwd=cwd,
             preexec_fn=preexec_fn,
+            pass_fds=tuple(pass_fds),
         )
         self.pid = self.proc.pid
         self.lines: list[str] = []

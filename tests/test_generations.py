@@ -243,3 +243,131 @@ def test_a_sigkill_from_elsewhere_while_stopping_is_news(caplog: pytest.LogCaptu
     h.exit(100, -signal.SIGKILL)
     assert "worker 100 was killed by SIGKILL while stopping" in caplog.text
     assert h.gens.status == 1
+
+
+# -- starting: generation 1, replacements, and workers that never serve ------------------
+
+
+@pytest.mark.parametrize("how", ["exits", "cannot be spawned", "never serves"])
+def test_a_first_generation_that_cannot_start_stops_everything_with_one_reason(
+    how: str, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Bug caught: generation 1 failing at start restarted forever with a back-off (or, for a
+    spawn that fails, at once in a busy loop), never reported; a hung one polled forever."""
+    caplog.set_level(logging.DEBUG, "muxsrv")
+    h = Harness()
+    h.ready(100)  # one serves: the generation does not
+    if how == "exits":
+        h.now = 0.5
+        h.gens.exited(101, 2, h.now, "handler 'x' failed: RuntimeError: boom")
+        assert h.act() == []  # not replaced
+        why = "worker 101 exited with status 2 (handler 'x' failed: RuntimeError: boom)"
+    elif how == "cannot be spawned":
+        h.gens.workers.pop(101)  # as if its spawn had been the one to fail
+        h.gens.spawn_failed(1, h.now, "Resource temporarily unavailable")
+        assert h.act() == []
+        why = "a worker could not be started (Resource temporarily unavailable)"
+    else:
+        assert h.gens.waiting_for_ready()
+        assert h.gens.deadline() == READY
+        assert h.at(READY - 0.01) == [] and not h.gens.failed
+        assert h.at(READY) == []
+        why = "worker 101 is not serving 30 s after it started"
+        assert not h.gens.waiting_for_ready()  # no more polling of its pipe
+    assert h.gens.failed == f"the workers cannot start: {why}"
+    assert h.gens.stopping and h.gens.status == 1
+    assert 100 in h.termed and h.gens.deadline() == pytest.approx(h.now + DRAIN + GRACE)
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []  # failed: the line
+    h.exit(100)
+    if how == "never serves":
+        h.exit(101, -signal.SIGTERM)
+    assert h.gens.done and h.gens.take() == []
+    assert "generation 1 serving" not in caplog.text
+
+
+def test_the_first_worker_exit_is_the_reason_and_its_siblings_are_quiet(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    h = Harness()
+    h.gens.exited(100, 2, 0.1, "bad option")
+    h.act()
+    assert h.gens.failed == "the workers cannot start: worker 100 exited with status 2 " \
+                            "(bad option)"
+    assert h.termed == [101]
+    h.gens.exited(101, 2, 0.1, "bad option")  # it failed too, before the SIGTERM landed
+    assert h.gens.failed.startswith("the workers cannot start: worker 100 ")
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+    assert h.gens.done and h.gens.status == 1
+
+
+def test_a_sigterm_while_the_first_generation_starts_is_a_stop_not_a_failure() -> None:
+    h = Harness()
+    h.gens.stop(0.0, "SIGTERM")
+    h.act()
+    h.exit(100, -signal.SIGTERM)
+    h.exit(101, -signal.SIGTERM)
+    assert h.gens.done and h.gens.status == 0 and h.gens.failed == ""
+
+
+def test_a_replacement_that_never_serves_is_stopped_and_replaced_with_the_backoff(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Bug caught: a replacement that hangs before serving kept (and its pipe polled) forever."""
+    h = Harness()
+    h.ready(100, 101)
+    h.now = 20.0
+    assert h.exit(100, -signal.SIGKILL) == [102]  # lived long: replaced at once
+    assert h.gens.waiting_for_ready() and h.gens.deadline() == 20.0 + READY
+    assert h.at(20.0 + READY - 0.01) == [] and h.termed == []
+    assert h.at(20.0 + READY) == []  # stopped; its replacement after the back-off
+    assert h.termed == [102] and not h.gens.waiting_for_ready()
+    assert "worker 102 of generation 1 is not serving 30 s after it started; stopping it " \
+           "and starting another" in caplog.text
+    assert h.at(20.0 + READY + 0.1) == [103]
+    h.exit(102, -signal.SIGTERM)  # the hung one goes: no further replacement
+    assert h.gens.take() == [] and h.gens.pids(1) == [101, 103]
+    h.ready(103)
+    assert not h.gens.waiting_for_ready() and h.gens.failed == "" and not h.gens.stopping
+
+
+def test_a_replacement_that_cannot_be_spawned_is_retried_after_the_backoff_not_at_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Bug caught: a failing fork (EAGAIN) retried at once, again and again: a busy loop."""
+    h = Harness()
+    h.ready(100, 101)
+    h.now = 20.0
+    h.gens.exited(100, -signal.SIGKILL, h.now)
+    assert h.gens.take() == [(SPAWN, 1)]
+    h.gens.spawn_failed(1, h.now, "Resource temporarily unavailable")
+    assert h.gens.take() == []  # not at once
+    assert "cannot start a worker of generation 1: Resource temporarily unavailable" \
+           in caplog.text
+    assert h.at(20.1) == [102]
+    assert h.gens.failed == "" and not h.gens.stopping
+
+
+def test_a_replacements_own_reason_is_in_the_line_about_its_exit(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    h = Harness()
+    h.ready(100, 101)
+    h.now = 20.0
+    h.gens.exited(100, 2, h.now, "handler 'x': importing module 'x' failed: SyntaxError")
+    assert "worker 100 exited with status 2 (handler 'x': importing module 'x' failed: " \
+           "SyntaxError) after 20 s; starting another" in caplog.text
+    assert h.gens.failed == ""
+
+
+def test_a_failed_reloads_other_workers_failing_the_same_way_are_not_news(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    h = Harness()
+    h.ready(100, 101)
+    h.reload()
+    h.gens.exited(102, 2, h.now, "broken")
+    h.act()
+    assert caplog.text.count("broken") == 1
+    h.gens.exited(103, 2, h.now, "broken")  # before its SIGTERM landed
+    assert caplog.text.count("broken") == 1
+    assert h.gens.serving == 1 and h.gens.failed == ""
