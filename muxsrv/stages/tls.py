@@ -124,6 +124,8 @@ class TLSStage(Stage):
     def _read(self) -> bytes:
         chunks = []
         read = self._ssl.read
+        decrypted = self._ssl.pending
+        incoming = self._incoming
         try:
             while True:  # until OpenSSL wants more ciphertext: nothing left inside
                 chunk = read(READ_SIZE)
@@ -131,6 +133,11 @@ class TLSStage(Stage):
                     self._close_notified()
                     break
                 chunks.append(chunk)
+                if not incoming.pending and not decrypted():
+                    # Every byte fed is inside OpenSSL and none of it is plaintext
+                    # waiting: at most part of a record, which needs more bytes.  A read
+                    # now would only raise SSLWantReadError (costly: a few us a time).
+                    break
         except ssl.SSLWantReadError:
             pass
         except ssl.SSLZeroReturnError:
