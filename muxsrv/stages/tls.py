@@ -29,9 +29,12 @@ from __future__ import annotations
 import logging
 import ssl
 from collections.abc import Callable
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from . import Stage
+
+if TYPE_CHECKING:
+    from ..codec import Buffer
 
 __all__ = ["TLS_RECORD_TYPES", "TLSStage", "looks_like_tls"]
 
@@ -170,11 +173,19 @@ class TLSStage(Stage):
                 self._pending.append(data)  # e.g. a refusal queued before the handshake
         return self._outgoing.read() if self._outgoing.pending else b""
 
-    def _write(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view:  # write() takes at most what fits the records it makes
-            written = self._ssl.write(view)
-            view = view[written:]
+    def send_buffer(self, data: Buffer) -> bytes:
+        """``send`` for one large buffer: written into OpenSSL as it is, no join."""
+        if not self.ready or self._closed:
+            return self.send(bytes(data))
+        self._write(data)
+        return self._outgoing.read() if self._outgoing.pending else b""
+
+    def _write(self, data: Buffer) -> None:
+        written = self._ssl.write(data)
+        if written < len(data):  # write() takes at most what fits the records it makes
+            view = memoryview(data)[written:]
+            while view:
+                view = view[self._ssl.write(view):]
 
     def finish(self) -> bytes:
         """The connection is closing: our close_notify (once, after a handshake)."""
