@@ -25,9 +25,11 @@ BENCH = ROOT / "loadtest" / "bench"
 sys.path.insert(0, str(BENCH))
 
 import cbuild  # noqa: E402  (after the path: the bench modules are not a package)
+import report  # noqa: E402
 import run as bench_run  # noqa: E402
 import servers  # noqa: E402
 import tlsfiles  # noqa: E402
+from scenarios import SCENARIOS  # noqa: E402
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -79,6 +81,7 @@ def test_a_tiny_tls_and_auth_run_verifies_every_reply_and_leaves_no_files(
     assert "## TLS and tokens: ratio to plaintext muxsrv (same run)" in report
     assert "TLS: muxsrv-tls, 100 conns req/s" in report
     assert "authenticated connections vs plain muxsrv" in report
+    assert "## Server CPU per request (median of repeats; lower is cheaper)" in report
     assert list(temp.iterdir()) == []  # certificate, key and tokens removed
 
 
@@ -157,3 +160,19 @@ def test_the_plain_generator_refuses_tls(tmp_path: Path) -> None:
     done = subprocess.run([str(plain), "--port", "1", "--tls"], capture_output=True, text=True,
                           timeout=10)  # fmt: skip
     assert done.returncode == 2 and "built without OpenSSL" in done.stderr
+
+
+def test_cpu_cost_is_server_time_per_request_or_per_megabyte() -> None:
+    rr100, bulk = (next(s for s in SCENARIOS if s.key == k) for k in ("rr100", "bulk"))
+    table = {
+        "muxsrv-tls": {"rr100": report.Cell(value=50_000.0, server_cpu=1.0, runs=1),
+                       "bulk": report.Cell(value=0.5, server_cpu=0.8, runs=1)},
+        "uvloop-protocol-tls": {"rr100": report.Cell(value=40_000.0, server_cpu=0.5, runs=2,
+                                                     failed=1)},
+    }  # fmt: skip
+    assert report.cpu_cost(table["muxsrv-tls"]["rr100"], rr100.unit) == pytest.approx(20.0)
+    assert report.cpu_cost(table["muxsrv-tls"]["bulk"], bulk.unit) == pytest.approx(1600.0)
+    lines = report.cost_table(table, ["muxsrv-tls", "uvloop-protocol-tls"], [rr100, bulk])
+    assert lines[0] == "| server | 100 conns (us/req) | 8 x 1 MiB (us/MB) |"
+    assert lines[2] == "| muxsrv-tls | 20.00 | 1,600 |"
+    assert lines[3] == "| uvloop-protocol-tls |  |  |"  # a failed run is no figure

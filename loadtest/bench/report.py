@@ -155,6 +155,32 @@ def ratio_table(
     return lines
 
 
+def cpu_cost(cell: Cell | None, unit: str) -> float | None:
+    """The server's CPU time per request in us (per MB of payload for GB/s), or None."""
+    if cell is None or not cell.ok or not cell.value or cell.server_cpu is None:
+        return None
+    per_second = cell.value * 1e3 if unit == "GB/s" else cell.value  # MB/s or req/s
+    return cell.server_cpu / per_second * 1e6
+
+
+def cost_table(
+    table: dict[str, dict[str, Cell]], servers: Sequence[str], scs: Sequence[Scenario]
+) -> list[str]:
+    """Server CPU per request: on a shared machine, steadier than throughput (a
+    neighbour takes the server's CPU away, and with it req/s, more than it changes
+    what each request costs)."""
+    load = [s for s in scs if s.kind == "load"]
+    units = {"req/s": "us/req", "GB/s": "us/MB"}
+    lines = _header("server", [f"{s.title} ({units.get(s.unit, '')})" for s in load])
+    for name in servers:
+        texts = []
+        for s in load:
+            cost = cpu_cost(table.get(name, {}).get(s.key), s.unit)
+            texts.append("" if cost is None else f"{cost:,.2f}" if cost < 100 else f"{cost:,.0f}")
+        lines.append(_row([name, *texts]))
+    return lines
+
+
 def latency_table(
     table: dict[str, dict[str, Cell]], servers: Sequence[str], scs: Sequence[Scenario]
 ) -> list[str]:

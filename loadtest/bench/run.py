@@ -357,6 +357,8 @@ class Bench:
                 report.ratio_table(table, tls, scs, report.UVLOOP_TLS))] if tls else []),
             *([("TLS and tokens: ratio to plaintext muxsrv (same run)",
                 report.ratio_table(table, secured, scs, "muxsrv"))] if secured else []),
+            *([("Server CPU per request (median of repeats; lower is cheaper)",
+                report.cost_table(table, names, scs))] if tls or secured else []),
             ("Latency, us (median of repeats)", report.latency_table(table, names, scs)),
             ("Is the generator the bottleneck?", report.headroom_table(table, scs)),
             ("Targets (muxsrv)", report.targets_table(goals)),
