@@ -113,7 +113,7 @@ class Stage:
 class StagePath:
     """One connection's stages, nearest the socket first, run in both directions."""
 
-    __slots__ = ("error", "health_check", "parting", "peer", "stages", "tell_peer")
+    __slots__ = ("eof", "error", "health_check", "parting", "peer", "stages", "tell_peer")
 
     def __init__(self, stages: list[Stage]) -> None:
         self.stages = stages
@@ -128,16 +128,13 @@ class StagePath:
         #: The peer's address as the last stage to learn it said (None: the socket's).
         self.peer: Any = None
         self.health_check = False
+        #: A stage saw the peer end its stream (TLS close_notify); noted as it receives.
+        self.eof = False
 
     @property
     def ready(self) -> bool:
         """Every stage is ready: the handler may be told of the connection."""
         return all(stage.ready for stage in self.stages)
-
-    @property
-    def eof(self) -> bool:
-        """A stage saw the peer end its stream (TLS close_notify)."""
-        return any(stage.eof for stage in self.stages)
 
     @property
     def peer_cert(self) -> dict[str, Any] | None:
@@ -164,6 +161,8 @@ class StagePath:
         for i, stage in enumerate(stages):
             data = stage.receive(data)
             done = done or stage.done
+            if stage.eof:
+                self.eof = True
             if stage.peer is not None and stage.peer is not self.peer:
                 self.peer = stage.peer
                 self.health_check = stage.health_check
@@ -185,7 +184,9 @@ class StagePath:
     def send(self, out: list[Buffer] | None) -> list[Buffer] | None:
         """Queued output through every stage, nearest the codec first."""
         stages = self.stages
-        if out and len(stages) == 1 and len(out) > 1 and max(map(len, out)) >= SEND_UNJOINED:
+        # (A large reply is a few buffers, a header and its payload; many buffers are
+        # many small replies, which one join serves best: not even looked at.)
+        if out and len(stages) == 1 and 1 < len(out) <= 4 and max(map(len, out)) >= SEND_UNJOINED:
             return self._send_unjoined(stages[0], out)
         data = b"".join(out) if out else b""
         for stage in reversed(stages):
