@@ -63,7 +63,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 if TYPE_CHECKING:
     from .codec import Buffer
@@ -155,13 +155,23 @@ class Conn(Protocol):
         """Undo one ``work_started``."""
         ...
 
+    def peer_validated(self) -> None:
+        """The peer proved it owns its address (``--udp``: it echoed back a token you sent
+        it): lift the 3x amplification cap for it.  Over TCP nothing to do (a no-op)."""
+        ...
+
 
 class Handler:
     """Base class for the class form; every method has a do-nothing default.
 
     Subclass it and override what you need.  ``configure`` returns the factory
     the server calls once per connection: the class itself by default.
+    ``udp_unsafe``: why this handler must not serve ``--udp`` (a forged source
+    address would make it act for someone else); the server refuses to start.
+    A function handler may carry the same attribute.
     """
+
+    udp_unsafe: ClassVar[str | None] = None
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:

@@ -52,7 +52,6 @@ import _socket
 import errno
 import logging
 import socket
-import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
@@ -71,9 +70,11 @@ from .limits import (
 from .listening import CannotListen, bind_addresses, bind_sockets
 from .loop import EVENT_READ, EventLoop
 from .outbound import connector_of
+from .ratelog import RateLimitedLog as _RateLimitedLog
 from .staged import StagedConnection
 from .tls import RefusalAfterHandshake
 from .transport import LINGER_TIMEOUT
+from .udp import DEFAULT_MAX_PEERS, DEFAULT_MAX_QUEUE, DatagramEndpoint
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -123,26 +124,9 @@ class Settings:
     output_soft_seconds: float = DEFAULT_SOFT_SECONDS
     max_buffered: int = DEFAULT_MAX_BUFFERED  # 0: off
     handler_name: str = "echo"  # as the start-up line names it: "echo (built-in)"
-
-
-class _RateLimitedLog:
-    """Log the first event of a kind at once, then at most one summary per second."""
-
-    def __init__(self, interval: float = 1.0) -> None:
-        self.interval = interval
-        self.last = -interval
-        self.suppressed = 0
-
-    def warning(self, msg: str, *args: object) -> None:
-        now = time.monotonic()
-        if now - self.last < self.interval:
-            self.suppressed += 1
-            return
-        if self.suppressed:
-            msg += f" ({self.suppressed} more like this not logged)"
-        self.suppressed = 0
-        self.last = now
-        log.warning(msg, *args)
+    udp: str = "off"  # "also" (--udp), "only" (--udp-only)
+    udp_max_peers: int = DEFAULT_MAX_PEERS
+    udp_max_queue: int = DEFAULT_MAX_QUEUE
 
 
 class _Listener:
@@ -208,21 +192,44 @@ class Server:
         )
         #: Asked by a connection whose output queue grew (``Connection._output_grew``).
         self.max_output = settings.max_output
+        #: --udp: the datagram endpoint, on the same host and port.
+        self.udp = None if settings.udp == "off" else DatagramEndpoint(
+            loop, function=function, factory=factory, max_peers=settings.udp_max_peers,
+            max_queue=settings.udp_max_queue, idle_timeout=settings.idle_timeout,
+            max_message=settings.max_frame,
+            loopback_only=gate is not None and gate.protected and gate.tokens is None)
 
     # -- listening ----------------------------------------------------------
 
     def listen(
-        self, sock: socket.socket | list[socket.socket] | None = None
+        self, sock: socket.socket | list[socket.socket] | None = None,
+        udp: list[socket.socket] | None = None,
     ) -> list[tuple[str, int]]:
         """Bind the listening sockets (or adopt ``sock``, one or a list); their addresses.
 
-        Raises CannotListen (an OSError) naming the address.
+        With ``--udp``, the UDP sockets too (or adopt ``udp``), on the TCP port
+        (``self.udp.addresses``); with ``--udp-only``, only them, and the
+        addresses are theirs.  Raises CannotListen (an OSError) naming the address.
         """
-        try:
-            socks = (_bind(self.settings) if sock is None
-                     else [sock] if isinstance(sock, socket.socket) else list(sock))
-        except OSError as exc:
-            raise CannotListen(self.settings.host, self.settings.port, exc) from exc
+        settings = self.settings
+        if settings.udp == "only":
+            socks = []
+        else:
+            try:
+                socks = (_bind(settings) if sock is None
+                         else [sock] if isinstance(sock, socket.socket) else list(sock))
+            except OSError as exc:
+                raise CannotListen(settings.host, settings.port, exc) from exc
+        if self.udp is not None:
+            port = socks[0].getsockname()[1] if socks else settings.port
+            try:
+                addresses = self.udp.listen(settings.host, port, udp)
+            except OSError as exc:
+                for lsock in socks:
+                    lsock.close()
+                raise CannotListen(settings.host, port, exc) from exc
+            if not socks:
+                return addresses
         for lsock in socks:
             lsock.setblocking(False)
             listener = _Listener(self, lsock)
@@ -459,6 +466,8 @@ class Server:
         log.info("shutting down: draining %d connections (up to %g s)",
                  len(self._conns), self.settings.drain_timeout)
         self.draining = True
+        if self.udp is not None:
+            self.udp.close()  # datagrams owe nothing: no drain
         self._limits.stop()
         self._stop_listening()
         for listener in self._listeners:
@@ -498,6 +507,8 @@ class Server:
     def run(self) -> None:
         """Run the loop until shutdown has drained, then let handlers clean up."""
         self.loop.run_forever()
+        if self.udp is not None:
+            self.udp.close()
         self._abort_all()
         self.loop.run_once(max_wait=0)  # connection_lost for what was just aborted
         outbound = connector_of(self.loop)
