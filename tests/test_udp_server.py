@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 import shutil
 import socket
 import statistics
@@ -14,7 +15,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support import ROOT, frame, plugin_env, recv_frame, running_server, wait_for
+from support import (
+    ROOT,
+    ServerProcess,
+    frame,
+    plugin_env,
+    recv_frame,
+    running_server,
+    wait_for,
+)
 
 from muxsrv.loop import EventLoop
 from muxsrv.udp import DatagramEndpoint
@@ -241,3 +250,24 @@ def test_queue_bound_with_a_receiver_that_never_reads(tmp_path: Path) -> None:
         ep.close()
         loop.close()
         cli.close()
+
+
+def test_readme_token_echo_example(tmp_path: Path, udp: socket.socket) -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    code = re.search(r"```python\n(# token_echo\.py.*?)```", readme, re.S)
+    assert code is not None
+    (tmp_path / "token_echo.py").write_text(code.group(1))
+    srv = ServerProcess(["--port", "0", "--udp", "--handler", "token_echo:TokenEcho"],
+                        cwd=tmp_path)
+    try:
+        srv.wait_started()
+        udp.sendto(b"SIZE 100", srv.address)
+        srv.wait_log("amplification")
+        token = ask(udp, srv.address, b"HELLO")
+        assert ask(udp, srv.address, b"TOKEN " + token) == b"OK"
+        assert ask(udp, srv.address, b"SIZE 100") == b"x" * 100
+        with srv.connect() as tcp:  # the same handler over TCP: no cap to lift
+            tcp.sendall(frame(b"SIZE 100"))
+            assert recv_frame(tcp) == (False, b"x" * 100)
+    finally:
+        srv.stop()
