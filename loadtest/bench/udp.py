@@ -155,8 +155,8 @@ def main(argv: list[str] | None = None) -> int:
             result["repeat"] = repeat
             runs.append(result)
             failed |= not result["ok"] or bool(result.get("corrupt"))
-            print(f"{name} #{repeat + 1}: {result['rps']:,.0f} req/s, lost {result.get('lost', 0)}, "
-                  f"server CPU {result['server_cpu']:.0%}"
+            print(f"{name} #{repeat + 1}: {result['rps']:,.0f} req/s, "
+                  f"lost {result.get('lost', 0)}, server CPU {result['server_cpu']:.0%}"
                   + (f" FAILED {result.get('error', '')}" if not result["ok"] else ""),
                   file=sys.stderr)
     print(f"## UDP echo: {args.size}-byte datagrams from {args.socks} sockets, one in flight "
