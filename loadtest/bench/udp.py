@@ -101,9 +101,10 @@ def one_run(spec: ServerSpec, args: argparse.Namespace, server_cpu: int | None,
 
 
 def table(runs: list[dict[str, Any]], names: list[str]) -> list[str]:
-    lines = ["| server | req/s | p50 µs | p99 µs | lost | server CPU | generator idle | "
-             "others' CPU |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| server | req/s | p50 µs | p99 µs | lost | server CPU | CPU µs / request | "
+             "generator idle | others' CPU |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     medians: dict[str, float] = {}
+    costs: dict[str, float] = {}
     for name in names:
         mine = [r for r in runs if r["server"] == name]
         if not mine:
@@ -113,14 +114,20 @@ def table(runs: list[dict[str, Any]], names: list[str]) -> list[str]:
             return statistics.median(float(r.get(key, 0.0)) for r in mine)
 
         medians[name] = med("rps")
+        measured = [r["server_cpu"] * 1e6 / r["rps"] for r in mine if r.get("rps")]
+        costs[name] = statistics.median(measured) if measured else 0.0
         lines.append(f"| {name} | {med('rps'):,.0f} | {med('p50_us'):.0f} | "
                      f"{med('p99_us'):.0f} | {med('lost'):.0f} | {med('server_cpu'):.0%} | "
-                     f"{med('spare'):.0%} | {med('others_cpu'):.0%} |")
+                     f"{costs[name]:.1f} | {med('spare'):.0%} | {med('others_cpu'):.0%} |")
     lines.append("")
     if "muxsrv" in medians and medians.get("asyncio-datagram"):
         ratio = medians["muxsrv"] / medians["asyncio-datagram"]
         verdict = "met" if ratio >= TARGET else "missed"
         lines.append(f"muxsrv / asyncio-datagram: {ratio:.2f}x (target >= {TARGET}x: {verdict})")
+        if costs.get("muxsrv"):
+            lines.append(f"asyncio-datagram's CPU per request / muxsrv's: "
+                         f"{costs['asyncio-datagram'] / costs['muxsrv']:.2f}x (steadier than "
+                         "req/s when the machine is shared)")
     if "muxsrv" in medians and medians.get("c-recvmmsg"):
         lines.append(f"muxsrv / c-recvmmsg: {medians['muxsrv'] / medians['c-recvmmsg']:.2f}x "
                      "(the C peer is as cheap per datagram as the generator: its figure is "
