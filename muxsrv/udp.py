@@ -261,6 +261,10 @@ class DatagramEndpoint:
         self.queued = 0
         if self.peers is not None:
             self.peers.close()
+        dropped = self.dropped()
+        if dropped:
+            log.info("UDP: dropped %s", ", ".join(f"{count} ({reason})"
+                                                  for reason, count in sorted(dropped.items())))
 
     def dropped(self) -> dict[str, int]:
         """Every count: the endpoint's drops and the peer table's."""

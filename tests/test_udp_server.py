@@ -152,6 +152,10 @@ def test_function_handler_amplification(udp: socket.socket) -> None:
     (["--handler", "exec", "--udp-only"], "handler exec refuses --udp-only"),
     (["--udp", "--workers", "2"], "--udp needs --workers 1"),
     (["--udp", "--proxy-protocol"], "--udp cannot go with --proxy-protocol"),
+    (["--udp", "--tls-cert", "server.pem"], "--udp cannot go with --tls-cert: datagrams would "
+                                            "go in plaintext"),
+    (["--udp-only", "--auth-token-file", "tokens"], "--udp-only cannot go with "
+                                                    "--auth-token-file"),
     (["--udp", "--udp-only"], "not allowed with argument"),
 ])
 def test_refused_at_start(args: list[str], said: str) -> None:
@@ -161,6 +165,17 @@ def test_refused_at_start(args: list[str], said: str) -> None:
     assert out.returncode == 2
     assert said in out.stderr
     assert "listening" not in out.stderr
+
+
+def test_a_second_server_cannot_share_the_udp_port() -> None:
+    """No SO_REUSEADDR on the UDP socket: with it, Linux lets a second socket bind the
+    same port and take datagrams meant for the first."""
+    with running_server("--udp-only") as srv:
+        out = subprocess.run([sys.executable, "-m", "muxsrv", "--udp-only", "--port",
+                              str(srv.port)], capture_output=True, text=True, timeout=30,
+                             cwd=ROOT, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 2
+    assert f"cannot listen on 127.0.0.1:{srv.port}: Address already in use" in out.stderr
 
 
 def test_a_udp_flood_does_not_starve_tcp() -> None:
