@@ -16,8 +16,9 @@ is reported in one line when the next message is about to go, and a new one
 takes its place.  At a prompt, so does one lost to a timeout or a reset, and
 the prompt goes on; elsewhere that ends the run.  With ``--udp``, each message
 is one datagram, sent again after each ``--timeout`` (1 s) with no reply, up
-to ``--retries`` (2) times.  Option values are checked
-as the server's are: a mistake is one line and exit status 2.
+to ``--retries`` (2) times; one lost for good is reported and the next goes
+on.  Option values are checked as the server's are: a mistake is one line and
+exit status 2.
 """
 
 from __future__ import annotations
@@ -333,7 +334,8 @@ def _udp_main(parser: argparse.ArgumentParser, options: argparse.Namespace, wher
         _say(f"error: cannot reach {where}: {_reason(exc)}")
         return 1
     with client:
-        session = _Session(client, f"{where} (UDP)", survive=interactive, failure=1)
+        # A lost datagram does not put later ones out of step: go on (on a new socket).
+        session = _Session(client, f"{where} (UDP)", survive=True, failure=1)
         try:
             return _messages_main(session, options, interactive)
         except KeyboardInterrupt:

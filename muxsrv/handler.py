@@ -57,6 +57,11 @@ same handler interface speaks for us, with two differences: a failed connect
 and an error frame from the server goes to ``error_received``.  A class may
 also declare its own command-line options with ``add_arguments`` and build
 its per-connection factory in ``configure``.
+
+Over UDP (``--udp``) the same handlers serve datagrams: one datagram is one
+message, a class handler gets one instance per peer address, and replies are
+capped at 3 times the datagram until ``conn.peer_validated()``; see
+``muxsrv.udp_peers``.
 """
 
 from __future__ import annotations

@@ -8,8 +8,9 @@ datagram from it (``connection_made``, then ``message_received`` for that
 datagram and every later one).  There is no connection to end, so an
 instance ends (``connection_lost(conn, None)``, from the loop) when
 
-* the peer was silent for ``--idle-timeout`` (and has no ``work_started``
-  without its ``work_done``); checked by a sweep, ~1/8 of the timeout late;
+* the peer was silent for ``--idle-timeout`` (since its last datagram or
+  ``work_done``; never while a ``work_started`` waits for its ``work_done``),
+  checked by a sweep, ~1/8 of the timeout late;
 * the table holds ``--udp-max-peers`` instances and a new address sends: the
   least recently active one goes first (an LRU: the table is ordered by
   activity, so both the sweep and the eviction look only at its front);
@@ -134,6 +135,7 @@ class DatagramPeer:
 
     def work_done(self) -> None:
         self._work = max(0, self._work - 1)
+        self._table.touch(self)  # as over TCP: finishing work is activity
 
     def peer_validated(self) -> None:
         """The peer proved its address: no amplification cap from now on."""
@@ -231,6 +233,12 @@ class PeerTable:
         for data in held or ():
             peer.route.reply(peer, data)
         return True
+
+    def touch(self, peer: DatagramPeer) -> None:
+        """``peer`` was active now: the most recent in the table."""
+        if self._peers.get(peer.address) is peer:
+            peer.last_active = self.loop.now
+            self._peers.move_to_end(peer.address)
 
     # -- ending instances ------------------------------------------------------
 

@@ -137,6 +137,18 @@ def test_cli_udp_lost() -> None:
         peer.close()
 
 
+def test_cli_udp_goes_on_after_a_lost_message() -> None:
+    peer = LossyPeer(lambda n, data: [] if n == 1 else [data[::-1]])
+    try:
+        out = run_client("--udp", "--port", str(peer.address[1]), "--timeout", "0.1",
+                         "--retries", "0", "first", "second")
+        assert out.returncode == 1  # one was lost
+        assert b"no reply after 1 try of 0.1 s" in out.stderr
+        assert out.stdout == b"dnoces\n"
+    finally:
+        peer.close()
+
+
 @pytest.mark.parametrize(("args", "said"), [
     (["--udp", "--exec", "ls"], b"--udp cannot go with --exec"),
     (["--udp", "--tls"], b"--udp cannot go with --tls"),

@@ -136,7 +136,12 @@ def test_work_in_progress_keeps_an_idle_instance(fake: FakeLoop) -> None:
     fake.run()
     fake.advance(5)
     assert ep.peers is not None and A in ep.peers
-    conns[0].work_done()
+    sock.arrive(B, b"b")  # B is newer than A ...
+    fake.run()
+    conns[0].work_done()  # ... until A's work is done: activity, A is the newest
+    assert list(ep.peers._peers) == [B, A]
+    fake.advance(0.5)
+    assert A in ep.peers  # not expired at once for the time it was busy
     fake.advance(2)
     assert A not in ep.peers
 
