@@ -35,7 +35,7 @@ from . import Stage
 
 __all__ = ["TLS_RECORD_TYPES", "TLSStage", "looks_like_tls"]
 
-log = logging.getLogger("muxsrv")
+log = logging.getLogger("muxsrv.tls")
 
 #: The first byte of every TLS record: change_cipher_spec, alert, handshake, data.
 TLS_RECORD_TYPES: Final = frozenset({0x14, 0x15, 0x16, 0x17})
