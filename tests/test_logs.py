@@ -1,4 +1,4 @@
-"""The log: --log-level per area, --log-format json, --log-file reopened on SIGHUP, workers named."""
+"""The log: --log-level per area, --log-format json, --log-file reopened on SIGHUP."""
 
 from __future__ import annotations
 
@@ -48,7 +48,8 @@ def test_bad_levels_are_refused(text: str, said: str) -> None:
 # -- the JSON formatter ----------------------------------------------------------
 
 
-def record(msg: str, *args: object, level: int = logging.INFO, **extra: object) -> logging.LogRecord:
+def record(msg: str, *args: object, level: int = logging.INFO,
+           **extra: object) -> logging.LogRecord:
     logger = logging.getLogger("muxsrv.test")
     return logger.makeRecord(logger.name, level, __file__, 1, msg, args, None, extra=extra)
 
