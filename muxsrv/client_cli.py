@@ -3,7 +3,8 @@ r"""``muxsrv-client`` (``python -m muxsrv.client``): the client library's comman
 What it sends: each MESSAGE argument is one message; with none, each line of
 stdin is one: at an interactive prompt on a terminal (line editing and
 history), or with no prompts when stdin is piped.  Blank lines are skipped
-unless ``--empty-lines``.  With ``--exec``, like ``ssh host COMMAND``.
+unless ``--empty-lines``.  With ``--exec``, like ``ssh host COMMAND``.  With
+``--stat``, nothing: a line a second from the admin port (``client_stat.py``).
 
 What it prints: one line per reply, as text, with whatever is not printable
 escaped as Python writes it (``\n``, ``\x00``, ``\u200b``, a backslash as
@@ -29,6 +30,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from functools import partial
 from typing import NoReturn
 
+from . import client_stat
 from .address import format_address
 from .client import DEFAULT_TIMEOUT, Client, ReplyError, ServerError, ServerGone
 from .framing import FRAMINGS
@@ -59,6 +61,14 @@ _port = whole_number(1, 65535, "must be from 1 to 65535", "a port number")
 def _host(text: str) -> str:
     """A name or an address; an IPv6 address also as URLs write it, in brackets."""
     return text[1:-1] if text.startswith("[") and text.endswith("]") else text
+
+
+def _admin(text: str) -> tuple[str, int]:
+    """HOST:PORT, IPv6 as [::1]:9998."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host:
+        raise argparse.ArgumentTypeError(f"{text!r}: give HOST:PORT, such as 127.0.0.1:9998")
+    return _host(host), _port(port)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,6 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
     add("--tls-cert", metavar="FILE",
         help="with --tls: present this client certificate (a server with --tls-client-ca)")
     add("--tls-key", metavar="FILE", help="the client certificate's key, if not in --tls-cert")
+    add("--stat", action="store_true",
+        help="print a line a second from the server's admin port (connections, messages/s, "
+        "MB/s, p99, errors/s), a header every 20 lines, until Ctrl-C")
+    add("--admin", type=_admin, default=client_stat.DEFAULT_ADMIN, metavar="HOST:PORT",
+        help="with --stat: the server's admin listener (default: 127.0.0.1:9998)")
+    add("--interval", type=positive_seconds, default=1.0, metavar="SECONDS",
+        help="with --stat: seconds between lines (default: 1)")
     add("--version", action="version", version=program_version(PROG))
     parser.set_defaults(show="text")
     return parser
@@ -255,6 +272,13 @@ def _lines(interactive: bool, prompt: str) -> Iterator[bytes]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     options = parser.parse_args(argv)
+    if options.stat:
+        if options.exec is not None or options.messages:
+            parser.error("--stat sends nothing: no MESSAGE, no --exec")
+        host, port = options.admin
+        timeout = 5.0 if options.timeout is None else options.timeout
+        return client_stat.run(host, port, interval=options.interval, timeout=timeout,
+                               token=_token(parser, options.token_file))
     exec_mode = options.exec is not None
     if exec_mode and options.framing != "length":
         parser.error("--exec needs --framing length")
