@@ -132,7 +132,8 @@ class Display:
             duration(sample.p99_us, self.micro),
             count(_rate(sample.handler_errors, last.handler_errors, took)),
         )
-        out.append(" ".join(cell.rjust(width) for cell, (_, width) in zip(cells, _COLUMNS, strict=True)))
+        widths = [width for _, width in _COLUMNS]
+        out.append(" ".join(cell.rjust(width) for cell, width in zip(cells, widths, strict=True)))
         return out
 
 
