@@ -63,14 +63,6 @@ def _host(text: str) -> str:
     return text[1:-1] if text.startswith("[") and text.endswith("]") else text
 
 
-def _admin(text: str) -> tuple[str, int]:
-    """HOST:PORT, IPv6 as [::1]:9998."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not host:
-        raise argparse.ArgumentTypeError(f"{text!r}: give HOST:PORT, such as 127.0.0.1:9998")
-    return _host(host), _port(port)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog=PROG,
@@ -116,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--stat", action="store_true",
         help="print a line a second from the server's admin port (connections, messages/s, "
         "MB/s, p99, errors/s), a header every 20 lines, until Ctrl-C")
-    add("--admin", type=_admin, default=client_stat.DEFAULT_ADMIN, metavar="HOST:PORT",
+    add("--admin", type=client_stat.parse_admin, default=client_stat.DEFAULT_ADMIN,
+        metavar="HOST:PORT",
         help="with --stat: the server's admin listener (default: 127.0.0.1:9998)")
     add("--interval", type=positive_seconds, default=1.0, metavar="SECONDS",
         help="with --stat: seconds between lines (default: 1)")

@@ -18,6 +18,7 @@ what an operator watches this for.  Ctrl-C ends it with status 0.
 
 from __future__ import annotations
 
+import argparse
 import http.client
 import json
 import sys
@@ -26,7 +27,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final, TextIO
 
-__all__ = ["DEFAULT_ADMIN", "HEADER_EVERY", "AdminError", "Display", "Sample", "fetch", "run"]
+__all__ = ["DEFAULT_ADMIN", "HEADER_EVERY", "AdminError", "Display", "Sample", "fetch",
+           "parse_admin", "run"]
 
 #: The admin address the docs suggest (``--admin-port 9998``).
 DEFAULT_ADMIN: Final = ("127.0.0.1", 9998)
@@ -36,6 +38,19 @@ HEADER_EVERY: Final = 20
 MAX_BODY: Final = 8 << 20
 _COLUMNS: Final = (("conns", 7), ("in/s", 9), ("out/s", 9), ("MB/s in", 9), ("MB/s out", 9),
                    ("p99", 10), ("err/s", 8))
+
+
+def parse_admin(text: str) -> tuple[str, int]:
+    """argparse type of ``--admin`` (and the Locust kit's ``--mux-admin``): HOST:PORT,
+    IPv6 as ``[::1]:9998``."""
+    host, sep, port = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host:
+        raise argparse.ArgumentTypeError(f"{text!r}: give HOST:PORT, such as 127.0.0.1:9998")
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r}: the port must be from 1 to 65535")
+    return host, int(port)
 
 
 class AdminError(Exception):

@@ -195,7 +195,7 @@ def test_a_refusing_admin_port_says_so() -> None:
 
 @pytest.mark.parametrize(("args", "said"), [
     (["--admin", "9998"], "give HOST:PORT"),
-    (["--admin", "localhost:99999"], "must be from 1 to 65535"),
+    (["--admin", "localhost:99999"], "the port must be from 1 to 65535"),
     (["hello"], "--stat sends nothing"),
 ])
 def test_stat_option_mistakes(args: list[str], said: str) -> None:
