@@ -266,3 +266,17 @@ def test_workers_name_themselves_and_all_reopen(tmp_path: Path) -> None:
     assert all(("worker" in o) != ("supervisor" in o) for o in lines), lines
     assert {o["supervisor"] for o in lines if "supervisor" in o} == {srv.pid}
     assert {o["worker"] for o in lines if "worker" in o} > first  # the second generation too
+
+
+def test_json_on_stderr_after_the_start_up_line() -> None:
+    """Bug caught: --log-format json without --log-file writing text, or the start-up
+    line turned into JSON (tools parse it as it is)."""
+    with running_server("--log-format", "json") as srv:
+        srv.signal(signal.SIGTERM)
+        assert srv.wait() == 0
+        log = srv.final_log().splitlines()
+    assert log[0].startswith("muxsrv: listening on 127.0.0.1:")
+    objects = [json.loads(line) for line in log[1:]]
+    assert objects[-1]["event"] == "stopped" and objects[-1]["logger"] == "muxsrv"
+    assert not any("worker" in o or "supervisor" in o for o in objects)
+    assert not [o for o in objects if str(o["event"]).startswith("listening on")]  # file only
