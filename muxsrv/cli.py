@@ -167,16 +167,7 @@ def build_parser(handler: plugins.LoadedPlugin | None = None) -> argparse.Argume
         help="run N server processes sharing the listening sockets, under a parent that "
              "restarts them and, on SIGHUP, replaces them with fresh ones "
              "(default: 1, no parent; 0: one per CPU)")
-    add("--log-level", type=logs.log_levels, action="append", metavar="LEVEL[,LOGGER=LEVEL...]",
-        help="debug, info, warning or error, for every logger or, as muxsrv.exec=warning, for "
-             "one area (muxsrv.conn, muxsrv.exec, muxsrv.workers ...: see the README); "
-             "comma-separated or repeated, later entries win (default: info)")
-    add("--log-format", choices=logs.FORMATS, default="text",
-        help="text: the usual lines (default); json: one object per line (time, level, "
-             "logger, event, peer and the event's fields); the start-up line stays text")
-    add("--log-file", metavar="FILE",
-        help="append the log to FILE instead of stderr (the start-up line stays on stderr); "
-             "SIGHUP reopens it, for logrotate")
+    logs.add_options(parser)
     add("--version", action="version", version=program_version("muxsrv"))
     if handler is not None and handler.form == "class":
         try:
@@ -235,9 +226,8 @@ def _main(args: list[str], handed: Handover) -> int:
         _fail("--output-soft-limit must be below --max-output (or --max-output 0)")
 
     try:
-        log_file = logs.configure(logs.flatten(options.log_level), options.log_format,
-                                  options.log_file, worker=worker is not None,
-                                  supervisor=worker is None and options.workers != 1)
+        log_file = logs.from_options(options, worker=worker is not None,
+                                     supervisor=worker is None and options.workers != 1)
     except OSError as exc:
         _fail(f"cannot open --log-file {options.log_file}: {exc.strerror or exc}")
     if handed.ignored:
@@ -353,13 +343,6 @@ def _reload(tokens: Tokens | None, tls: TLSServer | None) -> None:
     log.info("SIGHUP: %s", "; ".join(done))
 
 
-def _worker_hup() -> None:
-    if logs.has_file():
-        log.info("SIGHUP: %s", logs.reopen())
-    else:
-        log.debug("SIGHUP ignored: the --workers supervisor reloads")
-
-
 def serve(
     settings: Settings,
     *,
@@ -401,7 +384,7 @@ def serve(
         if worker is None:
             loop.add_signal_handler(signal.SIGHUP, lambda: _reload(tokens, tls))
         else:
-            loop.add_signal_handler(signal.SIGHUP, _worker_hup)
+            loop.add_signal_handler(signal.SIGHUP, logs.worker_sighup)
         listening = server.listen(worker.socks if worker is not None else None)
         where = ", ".join(format_address(address) for address in listening)
         if pid_file is not None:

@@ -105,14 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--tls-cert", metavar="FILE",
         help="with --tls: present this client certificate (a server with --tls-client-ca)")
     add("--tls-key", metavar="FILE", help="the client certificate's key, if not in --tls-cert")
-    add("--stat", action="store_true",
-        help="print a line a second from the server's admin port (connections, messages/s, "
-        "MB/s, p99, errors/s), a header every 20 lines, until Ctrl-C")
-    add("--admin", type=client_stat.parse_admin, default=client_stat.DEFAULT_ADMIN,
-        metavar="HOST:PORT",
-        help="with --stat: the server's admin listener (default: 127.0.0.1:9998)")
-    add("--interval", type=positive_seconds, default=1.0, metavar="SECONDS",
-        help="with --stat: seconds between lines (default: 1)")
+    client_stat.add_options(parser)
     add("--version", action="version", version=program_version(PROG))
     parser.set_defaults(show="text")
     return parser

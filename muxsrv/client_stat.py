@@ -27,8 +27,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final, TextIO
 
-__all__ = ["DEFAULT_ADMIN", "HEADER_EVERY", "AdminError", "Display", "Sample", "fetch",
-           "parse_admin", "run"]
+from .options import positive_seconds
+
+__all__ = ["DEFAULT_ADMIN", "HEADER_EVERY", "AdminError", "Display", "Sample", "add_options",
+           "fetch", "parse_admin", "run"]
 
 #: The admin address the docs suggest (``--admin-port 9998``).
 DEFAULT_ADMIN: Final = ("127.0.0.1", 9998)
@@ -38,6 +40,18 @@ HEADER_EVERY: Final = 20
 MAX_BODY: Final = 8 << 20
 _COLUMNS: Final = (("conns", 7), ("in/s", 9), ("out/s", 9), ("MB/s in", 9), ("MB/s out", 9),
                    ("p99", 10), ("err/s", 8))
+
+
+def add_options(parser: argparse.ArgumentParser) -> None:
+    """muxsrv-client's --stat, --admin and --interval."""
+    add = parser.add_argument
+    add("--stat", action="store_true",
+        help="print a line a second from the server's admin port (connections, messages/s, "
+        "MB/s, p99, errors/s), a header every 20 lines, until Ctrl-C")
+    add("--admin", type=parse_admin, default=DEFAULT_ADMIN, metavar="HOST:PORT",
+        help="with --stat: the server's admin listener (default: 127.0.0.1:9998)")
+    add("--interval", type=positive_seconds, default=1.0, metavar="SECONDS",
+        help="with --stat: seconds between lines (default: 1)")
 
 
 def parse_admin(text: str) -> tuple[str, int]:

@@ -46,9 +46,14 @@ __all__ = [
     "LEVELS",
     "JsonFormatter",
     "LogFile",
+    "add_options",
     "configure",
+    "flatten",
+    "from_options",
+    "has_file",
     "log_levels",
     "reopen",
+    "worker_sighup",
 ]
 
 #: The loggers muxsrv's modules use, by area; all are children of ``muxsrv``.
@@ -73,6 +78,28 @@ _NAME: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*\Z"
 #: Attributes every LogRecord has: whatever else a record carries came from ``extra``.
 _STANDARD: Final = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {
     "message", "asctime", "taskName"}
+
+
+def add_options(parser: argparse.ArgumentParser) -> None:
+    """The server's --log-level, --log-format and --log-file."""
+    add = parser.add_argument
+    add("--log-level", type=log_levels, action="append", metavar="LEVEL[,LOGGER=LEVEL...]",
+        help="debug, info, warning or error, for every logger or, as muxsrv.exec=warning, for "
+             "one area (muxsrv.conn, muxsrv.exec, muxsrv.workers ...: see the README); "
+             "comma-separated or repeated, later entries win (default: info)")
+    add("--log-format", choices=FORMATS, default="text",
+        help="text: the usual lines (default); json: one object per line (time, level, "
+             "logger, event, peer and the event's fields); the start-up line stays text")
+    add("--log-file", metavar="FILE",
+        help="append the log to FILE instead of stderr (the start-up line stays on stderr); "
+             "SIGHUP reopens it, for logrotate")
+
+
+def from_options(options: argparse.Namespace, *, worker: bool = False,
+                 supervisor: bool = False) -> LogFile | None:
+    """:func:`configure` as the options say; raises OSError if the file cannot be opened."""
+    return configure(flatten(options.log_level), options.log_format, options.log_file,
+                     worker=worker, supervisor=supervisor)
 
 
 def log_levels(text: str) -> list[tuple[str, int]]:
@@ -196,3 +223,12 @@ def reopen() -> str:
 def has_file() -> bool:
     """Whether the log goes to a ``--log-file`` (that SIGHUP reopens)."""
     return any(isinstance(h, LogFile) for h in _installed)
+
+
+def worker_sighup() -> None:
+    """SIGHUP in a ``--workers`` worker: the supervisor reloads; the worker reopens its file."""
+    log = logging.getLogger("muxsrv")
+    if has_file():
+        log.info("SIGHUP: %s", reopen())
+    else:
+        log.debug("SIGHUP ignored: the --workers supervisor reloads")
