@@ -52,6 +52,7 @@ import _socket
 import errno
 import logging
 import socket
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
@@ -70,7 +71,6 @@ from .limits import (
 from .listening import CannotListen, bind_addresses, bind_sockets
 from .loop import EVENT_READ, EventLoop
 from .outbound import connector_of
-from .ratelog import RateLimitedLog as _RateLimitedLog
 from .staged import StagedConnection
 from .tls import RefusalAfterHandshake
 from .transport import LINGER_TIMEOUT
@@ -87,7 +87,8 @@ if TYPE_CHECKING:
 
 __all__ = ["CannotListen", "Server", "Settings", "bind_addresses", "bind_sockets"]
 
-log = logging.getLogger("muxsrv")
+log = logging.getLogger("muxsrv.server")
+limits_log = logging.getLogger("muxsrv.limits")  # connections refused
 
 #: Connections accepted per wake-up of the listener, at most.
 ACCEPT_BATCH: Final = 256
@@ -127,6 +128,28 @@ class Settings:
     udp: str = "off"  # "also" (--udp), "only" (--udp-only)
     udp_max_peers: int = DEFAULT_MAX_PEERS
     udp_max_queue: int = DEFAULT_MAX_QUEUE
+
+
+class _RateLimitedLog:
+    """Log the first event of a kind at once, then at most one summary per second."""
+
+    def __init__(self, interval: float = 1.0) -> None:
+        self.log = limits_log
+        self.interval = interval
+        self.last = -interval
+        self.suppressed = 0
+
+    def warning(self, msg: str, *args: object, peer: Any = None) -> None:
+        now = time.monotonic()
+        if now - self.last < self.interval:
+            self.suppressed += 1
+            return
+        if self.suppressed:
+            msg += f" ({self.suppressed} more like this not logged)"
+        self.suppressed = 0
+        self.last = now
+        self.log.warning(msg, *args,
+                         extra=None if peer is None else {"peer": format_address(peer)})
 
 
 class _Listener:
@@ -304,7 +327,8 @@ class Server:
         proxying = self.proxying
         if proxying is not None:
             if not proxying.trusts(peer):
-                self._refuse_log.warning("refusing %s: not in --proxy-from", format_address(peer))
+                self._refuse_log.warning("refusing %s: not in --proxy-from", format_address(peer),
+                                         peer=peer)
                 sock.close()
                 return
         elif gate is not None:
@@ -355,7 +379,8 @@ class Server:
             return reason
         conn = admitted[0]
         if per_ip.full(peer):
-            self._per_ip_log.warning("refusing %s: %s", format_address(peer), per_ip.reason)
+            self._per_ip_log.warning("refusing %s: %s", format_address(peer), per_ip.reason,
+                                     peer=peer)
             conn.log_quietly()  # logged just now, at most once a second: not once more
             return per_ip.reason
         per_ip.add(conn, peer)
@@ -365,7 +390,7 @@ class Server:
                    log_to: _RateLimitedLog | None = None) -> None:
         """Protected mode, a lock-out, an address's limit: an error frame, a lingering close."""
         (log_to or self._refuse_log).warning("refusing %s: %s", format_address(peer),
-                                             reason.split(";")[0])
+                                             reason.split(";")[0], peer=peer)
         if len(self._refused) >= MAX_REFUSED_LINGERING:
             sock.close()
             return
@@ -385,7 +410,7 @@ class Server:
     def _refuse(self, sock: _socket.socket, peer: Any) -> None:
         self._refuse_log.warning(
             "refusing %s: too many connections (--max-conns %d)",
-            format_address(peer), self.settings.max_conns,
+            format_address(peer), self.settings.max_conns, peer=peer,
         )
         if len(self._refused) >= MAX_REFUSED_LINGERING:
             sock.close()

@@ -49,7 +49,7 @@ if TYPE_CHECKING:
 __all__ = ["DEFAULT_MAX_PEERS", "DEFAULT_MAX_QUEUE", "MAX_DATAGRAM", "UDP_BATCH",
            "DatagramEndpoint"]
 
-log = logging.getLogger("muxsrv")
+log = logging.getLogger("muxsrv.udp")
 
 #: Datagrams read per wake-up of one socket, at most (asyncio: 1, libuv: 32).
 UDP_BATCH: Final = 64
@@ -241,11 +241,11 @@ class DatagramEndpoint:
         logger = self._logs.get(reason)
         if logger is None:
             level = logging.ERROR if reason == "handler error" else logging.WARNING
-            logger = self._logs[reason] = RateLimitedLog(level=level)
+            logger = self._logs[reason] = RateLimitedLog(log, level=level)
         detail = f": {type(exc).__name__}: {exc}" if exc is not None else ""
         logger.warning("UDP %s: %d bytes dropped: %s%s (%d so far)", format_address(address),
                        size, reason, detail, self.counts[reason],
-                       exc_info=exc if reason == "handler error" else None)
+                       peer=address, exc_info=exc if reason == "handler error" else None)
 
     def close(self) -> None:
         """Send what is queued if the sockets take it now, close them, end every instance."""

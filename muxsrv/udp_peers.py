@@ -49,7 +49,7 @@ if TYPE_CHECKING:
 
 __all__ = ["AMPLIFICATION", "DatagramPeer", "PeerTable", "Route"]
 
-log = logging.getLogger("muxsrv")
+log = logging.getLogger("muxsrv.udp")
 
 #: A peer not validated gets at most this many times its latest datagram's size in replies.
 AMPLIFICATION: Final = 3
@@ -153,8 +153,8 @@ class PeerTable:
         self.idle_timeout = idle_timeout
         self._peers: OrderedDict[Any, DatagramPeer] = OrderedDict()
         self._sweep: Timer | None = None
-        self._error_log = RateLimitedLog(level=logging.ERROR)
-        self._full_log = RateLimitedLog()
+        self._error_log = RateLimitedLog(log, level=logging.ERROR)
+        self._full_log = RateLimitedLog(log)
         #: Datagrams not handed over, by reason ("paused", "handler error", "peer table full"
         #: counts evictions).
         self.counts: dict[str, int] = {}
@@ -198,14 +198,14 @@ class PeerTable:
             self._count("peer table full")
             self._full_log.warning("UDP peer table full (--udp-max-peers %d): dropped %s, the "
                                    "least recently active", self.max_peers,
-                                   _shown(oldest.address))
+                                   _shown(oldest.address), peer=oldest.address)
             self._lost(oldest)
         try:
             handler = self._factory()
         except Exception as exc:
             self._count("handler error")
             self._error_log.warning("UDP %s: handler factory failed; datagram dropped",
-                                    _shown(address), exc_info=exc)
+                                    _shown(address), peer=address, exc_info=exc)
             return None
         peer = DatagramPeer(self, address, route, now)
         peer.handler = handler
@@ -226,7 +226,7 @@ class PeerTable:
         except Exception as exc:
             self._count("handler error")
             self._error_log.warning("UDP %s: handler %s failed; no reply", _shown(peer.address),
-                                    name, exc_info=exc)
+                                    name, peer=peer.address, exc_info=exc)
             return False
         finally:
             held, peer._held = peer._held, None

@@ -87,6 +87,7 @@ def test_one_instance_per_peer() -> None:
             assert ask(a, srv.address, b"y") == b"2 y"
             assert ask(b, srv.address, b"z") == b"1 z"
             assert ask(a, srv.address, b"w") == b"3 w"
+        wait_for(lambda: srv.log_count("made") >= 2)  # (the stderr reader may lag)
         assert srv.log_count("made") == 2
 
 
