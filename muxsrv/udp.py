@@ -154,6 +154,8 @@ class DatagramEndpoint:
         peers = self.peers
         now = self.loop.now
         for _ in range(UDP_BATCH):
+            if self.closed:
+                return  # a handler stopped the server inside this batch
             try:
                 size, address = recv(buffer)
             except (BlockingIOError, InterruptedError):
@@ -161,8 +163,6 @@ class DatagramEndpoint:
             except OSError as exc:  # (an ICMP error on some systems): the next read goes on
                 self._drop("receive error", None, 0, exc)
                 return
-            if self.closed:
-                return  # a handler stopped the server inside this batch
             if size > self.max_message:
                 self._drop("datagram over --max-frame", address, size)
                 continue

@@ -325,3 +325,19 @@ def test_failing_connection_made_keeps_no_instance(fake: FakeLoop) -> None:
     sock.arrive(A, b"x")
     fake.run()
     assert sock.sent_to == [] and ep.peers is not None and len(ep.peers) == 0
+
+
+def test_closed_inside_a_batch_reads_no_more(fake: FakeLoop) -> None:
+    sock = FakeDatagramSocket()
+    eps: list[DatagramEndpoint] = []
+
+    def stopper(payload: bytes) -> bytes:
+        if payload == b"stop":
+            eps[0].close()  # as a handler's signal to the server would
+        return payload
+
+    eps.append(endpoint(fake, sock, function=stopper))
+    sock.arrive(A, b"a", b"stop", b"b")
+    fake.run()
+    assert sock.sent_to == [(b"a", A)]
+    assert sock.used_after_close == 0 and "receive error" not in eps[0].counts
