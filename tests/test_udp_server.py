@@ -68,11 +68,13 @@ def test_upper_udp_only(udp: socket.socket) -> None:
 
 
 @pytest.mark.skipif(shutil.which("nc") is None, reason="nc is not installed")
-def test_upper_with_nc() -> None:
-    with running_server("--udp", "--handler", "upper") as srv:
+@pytest.mark.parametrize(("handler", "reply"), [("echo", b"hello nc"), ("upper", b"HELLO NC")])
+def test_echo_and_upper_with_nc(handler: str, reply: bytes) -> None:
+    with running_server("--udp", "--handler", handler) as srv:
+        # -w 1: nc waits that long for the reply after stdin ends, then exits.
         out = subprocess.run(["nc", "-u", "-w", "1", "127.0.0.1", str(srv.port)],
                              input=b"hello nc", capture_output=True, timeout=10)
-        assert out.stdout == b"HELLO NC"
+        assert out.stdout == reply
 
 
 def test_one_instance_per_peer() -> None:
