@@ -114,8 +114,8 @@ class DatagramPeer:
             self.route.reply(self, data)
 
     def send_error(self, text: str) -> None:
-        log.info("UDP %s: error not sent (datagrams have no error frame): %s",
-                 _shown(self.address), text)
+        self._table.quiet_log.warning("UDP %s: error not sent (datagrams have no error frame): "
+                                      "%s", _shown(self.address), text, peer=self.address)
 
     def close(self) -> None:
         self._table.drop_soon(self)
@@ -155,6 +155,8 @@ class PeerTable:
         self._sweep: Timer | None = None
         self._error_log = RateLimitedLog(log, level=logging.ERROR)
         self._full_log = RateLimitedLog(log)
+        #: ``send_error`` lines (at most one a second: a flood may provoke one per datagram).
+        self.quiet_log = RateLimitedLog(log, level=logging.INFO)
         #: Datagrams not handed over, by reason ("paused", "handler error", "peer table full"
         #: counts evictions).
         self.counts: dict[str, int] = {}

@@ -341,3 +341,20 @@ def test_closed_inside_a_batch_reads_no_more(fake: FakeLoop) -> None:
     fake.run()
     assert sock.sent_to == [(b"a", A)]
     assert sock.used_after_close == 0 and "receive error" not in eps[0].counts
+
+
+def test_send_error_is_only_logged_at_most_once_a_second(
+    fake: FakeLoop, caplog: pytest.LogCaptureFixture
+) -> None:
+    sock = FakeDatagramSocket()
+
+    class Complains(Handler):
+        def message_received(self, conn: Conn, payload: bytes) -> None:
+            conn.send_error("no such thing")
+
+    endpoint(fake, sock, factory=Complains)
+    with caplog.at_level(logging.INFO, "muxsrv.udp"):
+        sock.arrive(A, *[b"x"] * 50)
+        fake.run()
+    assert sock.sent_to == []
+    assert caplog.text.count("error not sent (datagrams have no error frame): no such") == 1
