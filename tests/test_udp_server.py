@@ -170,6 +170,15 @@ def test_refused_at_start(args: list[str], said: str) -> None:
     assert "listening" not in out.stderr
 
 
+def test_a_function_handler_may_declare_itself_unsafe() -> None:
+    out = subprocess.run([sys.executable, "-m", "muxsrv", "--port", "0", "--udp", "--handler",
+                          f"{UDP_PLUGINS}:unsafe"], capture_output=True, text=True, timeout=30,
+                         cwd=ROOT, env={**plugin_env(), "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 2
+    assert f"handler {UDP_PLUGINS}:unsafe refuses --udp: it trusts the source address" \
+        in out.stderr
+
+
 def test_a_second_server_cannot_share_the_udp_port() -> None:
     """No SO_REUSEADDR on the UDP socket: with it, Linux lets a second socket bind the
     same port and take datagrams meant for the first."""

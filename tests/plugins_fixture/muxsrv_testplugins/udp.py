@@ -56,3 +56,11 @@ def triple(payload: bytes) -> bytes:
 def quadruple(payload: bytes) -> bytes:
     """Four times the datagram: over the amplification cap."""
     return payload * 4
+
+
+def unsafe(payload: bytes) -> bytes:
+    """A function handler that declares itself unsafe over UDP."""
+    return payload
+
+
+unsafe.udp_unsafe = "it trusts the source address"  # type: ignore[attr-defined]
