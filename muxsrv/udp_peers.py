@@ -213,7 +213,10 @@ class PeerTable:
         peer.handler = handler
         peer.allowance = AMPLIFICATION * len(payload)
         if not self._call(peer, handler.connection_made, "connection_made"):
-            return None  # never in the table: told nothing more
+            # Never in the table; its connection_lost comes from the loop, as over TCP.
+            peer._closing = True
+            self.loop.call_soon(self._tell_lost, peer)
+            return None
         if peer._closing:
             return None  # closed in connection_made: its connection_lost is on its way
         self._peers[address] = peer

@@ -316,15 +316,24 @@ def test_close_ends_every_instance_and_the_socket(fake: FakeLoop) -> None:
 def test_failing_connection_made_keeps_no_instance(fake: FakeLoop) -> None:
     sock = FakeDatagramSocket()
 
+    lost: list[Any] = []
+
     class Fails(Handler):
         def connection_made(self, conn: Conn) -> None:
             conn.send(b"hi")
             raise RuntimeError("no")
 
+        def message_received(self, conn: Conn, payload: bytes) -> None:
+            raise AssertionError("not after a failed connection_made")
+
+        def connection_lost(self, conn: Conn, exc: BaseException | None) -> None:
+            lost.append(conn.peer)
+
     ep = endpoint(fake, sock, factory=Fails)
     sock.arrive(A, b"x")
     fake.run()
     assert sock.sent_to == [] and ep.peers is not None and len(ep.peers) == 0
+    assert lost == [A]  # connection_lost exactly once, as over TCP
 
 
 def test_closed_inside_a_batch_reads_no_more(fake: FakeLoop) -> None:
