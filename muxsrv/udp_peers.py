@@ -195,13 +195,6 @@ class PeerTable:
         self._call(peer, handler.message_received, "message_received", payload)
 
     def _make(self, address: Any, payload: bytes, route: Route, now: float) -> DatagramPeer | None:
-        while len(self._peers) >= self.max_peers:
-            _, oldest = self._peers.popitem(last=False)
-            self._count("peer table full")
-            self._full_log.warning("UDP peer table full (--udp-max-peers %d): dropped %s, the "
-                                   "least recently active", self.max_peers,
-                                   _shown(oldest.address), peer=oldest.address)
-            self._lost(oldest)
         try:
             handler = self._factory()
         except Exception as exc:
@@ -209,6 +202,13 @@ class PeerTable:
             self._error_log.warning("UDP %s: handler factory failed; datagram dropped",
                                     _shown(address), peer=address, exc_info=exc)
             return None
+        while len(self._peers) >= self.max_peers:
+            _, oldest = self._peers.popitem(last=False)
+            self._count("peer table full")
+            self._full_log.warning("UDP peer table full (--udp-max-peers %d): dropped %s, the "
+                                   "least recently active", self.max_peers,
+                                   _shown(oldest.address), peer=oldest.address)
+            self._lost(oldest)
         peer = DatagramPeer(self, address, route, now)
         peer.handler = handler
         peer.allowance = AMPLIFICATION * len(payload)
