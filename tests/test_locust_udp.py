@@ -3,11 +3,14 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-from support import running_server
+from support import ROOT, running_server
 from test_locust import needs_locust, run_locust
 
 
@@ -41,9 +44,17 @@ def test_lost_datagrams_are_failures_after_the_timeout(tmp_path: Path) -> None:
 
 @needs_locust
 def test_udp_target_refuses_a_token() -> None:
-    from muxsrv.locust import OptionError, target
-
-    assert target("udp://127.0.0.1:9").udp
-    assert not target("tcp://127.0.0.1:9").udp
-    with pytest.raises(OptionError, match="--mux-token-file needs TCP"):
-        target("udp://127.0.0.1:9", token_file="/nonexistent")
+    # In a process of its own: importing Locust monkey-patches the one it is in.
+    code = (
+        "from muxsrv.locust import OptionError, target\n"
+        "assert target('udp://127.0.0.1:9').udp\n"
+        "assert not target('tcp://127.0.0.1:9').udp\n"
+        "try:\n"
+        "    target('udp://127.0.0.1:9', token_file='/nonexistent')\n"
+        "except OptionError as exc:\n"
+        "    print(exc)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr
+    assert "--mux-token-file needs TCP" in out.stdout
