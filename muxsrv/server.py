@@ -42,6 +42,11 @@ The whole-message deadline (``--frame-timeout``), the output limits
 over the connections (``muxsrv.limits``), nothing per message; the hard
 output limit also when a connection's output queue grows.
 
+With ``--udp`` the server also owns a :class:`~muxsrv.udp.DatagramEndpoint`
+bound on the TCP listeners' port (``--udp-only``: it alone); it counts toward
+no connection limit, and at shutdown it closes at once (datagrams owe no
+drain).
+
 The server is the connections' owner (``connection.Owner``); a connection
 never imports this module.
 """
