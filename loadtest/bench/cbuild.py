@@ -16,7 +16,12 @@ import subprocess
 
 from servers import BUILD, HERE
 
-SOURCES = {"loadgen": HERE / "csrc" / "loadgen.c", "cecho": HERE / "csrc" / "cecho.c"}
+SOURCES = {
+    "loadgen": HERE / "csrc" / "loadgen.c",
+    "cecho": HERE / "csrc" / "cecho.c",
+    "udpgen": HERE / "csrc" / "udpgen.c",  # udp.py's generator and C peer
+    "cudpecho": HERE / "csrc" / "cudpecho.c",
+}
 CFLAGS = ("-O2", "-Wall", "-Wextra", "-std=gnu11")
 TLS_NAME = "loadgen-tls"
 TLS_FLAGS = ("-DLOADGEN_TLS",)
