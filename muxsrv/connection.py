@@ -36,6 +36,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from .codec import SHUTTING_DOWN, Buffer, Decoder, as_payload
+from .limits import HELD_BACK
 from .loop import EVENT_READ, EVENT_WRITE
 from .stages import StagePath
 from .transport import (
@@ -433,14 +434,16 @@ class Connection(Transport):
     def partial_mark(self) -> int | None:
         """While the client owes the rest of a message: its decoder's ``completions``.
 
-        None when it owes nothing, or when the server holds its input back (a
-        paused handler, messages not handed over yet): see ``muxsrv.limits``.
+        None when it owes nothing; ``HELD_BACK`` while the server itself
+        holds its input back (a paused handler, messages not handed over yet,
+        back-pressure from unread replies, the input budget): its clock stops.
+        See ``muxsrv.limits``.
         """
         decoder = self._decoder
-        if (self._state != OPEN or self._flags & (EOF | PAUSED | STALLED) or self._held
-                or decoder.more
-                or not decoder.buffered):
+        if self._state != OPEN or self._flags & EOF or not decoder.buffered:
             return None
+        if self._flags & (PAUSED | WRITING_PAUSED | STALLED) or self._held or decoder.more:
+            return HELD_BACK
         return decoder.completions
 
     def _output_grew(self) -> None:

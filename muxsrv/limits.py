@@ -33,8 +33,11 @@ before its first byte: a message completed within T is never cut, and one
 that is not is closed between T and T + 2 intervals after its first byte.
 
 A connection whose input the server itself holds back (the handler paused
-reading, messages still to hand over) is not timed meanwhile: its client
-cannot finish a message the server does not read.  Raw framing has no
+reading, messages still to hand over, replies its client has not read past
+the high-water mark, the input budget's stall) is not timed meanwhile: its
+client cannot finish a message the server does not read.  Its clock stops
+but is not reset (its ``first seen`` moves on by the time held back), so a
+client cannot restart its deadline by making the server pause it now and then.  Raw framing has no
 messages to finish (every ``recv`` is one): the deadline does not apply.
 
 Output limits (Redis's ``client-output-buffer-limit``)
@@ -85,6 +88,7 @@ __all__ = [
     "DEFAULT_MAX_BUFFERED",
     "DEFAULT_MAX_OUTPUT",
     "DEFAULT_SOFT_SECONDS",
+    "HELD_BACK",
     "AddressCounts",
     "InputBudget",
     "LimitSweep",
@@ -106,6 +110,8 @@ DEFAULT_SOFT_SECONDS: Final = 60.0
 #: --max-buffered: 16 uploads of the default --max-frame at once; beyond, memory is
 #: an attacker's to take (50 connections announcing 16 MiB held 715 MiB unbounded).
 DEFAULT_MAX_BUFFERED: Final = 256 * 1024 * 1024
+#: ``Connection.partial_mark`` while the server holds the input back: no clock runs.
+HELD_BACK: Final = -1
 #: The sweep's period at most: deadlines are kept to within about this much.
 MAX_INTERVAL: Final = 1.0
 
@@ -141,6 +147,8 @@ class LimitSweep:
         self._timer: Timer | None = None
         #: Connections seen mid-message: when first seen so, and the mark then.
         self._partial: dict[Connection, tuple[float, int]] = {}
+        #: When the deadlines were last looked at (to stop the clock of held-back input).
+        self._last: float | None = None
         #: Connections seen over the soft output limit: since when.
         self._over: dict[Connection, float] = {}
 
@@ -159,6 +167,7 @@ class LimitSweep:
             self._timer = None
         self._partial.clear()
         self._over.clear()
+        self._last = None
 
     def _sweep(self) -> None:
         self._timer = self._loop.call_later(self.interval, self._sweep)
@@ -195,11 +204,17 @@ class LimitSweep:
         seen = self._partial
         still: dict[Connection, tuple[float, int]] = {}
         late: list[Connection] = []
+        held_for = now - self._last if self._last is not None else 0.0
+        self._last = now
         for conn in self._conns():
             mark = conn.partial_mark()
             if mark is None:
                 continue
             first = seen.get(conn)
+            if mark == HELD_BACK:
+                if first is not None:  # the clock stops while the server holds it back
+                    still[conn] = (first[0] + held_for, first[1])
+                continue
             if first is None or first[1] != mark:
                 still[conn] = (now, mark)  # a message not seen unfinished before
             elif now - first[0] >= timeout:
