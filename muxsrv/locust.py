@@ -26,7 +26,8 @@ stayed silent past the timeout; the last kind fails every request in flight
 on it, and the next request reconnects (after a short, growing pause if
 connecting failed).  Not a failure: the goodbye of a draining server
 (``length`` framing): the client reconnects and resends the requests still in
-flight, in order.  A locustfile is a few lines: see README.md, "Load-testing
+flight, in order.  Attackers for beside the good users (``--mux-attack``):
+see ``muxsrv.locust_attack``.  A locustfile is a few lines: see README.md, "Load-testing
 your own handler", and loadtest/examples/.
 """
 
@@ -42,6 +43,18 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         "pip install 'muxsrv[loadtest]'"
     ) from exc
 
+from .locust_attack import (
+    ATTACK_TYPE,
+    ATTACKS,
+    AttackUser,
+    ChurnUser,
+    DripUser,
+    GarbageUser,
+    NonReaderUser,
+    OversizeUser,
+    PartialFrameUser,
+    SlowlorisUser,
+)
 from .locust_client import (
     CONNECT_BACKOFF,
     INLINE_SEND_LIMIT,
@@ -63,18 +76,28 @@ from .wire import (
 )
 
 __all__ = [
+    "ATTACKS",
+    "ATTACK_TYPE",
     "CONNECT_BACKOFF",
     "INLINE_SEND_LIMIT",
     "RECONNECT_ATTEMPTS",
     "RECV_SIZE",
+    "AttackUser",
     "AuthenticationFailed",
     "Check",
+    "ChurnUser",
     "Done",
+    "DripUser",
+    "GarbageUser",
     "MuxClient",
     "MuxUser",
+    "NonReaderUser",
     "OptionError",
+    "OversizeUser",
+    "PartialFrameUser",
     "RepliesCheck",
     "ServerError",
+    "SlowlorisUser",
     "Target",
     "WrongReply",
     "parse_host",
