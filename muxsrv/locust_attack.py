@@ -166,6 +166,7 @@ class Attempt:
         return f"closed: {self.error}" if self.error else "closed"
 
     def _broken(self, exc: OSError) -> str:
+        self._read_what_is_left()  # the error frame may have come before the reset
         if exc.errno in (errno.ECONNRESET, errno.EPIPE) and self.error:
             return self.closed()  # told why first, then the reset of a write after close
         if exc.errno == errno.ECONNRESET:
@@ -173,6 +174,14 @@ class Attempt:
         if exc.errno == errno.EPIPE:
             return "closed"
         return f"error: {exc.strerror or exc}"
+
+    def _read_what_is_left(self) -> None:
+        with contextlib.suppress(OSError):
+            for _ in range(64):
+                data = self.sock.recv(RECV_SIZE, socket.MSG_DONTWAIT)
+                if not data:
+                    return
+                self._took(data)
 
     def _took(self, data: bytes) -> None:
         self.received += len(data)
