@@ -68,8 +68,11 @@ budget, a connection that would read more of a large body is stalled (it
 stops reading; the kernel's window then stops its client).  The sweep
 recounts what each counted connection holds (a finished body drops out),
 and while the total is still over the budget it closes, with an error frame,
-the stalled connections holding the most, largest first, until the total is
-within it; then the others read again.  Connections sending small messages
+the connections holding the most, largest first, until the total is within
+it; then the stalled ones read again.  The largest, not only the stalled: a
+client that sent most of a large body and then went quiet never asks to read
+again, so it is never stalled, and closing the newcomers it stalled instead
+would free next to nothing and hit the wrong client.  Connections sending small messages
 are never stalled, so they keep being served.
 """
 
@@ -255,7 +258,7 @@ class InputBudget:
         self._stalled.pop(conn, None)
 
     def sweep(self) -> None:
-        """Recount; close the largest stalled holders while over; then let the rest read."""
+        """Recount; close the largest holders while over; then let the stalled read."""
         for conn in list(self._held):
             held = conn.large_partial()
             if held:
@@ -264,7 +267,10 @@ class InputBudget:
             else:
                 self.forget(conn)
         if self.total > self.limit:
-            for conn in sorted(self._stalled, key=self._held.__getitem__, reverse=True):
+            # Every holder is a candidate, not only the stalled: a connection that sent
+            # most of a large body and went quiet never asks to read again, so it is
+            # never stalled, and closing the newcomers it stalls would free nothing.
+            for conn in sorted(self._held, key=self._held.__getitem__, reverse=True):
                 conn.over_budget(self.limit)
                 self.forget(conn)
                 if self.total <= self.limit:
