@@ -457,6 +457,10 @@ class Connection(Transport):
                     self.pending, limit)
         self.abort()
 
+    def held_bytes(self) -> int:
+        """Bytes held for the client: its unfinished input and its queued output."""
+        return self._decoder.buffered + self.pending
+
     def large_partial(self) -> int:
         """Bytes held of a large message still being received (what --max-buffered counts)."""
         decoder = self._decoder

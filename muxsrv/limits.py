@@ -74,6 +74,16 @@ client that sent most of a large body and then went quiet never asks to read
 again, so it is never stalled, and closing the newcomers it stalled instead
 would free next to nothing and hit the wrong client.  Connections sending small messages
 are never stalled, so they keep being served.
+Memory given back (issue 11, item 4)
+------------------------------------
+The allocator is tuned to keep freed buffers for reuse (``muxsrv.tuning``), so
+an attack's peak would stay resident after it ends.  The sweep adds up what
+the connections hold for their clients (unfinished input, queued output) in
+the walk it makes anyway; once that has dropped ``RELEASE_DROP`` below its
+peak since the last release, it gives the free memory back
+(``tuning.release_free_memory``, ``malloc_trim``): at most once a pass, and
+only after a large drop, so a steady server never pays for it.
+
 """
 
 from __future__ import annotations
@@ -95,6 +105,7 @@ __all__ = [
     "AddressCounts",
     "InputBudget",
     "LimitSweep",
+    "MemoryReturn",
     "address_key",
     "sweep_interval",
 ]
@@ -115,6 +126,9 @@ DEFAULT_SOFT_SECONDS: Final = 60.0
 DEFAULT_MAX_BUFFERED: Final = 256 * 1024 * 1024
 #: ``Connection.partial_mark`` while the server holds the input back: no clock runs.
 HELD_BACK: Final = -1
+#: What the connections hold must drop this far below its peak before the sweep gives
+#: the freed memory back: the issue's bound is RSS within 64 MiB of before an attack.
+RELEASE_DROP: Final = 32 * 1024 * 1024
 #: The sweep's period at most: deadlines are kept to within about this much.
 MAX_INTERVAL: Final = 1.0
 
@@ -138,8 +152,10 @@ class LimitSweep:
         soft_limit: int = 0,
         soft_seconds: float = 0.0,
         budget: InputBudget | None = None,
+        release: Callable[[], object] | None = None,
     ) -> None:
         self._loop = loop
+        self.memory = MemoryReturn(release) if release is not None else None
         self._conns = conns
         self.frame_timeout = frame_timeout
         self.max_output = max_output
@@ -158,7 +174,7 @@ class LimitSweep:
     @property
     def active(self) -> bool:
         return (self.frame_timeout > 0 or self.max_output > 0 or self.soft_limit > 0
-                or self.budget is not None)
+                or self.budget is not None or self.memory is not None)
 
     def start(self) -> None:
         if self.active and self._timer is None:
@@ -181,6 +197,8 @@ class LimitSweep:
             self._output_limits(now)
         if self.budget is not None:
             self.budget.sweep()
+        if self.memory is not None:
+            self.memory.update(sum(conn.held_bytes() for conn in self._conns()))
 
     def _output_limits(self, now: float) -> None:
         hard, soft, seconds = self.max_output, self.soft_limit, self.soft_seconds
@@ -227,6 +245,25 @@ class LimitSweep:
         self._partial = still
         for conn in late:  # (closing may change the collection walked above)
             conn.frame_timed_out(timeout)
+
+
+class MemoryReturn:
+    """Gives freed memory back once what the connections hold has dropped a lot."""
+
+    def __init__(self, release: Callable[[], object]) -> None:
+        self._release = release
+        self._peak = 0
+        #: Times the memory was given back (for tests and curious operators).
+        self.releases = 0
+
+    def update(self, held: int) -> None:
+        """``held``: bytes all connections hold for their clients now."""
+        if held >= self._peak:
+            self._peak = held
+        elif self._peak - held >= RELEASE_DROP:
+            self._peak = held
+            self.releases += 1
+            self._release()
 
 
 # -- --max-buffered -------------------------------------------------------------------
