@@ -177,6 +177,8 @@ class Case:
     log: str | None  # the log line of the limit that answers it
     closed: str | None  # the outcome its connections must see (at least `least` of them)
     least: int = 1
+    #: Judge the p99 even on a shared CPU (an attack known to cost it: an xfail).
+    judge_always: bool = False
 
 
 CASES: list[Any] = [
@@ -195,7 +197,8 @@ CASES: list[Any] = [
     # to about 1 MiB of replies plus a read.  The good clients' p99 is the core issue's to
     # fix: until every non-reader is paused (the kernel's buffers hold ~10 MB of requests
     # each first) every ready connection hands the server ~960 frames per turn of the loop.
-    pytest.param(Case("nonreader", 3.0, 100 * 3 * MiB // 2, None, None), marks=pytest.mark.xfail(
+    pytest.param(Case("nonreader", 3.0, 100 * 3 * MiB // 2, None, None, judge_always=True),
+                 marks=pytest.mark.xfail(
         reason="p99 under 100 non-readers: a turn of the loop does ~960 frames per ready "
                "connection (per-turn fairness, the airtight-core issue)", strict=False)),
     # One connection with 1.5 M tiny replies owed, reading slowly: back-pressure again.
@@ -255,7 +258,8 @@ def test_the_attack_costs_the_attacker_not_the_good_clients(
     outcomes: dict[str, int] = report["outcomes"]
     verdict = (f"good p99 {p99(during.latencies):.2f} ms under {case.name}, "
                f"{p99(base.latencies):.2f} ms before ({runs} runs); attacker {report}")
-    if p99(during.latencies) > budget and p99(base.latencies) > SHARED_CPU_P99_MS:
+    if (p99(during.latencies) > budget and p99(base.latencies) > SHARED_CPU_P99_MS
+            and not case.judge_always):
         warnings.warn(f"not judged, the server's CPU is shared: {verdict}", stacklevel=1)
     else:
         assert p99(during.latencies) <= budget, verdict
