@@ -292,19 +292,21 @@ frames = st.one_of(
 
 
 @pytest.mark.timeout(90)
-@settings(max_examples=60, deadline=None, derandomize=True,
+@settings(max_examples=150, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(pieces=st.lists(frames, min_size=1, max_size=8),
        cuts=st.lists(st.integers(1, 5000), min_size=1, max_size=20),  # segment sizes, cycled
+       upto=st.integers(0, 100),  # the percentage of the bytes sent before the ending
        ending=st.sampled_from(["close", "reset", "half-close", "leave"]))
 def test_wire_fuzz_never_crashes_leaks_or_ignores_a_fresh_client(
-    server: ServerProcess, pieces: list[bytes], cuts: list[int], ending: str
+    server: ServerProcess, pieces: list[bytes], cuts: list[int], upto: int, ending: str
 ) -> None:
     """Bugs caught: a byte sequence, split or ending that crashes the server, leaks a
     descriptor, or leaves it deaf to the next client."""
     srv = server
     fds = idle_fds(srv)
     data = b"".join(pieces)
+    data = data[: max(1, len(data) * upto // 100)]  # a reset or close at any point
     s = srv.connect()
     try:
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
