@@ -22,7 +22,7 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from . import plugins
+from . import logs, plugins, udp_options
 from .address import format_address
 from .auth import Gate, TokenFileError, Tokens
 from .framing import FRAMINGS
@@ -115,7 +115,9 @@ def build_parser(handler: plugins.LoadedPlugin | None = None) -> argparse.Argume
         help="connections at once from one client address (with --proxy-protocol, the "
              "header's); more get an error frame and are closed (default: 0, no limit)")
     add("--idle-timeout", type=seconds, default=300.0, metavar="SECONDS",
-        help="close connections idle this long (default: 300; 0: never)")
+        help="close connections (and drop UDP peers' instances) idle this long "
+             "(default: 300; 0: never)")
+    udp_options.add_arguments(parser)
     add("--frame-timeout", type=seconds, default=DEFAULT_FRAME_TIMEOUT, metavar="SECONDS",
         help="a message must be complete this long after its first byte, else the "
              "connection is closed (default: 30; 0: never; not with --framing raw)")
@@ -167,8 +169,7 @@ def build_parser(handler: plugins.LoadedPlugin | None = None) -> argparse.Argume
         help="run N server processes sharing the listening sockets, under a parent that "
              "restarts them and, on SIGHUP, replaces them with fresh ones "
              "(default: 1, no parent; 0: one per CPU)")
-    add("--log-level", default="info", type=str.lower,
-        choices=("debug", "info", "warning", "error"), help="(default: info)")
+    logs.add_options(parser)
     add("--version", action="version", version=program_version("muxsrv"))
     if handler is not None and handler.form == "class":
         try:
@@ -225,12 +226,15 @@ def _main(args: list[str], handed: Handover) -> int:
     options = build_parser(loaded).parse_args(args)
     if options.max_output and options.output_soft_limit >= options.max_output:
         _fail("--output-soft-limit must be below --max-output (or --max-output 0)")
+    refused = udp_options.refusal(options, known.handler, loaded.obj)
+    if refused is not None:
+        _fail(refused)
 
-    logging.basicConfig(
-        level=options.log_level.upper(),
-        format="%(asctime)s muxsrv %(levelname)s: %(message)s",
-        stream=sys.stderr,
-    )
+    try:
+        log_file = logs.from_options(options, worker=worker is not None,
+                                     supervisor=worker is None and options.workers != 1)
+    except OSError as exc:
+        _fail(f"cannot open --log-file {options.log_file}: {exc.strerror or exc}")
     if handed.ignored:
         log.debug("not a --workers worker: %s; listening on a port of its own", handed.ignored)
     tls = tls_from(options)
@@ -256,7 +260,8 @@ def _main(args: list[str], handed: Handover) -> int:
             return serve(settings, function=function, factory=factory, gate=gate, tls=tls,
                          proxying=proxying, pid_file=pid_file, worker=worker)
         count = options.workers or os.cpu_count() or 1
-        return supervise(settings, count, args, on_listening=pid_file.write)
+        return supervise(settings, count, args, on_listening=pid_file.write,
+                         log_file=log_file is not None)
     except CannotListen as exc:
         sys.stderr.write(f"muxsrv: error: {exc}\n")
         return 2 if exc.mistake else 1
@@ -287,6 +292,9 @@ def settings_from(options: argparse.Namespace, handler_name: str) -> Settings:
         output_soft_limit=options.output_soft_limit,
         output_soft_seconds=options.output_soft_seconds,
         handler_name=handler_name,
+        udp=udp_options.mode(options),
+        udp_max_peers=options.udp_max_peers,
+        udp_max_queue=options.udp_max_queue,
     )
 
 
@@ -338,8 +346,8 @@ def _reload(tokens: Tokens | None, tls: TLSServer | None) -> None:
     if tokens is not None:
         done.append(f"re-read --auth-token-file: {tokens.count} tokens" if tokens.reload()
                     else f"kept the {tokens.count} tokens loaded before")
-    done.append("the log goes to stderr (no log file to reopen); the handler code is not "
-                "reloaded (it is with --workers)")
+    done.append(logs.reopen())
+    done.append("the handler code is not reloaded (it is with --workers)")
     log.info("SIGHUP: %s", "; ".join(done))
 
 
@@ -359,9 +367,13 @@ def serve(
     Raises CannotListen.  As a ``--workers`` worker (``worker``: the inherited
     listening sockets and readiness pipe), only the first SIGINT or SIGTERM
     counts: a Ctrl-C reaches the whole process group and the supervisor
-    forwards it as well; the supervisor deals with a second one.  A worker
-    ignores SIGHUP (the supervisor reloads by starting new workers).
+    forwards it as well; the supervisor deals with a second one.  On SIGHUP a
+    worker only reopens its ``--log-file`` (the supervisor reloads by starting
+    new workers, and forwards the SIGHUP to those serving when there is a log
+    file); one that comes after the loop has closed is ignored, not fatal.
     """
+    if worker is not None:  # restored when the loop closes: a late SIGHUP must not kill
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
     soft, _hard = raise_open_files_limit()
     tuned = keep_large_buffers_mapped()
     loop = EventLoop()
@@ -380,8 +392,7 @@ def serve(
         if worker is None:
             loop.add_signal_handler(signal.SIGHUP, lambda: _reload(tokens, tls))
         else:
-            loop.add_signal_handler(signal.SIGHUP, lambda: log.debug(
-                "SIGHUP ignored: the --workers supervisor reloads"))
+            loop.add_signal_handler(signal.SIGHUP, logs.worker_sighup)
         listening = server.listen(worker.socks if worker is not None else None)
         where = ", ".join(format_address(address) for address in listening)
         if pid_file is not None:
@@ -397,11 +408,19 @@ def serve(
             details += ", protected mode on: loopback clients only"
         if proxying is not None:
             details += ", PROXY protocol from " + ",".join(map(str, proxying.trusted))
-        sys.stderr.write(
-            f"muxsrv: listening on {where} "
-            f"(handler {settings.handler_name}, framing {settings.framing}{details})\n"
-        )
+        framing = f"framing {settings.framing}"
+        if server.udp is not None:
+            framing = ("UDP only, framing does not apply: one datagram is one message"
+                       if settings.udp == "only" else
+                       f"{framing}; also UDP on "
+                       f"{', '.join(format_address(a) for a in server.udp.addresses)}, "
+                       "where framing does not apply: one datagram is one message")
+        started = (f"listening on {where} "
+                   f"(handler {settings.handler_name}, {framing}{details})")
+        sys.stderr.write(f"muxsrv: {started}\n")  # the line tools parse: never reformatted
         sys.stderr.flush()
+        if logs.has_file():  # and the file says it too
+            log.info("%s", started)
         log.debug("open files limit: %d; allocator thresholds raised: %s", soft, tuned)
         server.run()
     finally:

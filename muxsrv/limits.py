@@ -37,8 +37,9 @@ reading, messages still to hand over, replies its client has not read past
 the high-water mark, the input budget's stall) is not timed meanwhile: its
 client cannot finish a message the server does not read.  Its clock stops
 but is not reset (its ``first seen`` moves on by the time held back), so a
-client cannot restart its deadline by making the server pause it now and then.  Raw framing has no
-messages to finish (every ``recv`` is one): the deadline does not apply.
+client cannot restart its deadline by making the server pause it now and
+then.  Raw framing has no messages to finish (every ``recv`` is one): the
+deadline does not apply.
 
 Output limits (Redis's ``client-output-buffer-limit``)
 ------------------------------------------------------
@@ -72,8 +73,8 @@ the connections holding the most, largest first, until the total is within
 it; then the stalled ones read again.  The largest, not only the stalled: a
 client that sent most of a large body and then went quiet never asks to read
 again, so it is never stalled, and closing the newcomers it stalled instead
-would free next to nothing and hit the wrong client.  Connections sending small messages
-are never stalled, so they keep being served.
+would free next to nothing and hit the wrong client.  Connections sending
+small messages are never stalled, so they keep being served.
 Memory given back (issue 11, item 4)
 ------------------------------------
 The allocator is tuned to keep freed buffers for reuse (``muxsrv.tuning``), so
@@ -110,7 +111,7 @@ __all__ = [
     "sweep_interval",
 ]
 
-log = logging.getLogger("muxsrv")
+log = logging.getLogger("muxsrv.limits")
 
 #: Seconds a message may take from its first byte to its last: HAProxy's and
 #: nginx's request-header deadlines are of this order, and a 16 MiB frame

@@ -42,6 +42,11 @@ The whole-message deadline (``--frame-timeout``), the output limits
 over the connections (``muxsrv.limits``), nothing per message; the hard
 output limit also when a connection's output queue grows.
 
+With ``--udp`` the server also owns a :class:`~muxsrv.udp.DatagramEndpoint`
+bound on the TCP listeners' port (``--udp-only``: it alone); it counts toward
+no connection limit, and at shutdown it closes at once (datagrams owe no
+drain).
+
 The server is the connections' owner (``connection.Owner``); a connection
 never imports this module.
 """
@@ -75,6 +80,7 @@ from .staged import StagedConnection
 from .tls import RefusalAfterHandshake
 from .transport import LINGER_TIMEOUT
 from .tuning import release_free_memory
+from .udp import DEFAULT_MAX_PEERS, DEFAULT_MAX_QUEUE, DatagramEndpoint
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -87,7 +93,8 @@ if TYPE_CHECKING:
 
 __all__ = ["CannotListen", "Server", "Settings", "bind_addresses", "bind_sockets"]
 
-log = logging.getLogger("muxsrv")
+log = logging.getLogger("muxsrv.server")
+limits_log = logging.getLogger("muxsrv.limits")  # connections refused
 
 #: Connections accepted per wake-up of the listener, at most.
 ACCEPT_BATCH: Final = 256
@@ -124,17 +131,21 @@ class Settings:
     output_soft_seconds: float = DEFAULT_SOFT_SECONDS
     max_buffered: int = DEFAULT_MAX_BUFFERED  # 0: off
     handler_name: str = "echo"  # as the start-up line names it: "echo (built-in)"
+    udp: str = "off"  # "also" (--udp), "only" (--udp-only)
+    udp_max_peers: int = DEFAULT_MAX_PEERS
+    udp_max_queue: int = DEFAULT_MAX_QUEUE
 
 
 class _RateLimitedLog:
     """Log the first event of a kind at once, then at most one summary per second."""
 
     def __init__(self, interval: float = 1.0) -> None:
+        self.log = limits_log
         self.interval = interval
         self.last = -interval
         self.suppressed = 0
 
-    def warning(self, msg: str, *args: object) -> None:
+    def warning(self, msg: str, *args: object, peer: Any = None) -> None:
         now = time.monotonic()
         if now - self.last < self.interval:
             self.suppressed += 1
@@ -143,7 +154,8 @@ class _RateLimitedLog:
             msg += f" ({self.suppressed} more like this not logged)"
         self.suppressed = 0
         self.last = now
-        log.warning(msg, *args)
+        self.log.warning(msg, *args,
+                         extra=None if peer is None else {"peer": format_address(peer)})
 
 
 class _Listener:
@@ -210,21 +222,44 @@ class Server:
         )
         #: Asked by a connection whose output queue grew (``Connection._output_grew``).
         self.max_output = settings.max_output
+        #: --udp: the datagram endpoint, on the same host and port.
+        self.udp = None if settings.udp == "off" else DatagramEndpoint(
+            loop, function=function, factory=factory, max_peers=settings.udp_max_peers,
+            max_queue=settings.udp_max_queue, idle_timeout=settings.idle_timeout,
+            max_message=settings.max_frame,
+            loopback_only=gate is not None and gate.protected and gate.tokens is None)
 
     # -- listening ----------------------------------------------------------
 
     def listen(
-        self, sock: socket.socket | list[socket.socket] | None = None
+        self, sock: socket.socket | list[socket.socket] | None = None,
+        udp: list[socket.socket] | None = None,
     ) -> list[tuple[str, int]]:
         """Bind the listening sockets (or adopt ``sock``, one or a list); their addresses.
 
-        Raises CannotListen (an OSError) naming the address.
+        With ``--udp``, the UDP sockets too (or adopt ``udp``), on the TCP port
+        (``self.udp.addresses``); with ``--udp-only``, only them, and the
+        addresses are theirs.  Raises CannotListen (an OSError) naming the address.
         """
-        try:
-            socks = (_bind(self.settings) if sock is None
-                     else [sock] if isinstance(sock, socket.socket) else list(sock))
-        except OSError as exc:
-            raise CannotListen(self.settings.host, self.settings.port, exc) from exc
+        settings = self.settings
+        if settings.udp == "only":
+            socks = []
+        else:
+            try:
+                socks = (_bind(settings) if sock is None
+                         else [sock] if isinstance(sock, socket.socket) else list(sock))
+            except OSError as exc:
+                raise CannotListen(settings.host, settings.port, exc) from exc
+        if self.udp is not None:
+            port = socks[0].getsockname()[1] if socks else settings.port
+            try:
+                addresses = self.udp.listen(settings.host, port, udp)
+            except OSError as exc:
+                for lsock in socks:
+                    lsock.close()
+                raise CannotListen(settings.host, port, exc) from exc
+            if not socks:
+                return addresses
         for lsock in socks:
             lsock.setblocking(False)
             listener = _Listener(self, lsock)
@@ -299,7 +334,8 @@ class Server:
         proxying = self.proxying
         if proxying is not None:
             if not proxying.trusts(peer):
-                self._refuse_log.warning("refusing %s: not in --proxy-from", format_address(peer))
+                self._refuse_log.warning("refusing %s: not in --proxy-from", format_address(peer),
+                                         peer=peer)
                 sock.close()
                 return
         elif gate is not None:
@@ -350,7 +386,8 @@ class Server:
             return reason
         conn = admitted[0]
         if per_ip.full(peer):
-            self._per_ip_log.warning("refusing %s: %s", format_address(peer), per_ip.reason)
+            self._per_ip_log.warning("refusing %s: %s", format_address(peer), per_ip.reason,
+                                     peer=peer)
             conn.log_quietly()  # logged just now, at most once a second: not once more
             return per_ip.reason
         per_ip.add(conn, peer)
@@ -360,7 +397,7 @@ class Server:
                    log_to: _RateLimitedLog | None = None) -> None:
         """Protected mode, a lock-out, an address's limit: an error frame, a lingering close."""
         (log_to or self._refuse_log).warning("refusing %s: %s", format_address(peer),
-                                             reason.split(";")[0])
+                                             reason.split(";")[0], peer=peer)
         if len(self._refused) >= MAX_REFUSED_LINGERING:
             sock.close()
             return
@@ -380,7 +417,7 @@ class Server:
     def _refuse(self, sock: _socket.socket, peer: Any) -> None:
         self._refuse_log.warning(
             "refusing %s: too many connections (--max-conns %d)",
-            format_address(peer), self.settings.max_conns,
+            format_address(peer), self.settings.max_conns, peer=peer,
         )
         if len(self._refused) >= MAX_REFUSED_LINGERING:
             sock.close()
@@ -461,6 +498,8 @@ class Server:
         log.info("shutting down: draining %d connections (up to %g s)",
                  len(self._conns), self.settings.drain_timeout)
         self.draining = True
+        if self.udp is not None:
+            self.udp.close()  # datagrams owe nothing: no drain
         self._limits.stop()
         self._stop_listening()
         for listener in self._listeners:
@@ -500,6 +539,8 @@ class Server:
     def run(self) -> None:
         """Run the loop until shutdown has drained, then let handlers clean up."""
         self.loop.run_forever()
+        if self.udp is not None:
+            self.udp.close()
         self._abort_all()
         self.loop.run_once(max_wait=0)  # connection_lost for what was just aborted
         outbound = connector_of(self.loop)
