@@ -36,6 +36,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from .codec import SHUTTING_DOWN, Buffer, Decoder, as_payload
+from .limits import HELD_BACK
 from .loop import EVENT_READ, EVENT_WRITE
 from .stages import StagePath
 from .transport import (
@@ -440,14 +441,16 @@ class Connection(Transport):
     def partial_mark(self) -> int | None:
         """While the client owes the rest of a message: its decoder's ``completions``.
 
-        None when it owes nothing, or when the server holds its input back (a
-        paused handler, messages not handed over yet): see ``muxsrv.limits``.
+        None when it owes nothing; ``HELD_BACK`` while the server itself
+        holds its input back (a paused handler, messages not handed over yet,
+        back-pressure from unread replies, the input budget): its clock stops.
+        See ``muxsrv.limits``.
         """
         decoder = self._decoder
-        if (self._state != OPEN or self._flags & (EOF | PAUSED | STALLED) or self._held
-                or decoder.more
-                or not decoder.buffered):
+        if self._state != OPEN or self._flags & EOF or not decoder.buffered:
             return None
+        if self._flags & (PAUSED | WRITING_PAUSED | STALLED) or self._held or decoder.more:
+            return HELD_BACK
         return decoder.completions
 
     def _output_grew(self) -> None:
@@ -460,6 +463,10 @@ class Connection(Transport):
         limits_log.warning("closing %s: %d bytes of output queued, %s", self._peer_text(),
                            self.pending, limit, extra=self._extra())
         self.abort()
+
+    def held_bytes(self) -> int:
+        """Bytes held for the client: its unfinished input and its queued output."""
+        return self._decoder.buffered + self.pending
 
     def large_partial(self) -> int:
         """Bytes held of a large message still being received (what --max-buffered counts)."""

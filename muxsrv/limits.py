@@ -33,9 +33,13 @@ before its first byte: a message completed within T is never cut, and one
 that is not is closed between T and T + 2 intervals after its first byte.
 
 A connection whose input the server itself holds back (the handler paused
-reading, messages still to hand over) is not timed meanwhile: its client
-cannot finish a message the server does not read.  Raw framing has no
-messages to finish (every ``recv`` is one): the deadline does not apply.
+reading, messages still to hand over, replies its client has not read past
+the high-water mark, the input budget's stall) is not timed meanwhile: its
+client cannot finish a message the server does not read.  Its clock stops
+but is not reset (its ``first seen`` moves on by the time held back), so a
+client cannot restart its deadline by making the server pause it now and
+then.  Raw framing has no messages to finish (every ``recv`` is one): the
+deadline does not apply.
 
 Output limits (Redis's ``client-output-buffer-limit``)
 ------------------------------------------------------
@@ -65,9 +69,22 @@ budget, a connection that would read more of a large body is stalled (it
 stops reading; the kernel's window then stops its client).  The sweep
 recounts what each counted connection holds (a finished body drops out),
 and while the total is still over the budget it closes, with an error frame,
-the stalled connections holding the most, largest first, until the total is
-within it; then the others read again.  Connections sending small messages
-are never stalled, so they keep being served.
+the connections holding the most, largest first, until the total is within
+it; then the stalled ones read again.  The largest, not only the stalled: a
+client that sent most of a large body and then went quiet never asks to read
+again, so it is never stalled, and closing the newcomers it stalled instead
+would free next to nothing and hit the wrong client.  Connections sending
+small messages are never stalled, so they keep being served.
+Memory given back (issue 11, item 4)
+------------------------------------
+The allocator is tuned to keep freed buffers for reuse (``muxsrv.tuning``), so
+an attack's peak would stay resident after it ends.  The sweep adds up what
+the connections hold for their clients (unfinished input, queued output) in
+the walk it makes anyway; once that has dropped ``RELEASE_DROP`` below its
+peak since the last release, it gives the free memory back
+(``tuning.release_free_memory``, ``malloc_trim``): at most once a pass, and
+only after a large drop, so a steady server never pays for it.
+
 """
 
 from __future__ import annotations
@@ -85,9 +102,11 @@ __all__ = [
     "DEFAULT_MAX_BUFFERED",
     "DEFAULT_MAX_OUTPUT",
     "DEFAULT_SOFT_SECONDS",
+    "HELD_BACK",
     "AddressCounts",
     "InputBudget",
     "LimitSweep",
+    "MemoryReturn",
     "address_key",
     "sweep_interval",
 ]
@@ -106,6 +125,11 @@ DEFAULT_SOFT_SECONDS: Final = 60.0
 #: --max-buffered: 16 uploads of the default --max-frame at once; beyond, memory is
 #: an attacker's to take (50 connections announcing 16 MiB held 715 MiB unbounded).
 DEFAULT_MAX_BUFFERED: Final = 256 * 1024 * 1024
+#: ``Connection.partial_mark`` while the server holds the input back: no clock runs.
+HELD_BACK: Final = -1
+#: What the connections hold must drop this far below its peak before the sweep gives
+#: the freed memory back: the issue's bound is RSS within 64 MiB of before an attack.
+RELEASE_DROP: Final = 32 * 1024 * 1024
 #: The sweep's period at most: deadlines are kept to within about this much.
 MAX_INTERVAL: Final = 1.0
 
@@ -129,8 +153,10 @@ class LimitSweep:
         soft_limit: int = 0,
         soft_seconds: float = 0.0,
         budget: InputBudget | None = None,
+        release: Callable[[], object] | None = None,
     ) -> None:
         self._loop = loop
+        self.memory = MemoryReturn(release) if release is not None else None
         self._conns = conns
         self.frame_timeout = frame_timeout
         self.max_output = max_output
@@ -141,13 +167,15 @@ class LimitSweep:
         self._timer: Timer | None = None
         #: Connections seen mid-message: when first seen so, and the mark then.
         self._partial: dict[Connection, tuple[float, int]] = {}
+        #: When the deadlines were last looked at (to stop the clock of held-back input).
+        self._last: float | None = None
         #: Connections seen over the soft output limit: since when.
         self._over: dict[Connection, float] = {}
 
     @property
     def active(self) -> bool:
         return (self.frame_timeout > 0 or self.max_output > 0 or self.soft_limit > 0
-                or self.budget is not None)
+                or self.budget is not None or self.memory is not None)
 
     def start(self) -> None:
         if self.active and self._timer is None:
@@ -159,6 +187,7 @@ class LimitSweep:
             self._timer = None
         self._partial.clear()
         self._over.clear()
+        self._last = None
 
     def _sweep(self) -> None:
         self._timer = self._loop.call_later(self.interval, self._sweep)
@@ -169,6 +198,8 @@ class LimitSweep:
             self._output_limits(now)
         if self.budget is not None:
             self.budget.sweep()
+        if self.memory is not None:
+            self.memory.update(sum(conn.held_bytes() for conn in self._conns()))
 
     def _output_limits(self, now: float) -> None:
         hard, soft, seconds = self.max_output, self.soft_limit, self.soft_seconds
@@ -195,11 +226,17 @@ class LimitSweep:
         seen = self._partial
         still: dict[Connection, tuple[float, int]] = {}
         late: list[Connection] = []
+        held_for = now - self._last if self._last is not None else 0.0
+        self._last = now
         for conn in self._conns():
             mark = conn.partial_mark()
             if mark is None:
                 continue
             first = seen.get(conn)
+            if mark == HELD_BACK:
+                if first is not None:  # the clock stops while the server holds it back
+                    still[conn] = (first[0] + held_for, first[1])
+                continue
             if first is None or first[1] != mark:
                 still[conn] = (now, mark)  # a message not seen unfinished before
             elif now - first[0] >= timeout:
@@ -209,6 +246,25 @@ class LimitSweep:
         self._partial = still
         for conn in late:  # (closing may change the collection walked above)
             conn.frame_timed_out(timeout)
+
+
+class MemoryReturn:
+    """Gives freed memory back once what the connections hold has dropped a lot."""
+
+    def __init__(self, release: Callable[[], object]) -> None:
+        self._release = release
+        self._peak = 0
+        #: Times the memory was given back (for tests and curious operators).
+        self.releases = 0
+
+    def update(self, held: int) -> None:
+        """``held``: bytes all connections hold for their clients now."""
+        if held >= self._peak:
+            self._peak = held
+        elif self._peak - held >= RELEASE_DROP:
+            self._peak = held
+            self.releases += 1
+            self._release()
 
 
 # -- --max-buffered -------------------------------------------------------------------
@@ -240,7 +296,7 @@ class InputBudget:
         self._stalled.pop(conn, None)
 
     def sweep(self) -> None:
-        """Recount; close the largest stalled holders while over; then let the rest read."""
+        """Recount; close the largest holders while over; then let the stalled read."""
         for conn in list(self._held):
             held = conn.large_partial()
             if held:
@@ -249,7 +305,10 @@ class InputBudget:
             else:
                 self.forget(conn)
         if self.total > self.limit:
-            for conn in sorted(self._stalled, key=self._held.__getitem__, reverse=True):
+            # Every holder is a candidate, not only the stalled: a connection that sent
+            # most of a large body and went quiet never asks to read again, so it is
+            # never stalled, and closing the newcomers it stalls would free nothing.
+            for conn in sorted(self._held, key=self._held.__getitem__, reverse=True):
                 conn.over_budget(self.limit)
                 self.forget(conn)
                 if self.total <= self.limit:

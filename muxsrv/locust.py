@@ -31,7 +31,8 @@ flight, in order.  With ``--host udp://HOST:PORT`` (a server with ``--udp``) the
 `UdpMuxClient` (``muxsrv.locust_udp``): one datagram per message, one in
 flight, and a reply not back within the ``timeout`` (``--mux-timeout`` in
 loadtest/locustfile.py) fails its request as a lost datagram (`LostDatagram`).
-A locustfile is a few lines: see README.md, "Load-testing
+Attackers for beside the good users (``--mux-attack``): see
+``muxsrv.locust_attack``.  A locustfile is a few lines: see README.md, "Load-testing
 your own handler", and loadtest/examples/.
 """
 
@@ -48,6 +49,18 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     ) from exc
 
 from . import locust_report  # noqa: F401  (its listeners: the end-of-run report)
+from .locust_attack import (
+    ATTACK_TYPE,
+    ATTACKS,
+    AttackUser,
+    ChurnUser,
+    DripUser,
+    GarbageUser,
+    NonReaderUser,
+    OversizeUser,
+    PartialFrameUser,
+    SlowlorisUser,
+)
 from .locust_client import (
     CONNECT_BACKOFF,
     INLINE_SEND_LIMIT,
@@ -70,19 +83,29 @@ from .wire import (
 )
 
 __all__ = [
+    "ATTACKS",
+    "ATTACK_TYPE",
     "CONNECT_BACKOFF",
     "INLINE_SEND_LIMIT",
     "RECONNECT_ATTEMPTS",
     "RECV_SIZE",
+    "AttackUser",
     "AuthenticationFailed",
     "Check",
+    "ChurnUser",
     "Done",
+    "DripUser",
+    "GarbageUser",
     "LostDatagram",
     "MuxClient",
     "MuxUser",
+    "NonReaderUser",
     "OptionError",
+    "OversizeUser",
+    "PartialFrameUser",
     "RepliesCheck",
     "ServerError",
+    "SlowlorisUser",
     "Target",
     "UdpMuxClient",
     "WrongReply",

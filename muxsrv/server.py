@@ -79,6 +79,7 @@ from .outbound import connector_of
 from .staged import StagedConnection
 from .tls import RefusalAfterHandshake
 from .transport import LINGER_TIMEOUT
+from .tuning import release_free_memory
 from .udp import DEFAULT_MAX_PEERS, DEFAULT_MAX_QUEUE, DatagramEndpoint
 
 if TYPE_CHECKING:
@@ -217,6 +218,7 @@ class Server:
             frame_timeout=settings.frame_timeout if settings.framing != "raw" else 0.0,
             max_output=settings.max_output, soft_limit=settings.output_soft_limit,
             soft_seconds=settings.output_soft_seconds, budget=self.input_budget,
+            release=release_free_memory,
         )
         #: Asked by a connection whose output queue grew (``Connection._output_grew``).
         self.max_output = settings.max_output

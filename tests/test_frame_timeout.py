@@ -158,6 +158,57 @@ def test_not_timed_while_the_server_holds_the_input_back() -> None:
         assert h.conn.closing
 
 
+@pytest.mark.parametrize("handler", ["function", "class"])
+def test_not_timed_while_writing_is_paused_for_a_non_reader(handler: str) -> None:
+    """Bug caught: a client pipelining complete messages without reading its replies
+    closed by the deadline for the partial tail of its last read: the server stopped
+    reading it (back-pressure), so the client cannot finish that message."""
+    class Echo(Handler):
+        def message_received(self, conn: object, payload: bytes) -> None:
+            conn.send(payload)  # type: ignore[attr-defined]
+
+    kwargs: dict[str, object] = {"function": echo} if handler == "function" else {}
+    with Harness(None if kwargs else Echo, **kwargs) as h:  # type: ignore[arg-type]
+        swept(h)
+        h.sock.allow(0)  # the client reads nothing
+        one = frame(b"e" * 1000)
+        # Complete messages, the last read ending inside one (as a 64 KiB recv does).
+        stream = one * 2000 + HDR.pack(1000) + b"half"
+        h.peer_sends(*(stream[i : i + 65536] for i in range(0, len(stream), 65536)))
+        h.run()
+        assert h.conn.pending > 1024 * 1024, "back-pressure never started"
+        h.advance(3 * T)
+        assert not h.conn.closing, "closed for a message the server stopped reading"
+        h.sock.allow(None)  # the client reads again: the server reads the rest of the stream
+        h.run()
+        h.replies()
+        h.advance(T - 2)
+        assert not h.conn.closing, "the time paused was counted"
+        h.advance(2 + 2 * sweep_interval(T))  # now its client owes the rest: timed
+        assert h.conn.closing
+
+
+def test_pausing_stops_the_clock_but_does_not_reset_it() -> None:
+    """Bug caught: a client that makes the server pause it (by not reading a burst of
+    replies) now and then restarting its partial message's deadline each time, so a
+    dripped message lives for ever at the price of an occasional burst."""
+    with Harness(function=echo) as h:
+        swept(h)
+        h.peer_sends(HDR.pack(1000) + b"a")  # a message begun ...
+        h.run()
+        h.advance(T * 0.75)
+        h.sock.allow(0)  # ... then replies it does not read make the server pause it
+        h.conn.send(b"r" * (2 * 1024 * 1024))
+        h.run()
+        h.advance(5 * T)
+        assert not h.conn.closing, "timed while the server held its input back"
+        h.sock.allow(None)
+        h.run()
+        h.replies()
+        h.advance(T * 0.25 + 3 * sweep_interval(T))
+        assert h.conn.closing, "the deadline started again after the pause"
+
+
 def test_off_with_zero_and_with_raw_framing() -> None:
     loop = EventLoop()
     try:

@@ -75,6 +75,29 @@ def test_the_largest_holders_are_closed_a_smaller_large_message_completes() -> N
         assert budget.total == 0 and budget.stalled == 0
 
 
+def test_a_quiet_holder_is_closed_not_the_newcomer_it_stalled() -> None:
+    """Bug caught: only stalled connections were candidates, so an attacker that sent most
+    of a large frame and then went quiet (never asking to read more, never stalled) kept
+    its bytes, and the budget closed the good client that next tried to read a body,
+    holding a few KiB: the wrong victim, and nothing freed."""
+    with fake_server(max_buffered=MiB, frame_timeout=0) as fs:
+        server = fs.server
+        budget = server.input_budget
+        assert budget is not None
+        server._limits.start()
+        quiet = fs.connect("10.0.0.1", *attack(pieces=15))  # 960 KiB held, then silence
+        assert budget.stalled == 0 and budget.total > 800 * KiB
+        upload = b"u" * (300 * KiB)
+        data = frame(upload)
+        good = fs.connect("10.0.0.2", *[data[i : i + 65536] for i in range(0, len(data), 65536)])
+        assert budget.stalled == 1  # the newcomer, over the budget
+        for _ in range(3):
+            fs.advance(1.1)
+        assert replies(quiet) == [ErrorFrame(OVER_BUDGET.encode())]
+        assert replies(good) == [upload]
+        assert budget.total == 0 and budget.stalled == 0
+
+
 def test_small_partials_and_off() -> None:
     """Small frames never meet the budget; 0 turns it off."""
     with fake_server(max_buffered=0) as fs:
