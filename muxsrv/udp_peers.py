@@ -274,23 +274,29 @@ class PeerTable:
                                            self._idle_sweep)
 
     def _idle_sweep(self) -> None:
-        self.expire(self.loop.now)
-        self._schedule_sweep()
+        try:
+            self.expire(self.loop.now)
+        finally:  # a failing handler must not end the sweeps for good
+            self._schedule_sweep()
 
     def expire(self, now: float) -> int:
         """End the instances silent for ``idle_timeout`` (the oldest first); how many."""
         timeout = self.idle_timeout
         expired = []
+        ended = 0
         for peer in self._peers.values():  # oldest first: stop at the first one still active
             if now - peer.last_active < timeout:
                 break
             if peer._work == 0:
                 expired.append(peer)
         for peer in expired:
-            del self._peers[peer.address]
+            # A connection_lost before this one may have closed a sibling already.
+            if peer._closing or self._peers.pop(peer.address, None) is not peer:
+                continue
             log.debug("UDP %s: idle for %.3g s, instance dropped", _shown(peer.address), timeout)
             self._lost(peer)
-        return len(expired)
+            ended += 1
+        return ended
 
     def close(self) -> None:
         """The server stops: every instance ends."""

@@ -1,0 +1,56 @@
+"""UDP edge cases found in review: each test fails on the code before its fix."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from udp_support import FakeDatagramSocket, FakeLoop
+
+from muxsrv import Conn, Handler
+from muxsrv.udp import DatagramEndpoint
+
+A = ("127.0.0.1", 40001)
+B = ("127.0.0.1", 40002)
+C = ("127.0.0.1", 40003)
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeLoop]:
+    f = FakeLoop()
+    yield f
+    f.close()
+
+
+def endpoint(fake: FakeLoop, sock: FakeDatagramSocket, **kwargs: Any) -> DatagramEndpoint:
+    ep = DatagramEndpoint(fake.loop, **kwargs)
+    ep.listen("127.0.0.1", 0, [sock])  # type: ignore[list-item]
+    return ep
+
+
+def test_sweep_survives_a_connection_lost_that_closes_a_sibling(fake: FakeLoop) -> None:
+    room: list[Conn] = []
+
+    class Room(Handler):  # when one member goes, the others are closed
+        def connection_made(self, conn: Conn) -> None:
+            room.append(conn)
+
+        def connection_lost(self, conn: Conn, exc: BaseException | None) -> None:
+            if conn in room:
+                room.remove(conn)
+            for other in list(room):
+                other.close()
+
+    sock = FakeDatagramSocket()
+    ep = endpoint(fake, sock, factory=Room, idle_timeout=1.0)
+    sock.arrive(A, b"a")
+    sock.arrive(B, b"b")
+    fake.run()
+    fake.advance(3)
+    assert ep.peers is not None and len(ep.peers) == 0
+    room.clear()
+    sock.arrive(C, b"c")
+    fake.run()
+    fake.advance(3)
+    assert C not in ep.peers  # the sweep still runs
