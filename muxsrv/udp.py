@@ -13,7 +13,9 @@ per wake-up, libuv 32).  Each read goes into one preallocated 64 KiB buffer.
 
 Sending: ``sendto`` at once; when it would block (``EAGAIN``), the reply is
 queued and the socket watched for writing, the queue bounded in bytes by
-``--udp-max-queue`` (1 MiB): past it replies are dropped and counted, and
+``--udp-max-queue`` (1 MiB; each entry counts its payload plus
+``QUEUE_ENTRY_OVERHEAD``, 256, so empty replies are bounded too, and 0 drops
+at once): past it replies are dropped and counted, and
 the loop never blocks.  A reply over 65,507 bytes (the most an IPv4
 datagram carries) is dropped and logged, as is one over the amplification
 cap.  Every drop is counted in ``counts`` by reason and logged at most once
@@ -46,8 +48,8 @@ if TYPE_CHECKING:
     from .handler import HandlerFactory, HandlerFunction
     from .loop import EventLoop
 
-__all__ = ["DEFAULT_MAX_PEERS", "DEFAULT_MAX_QUEUE", "MAX_DATAGRAM", "UDP_BATCH",
-           "DatagramEndpoint"]
+__all__ = ["DEFAULT_MAX_PEERS", "DEFAULT_MAX_QUEUE", "MAX_DATAGRAM", "QUEUE_ENTRY_OVERHEAD",
+           "UDP_BATCH", "DatagramEndpoint"]
 
 log = logging.getLogger("muxsrv.udp")
 
@@ -59,6 +61,10 @@ MAX_DATAGRAM: Final = 65_507
 DEFAULT_MAX_PEERS: Final = 10_000
 #: --udp-max-queue: bytes of replies waiting for a socket that would block.
 DEFAULT_MAX_QUEUE: Final = 1 << 20
+#: Bytes charged to --udp-max-queue per queued reply besides its payload: the queue's
+#: tuple, the bytes object and the address cost ~200 bytes of memory each, so empty
+#: replies must count too (else a flood of them would queue without bound).
+QUEUE_ENTRY_OVERHEAD: Final = 256
 #: Large enough for any datagram (65,507), so none is ever truncated.
 _BUFFER_SIZE: Final = 1 << 16
 
@@ -208,11 +214,12 @@ class DatagramEndpoint:
             except OSError as exc:
                 self._drop("send error", address, len(data), exc)
                 return
-        if self.queued + len(data) > self.max_queue:
+        cost = len(data) + QUEUE_ENTRY_OVERHEAD
+        if self.queued + cost > self.max_queue:
             self._drop("queue full (--udp-max-queue)", address, len(data))
             return
         channel.queue.append((data, address))
-        self.queued += len(data)
+        self.queued += cost
         if not channel.writing:
             channel.writing = True
             self.loop.modify(channel.sock, EVENT_READ | EVENT_WRITE, channel)
@@ -229,7 +236,7 @@ class DatagramEndpoint:
             except OSError as exc:
                 self._drop("send error", address, len(data), exc)
             queue.popleft()
-            self.queued -= len(data)
+            self.queued -= len(data) + QUEUE_ENTRY_OVERHEAD
         if channel.writing and not self.closed:
             channel.writing = False
             self.loop.modify(channel.sock, EVENT_READ, channel)

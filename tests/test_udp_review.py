@@ -9,7 +9,7 @@ import pytest
 from udp_support import FakeDatagramSocket, FakeLoop
 
 from muxsrv import Conn, Handler
-from muxsrv.udp import DatagramEndpoint
+from muxsrv.udp import QUEUE_ENTRY_OVERHEAD, DatagramEndpoint
 
 A = ("127.0.0.1", 40001)
 B = ("127.0.0.1", 40002)
@@ -54,3 +54,22 @@ def test_sweep_survives_a_connection_lost_that_closes_a_sibling(fake: FakeLoop) 
     fake.run()
     fake.advance(3)
     assert C not in ep.peers  # the sweep still runs
+
+
+def test_empty_replies_are_bounded_in_the_queue(fake: FakeLoop) -> None:
+    sock = FakeDatagramSocket()
+    ep = endpoint(fake, sock, function=lambda p: p, max_queue=10 * QUEUE_ENTRY_OVERHEAD)
+    sock.capacity = -1  # EAGAIN even for an empty reply
+    sock.arrive(A, *[b""] * 50)
+    fake.run()
+    assert ep.queued == 10 * QUEUE_ENTRY_OVERHEAD
+    assert ep.counts["queue full (--udp-max-queue)"] == 40
+
+
+def test_max_queue_zero_drops_at_once(fake: FakeLoop) -> None:
+    sock = FakeDatagramSocket()
+    ep = endpoint(fake, sock, function=lambda p: p, max_queue=0)
+    sock.capacity = -1
+    sock.arrive(A, b"", b"", b"x")
+    fake.run()
+    assert ep.queued == 0 and ep.counts["queue full (--udp-max-queue)"] == 3
