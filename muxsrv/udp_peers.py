@@ -19,8 +19,11 @@ instance ends (``connection_lost(conn, None)``, from the loop) when
 * the server stops.
 
 Amplification (QUIC's rule): until the handler calls ``conn.peer_validated()``
-a peer may be sent at most 3 times the size of its latest datagram, in all, until
-its next one; a reply beyond that is dropped and logged.  A source address can
+a peer may be sent at most 3 times the bytes it sent: each datagram adds 3 times
+its size to the peer's allowance, each reply takes its own size from it, and the
+allowance is capped at ``MAX_ALLOWANCE`` (3 x 65,507) so it cannot be saved up;
+a reply beyond it is dropped and logged (replies answered later, after
+``work_started``, spend the same allowance).  A source address can
 be forged, so without the rule a 40-byte request could aim a large reply at
 someone else.  ``peer_validated`` is meant for a handler that sent the peer a
 token it could only echo back if the address is really its own.
@@ -47,12 +50,15 @@ if TYPE_CHECKING:
     from .handler import Handler, HandlerFactory, PeerAddress
     from .loop import EventLoop, Timer
 
-__all__ = ["AMPLIFICATION", "DatagramPeer", "PeerTable", "Route"]
+__all__ = ["AMPLIFICATION", "MAX_ALLOWANCE", "DatagramPeer", "PeerTable", "Route"]
 
 log = logging.getLogger("muxsrv.udp")
 
-#: A peer not validated gets at most this many times its latest datagram's size in replies.
+#: A peer not validated gets at most this many times the bytes it sent in replies.
 AMPLIFICATION: Final = 3
+#: The most a peer not validated may have in hand (3 of the largest datagrams' worth):
+#: a silent stretch cannot save up an allowance for one burst.
+MAX_ALLOWANCE: Final = AMPLIFICATION * 65_507
 
 
 class Route(Protocol):
@@ -189,7 +195,9 @@ class PeerTable:
             if peer._paused:
                 self._count("paused")
                 return
-            peer.allowance = AMPLIFICATION * len(payload)
+            if not peer.validated:
+                peer.allowance = min(peer.allowance + AMPLIFICATION * len(payload),
+                                     MAX_ALLOWANCE)
         handler = peer.handler
         assert handler is not None
         self._call(peer, handler.message_received, "message_received", payload)

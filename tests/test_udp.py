@@ -249,11 +249,12 @@ def test_amplification_until_validated(fake: FakeLoop, caplog: pytest.LogCapture
     sock = FakeDatagramSocket()
     ep = endpoint(fake, sock, factory=tracer())
     with caplog.at_level(logging.WARNING, "muxsrv"):
-        sock.arrive(A, b"size 24", b"size 25")  # 7 bytes: up to 21
-        sock.arrive(A, b"size 000021", b"size 000034")  # 11 bytes: 33 allowed, 34 not
+        sock.arrive(A, b"size 22")  # 7 bytes: up to 21, kept
+        sock.arrive(A, b"size 000040")  # 11 bytes: 21 + 33 = 54, 14 left
+        sock.arrive(A, b"size 000048")  # 14 + 33 = 47: not 48
         fake.run()
-    assert sock.replies_to(A) == [b"x" * 21]
-    assert ep.dropped()["amplification"] == 3
+    assert sock.replies_to(A) == [b"x" * 40]
+    assert ep.dropped()["amplification"] == 2
     assert "amplification" in caplog.text
     sock.arrive(A, b"validate", b"size 60000")
     fake.run()

@@ -10,6 +10,7 @@ from udp_support import FakeDatagramSocket, FakeLoop
 
 from muxsrv import Conn, Handler
 from muxsrv.udp import QUEUE_ENTRY_OVERHEAD, DatagramEndpoint
+from muxsrv.udp_peers import MAX_ALLOWANCE
 
 A = ("127.0.0.1", 40001)
 B = ("127.0.0.1", 40002)
@@ -73,3 +74,34 @@ def test_max_queue_zero_drops_at_once(fake: FakeLoop) -> None:
     sock.arrive(A, b"", b"", b"x")
     fake.run()
     assert ep.queued == 0 and ep.counts["queue full (--udp-max-queue)"] == 3
+
+
+def test_allowance_adds_up_for_deferred_replies_but_is_capped(fake: FakeLoop) -> None:
+    class Later(Handler):
+        def message_received(self, conn: Conn, payload: bytes) -> None:
+            if payload.startswith(b"burst "):
+                for _ in range(int(payload[6:])):
+                    conn.send(b"y" * 60_000)
+                return
+            conn.work_started()
+
+            def answer() -> None:
+                conn.send(payload * 3)
+                conn.work_done()
+
+            conn.loop.call_later(0.1, answer)
+
+    sock = FakeDatagramSocket()
+    ep = endpoint(fake, sock, factory=Later)
+    sock.arrive(A, b"0123456789", b"abcdefghij")  # two in flight, each answered with 3x
+    fake.run()
+    fake.advance(1)
+    assert [r[:4] for r in sock.replies_to(A)] == [b"0123", b"abcd"]
+    assert "amplification" not in ep.dropped()
+    # Many large datagrams answered with nothing: the allowance stops at MAX_ALLOWANCE.
+    sock.arrive(B, *[b"z" * 60_000] * 10)
+    fake.run()
+    sock.arrive(B, b"burst 4")
+    fake.run()
+    assert MAX_ALLOWANCE // 60_000 == 3
+    assert len(sock.replies_to(B)) == 3 and ep.dropped()["amplification"] == 1
