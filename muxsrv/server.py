@@ -133,6 +133,7 @@ class Settings:
     udp: str = "off"  # "also" (--udp), "only" (--udp-only)
     udp_max_peers: int = DEFAULT_MAX_PEERS
     udp_max_queue: int = DEFAULT_MAX_QUEUE
+    udp_allow_low_ports: bool = False  # --udp-allow-low-ports
 
 
 class _RateLimitedLog:
@@ -224,7 +225,7 @@ class Server:
         self.udp = None if settings.udp == "off" else DatagramEndpoint(
             loop, function=function, factory=factory, max_peers=settings.udp_max_peers,
             max_queue=settings.udp_max_queue, idle_timeout=settings.idle_timeout,
-            max_message=settings.max_frame,
+            max_message=settings.max_frame, allow_low_ports=settings.udp_allow_low_ports,
             loopback_only=gate is not None and gate.protected and gate.tokens is None)
 
     # -- listening ----------------------------------------------------------

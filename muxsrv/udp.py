@@ -22,6 +22,13 @@ cap.  Every drop is counted in ``counts`` by reason and logged at most once
 a second per reason (the senders may be forged: a log line each would be a
 flood of its own).
 
+Reply loops: a datagram whose (forged) source is another reply-to-everything
+service (echo on port 7, chargen 19, DNS 53, NTP 123, or this endpoint itself)
+would have the two answer each other for ever.  So datagrams from source
+port 0, from the endpoint's own address (with a wildcard bind: any host on its
+port) and, unless ``--udp-allow-low-ports``, from source ports below 1024 are
+dropped and counted, never answered.
+
 In protected mode (a non-loopback ``--host`` with no authentication),
 datagrams from non-loopback sources are dropped, as TCP connections from
 them are refused.
@@ -65,6 +72,9 @@ DEFAULT_MAX_QUEUE: Final = 1 << 20
 #: tuple, the bytes object and the address cost ~200 bytes of memory each, so empty
 #: replies must count too (else a flood of them would queue without bound).
 QUEUE_ENTRY_OVERHEAD: Final = 256
+#: Source ports below this are dropped unless --udp-allow-low-ports (port 0: always).
+LOW_PORTS: Final = 1024
+_WILDCARDS: Final = ("0.0.0.0", "::", "")
 #: Large enough for any datagram (65,507), so none is ever truncated.
 _BUFFER_SIZE: Final = 1 << 16
 
@@ -72,11 +82,17 @@ _BUFFER_SIZE: Final = 1 << 16
 class _Channel:
     """One bound UDP socket: the loop calls it; it hands over to the endpoint."""
 
-    __slots__ = ("endpoint", "queue", "sock", "writing")
+    __slots__ = ("endpoint", "inet", "own_host", "own_port", "queue", "sock", "writing")
 
     def __init__(self, endpoint: DatagramEndpoint, sock: socket.socket) -> None:
         self.endpoint = endpoint
         self.sock = sock
+        own = sock.getsockname()
+        #: Addresses are (host, port, ...): the reply-loop checks apply (not AF_UNIX).
+        self.inet = isinstance(own, tuple)
+        #: The socket's own address; a wildcard host ("" here) matches any source host.
+        self.own_host: str = "" if not self.inet or own[0] in _WILDCARDS else own[0]
+        self.own_port: int = own[1] if self.inet else 0
         self.queue: deque[tuple[bytes, Any]] = deque()
         self.writing = False
 
@@ -111,6 +127,7 @@ class DatagramEndpoint:
         idle_timeout: float = 300.0,
         max_message: int = MAX_DATAGRAM,
         loopback_only: bool = False,
+        allow_low_ports: bool = False,
     ) -> None:
         if (function is None) == (factory is None):
             raise ValueError("give exactly one of function= and factory=")
@@ -121,6 +138,8 @@ class DatagramEndpoint:
         self.max_queue = max_queue
         self.max_message = max_message
         self.loopback_only = loopback_only
+        #: Datagrams from source ports below this are dropped (1: only port 0).
+        self.min_port = 1 if allow_low_ports else LOW_PORTS
         #: Bytes of replies queued on all sockets.
         self.queued = 0
         #: Datagrams and replies dropped, by reason.
@@ -159,6 +178,9 @@ class DatagramEndpoint:
         function = self._function
         peers = self.peers
         now = self.loop.now
+        min_port = self.min_port
+        inet = channel.inet
+        own_host, own_port = channel.own_host, channel.own_port
         for _ in range(UDP_BATCH):
             if self.closed:
                 return  # a handler stopped the server inside this batch
@@ -175,6 +197,15 @@ class DatagramEndpoint:
             if self.loopback_only and not _loopback(address):
                 self._drop("not loopback (protected mode)", address, size)
                 continue
+            if inet:
+                port = address[1]
+                if port < min_port:  # a reply could start a loop with a port-7/19/53 service
+                    self._drop("source port 0" if port == 0 else "source port < 1024",
+                               address, size)
+                    continue
+                if port == own_port and (not own_host or address[0] == own_host):
+                    self._drop("source is this endpoint", address, size)  # answering itself
+                    continue
             payload = bytes(buffer[:size])
             if peers is not None:
                 peers.datagram(address, payload, channel, now)

@@ -34,6 +34,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--udp-max-queue", type=size_or_zero, default=DEFAULT_MAX_QUEUE, metavar="BYTES",
         help="replies held while the UDP socket would block; beyond, replies are dropped "
              "and counted (default: 1M; 0: drop at once)")
+    add("--udp-allow-low-ports", action="store_true",
+        help="answer UDP datagrams from source ports below 1024 (default: dropped and "
+             "counted, as are those from port 0 and from the endpoint's own address: a "
+             "forged source there could start a reply loop with an echo, chargen or DNS "
+             "service)")
 
 
 def mode(options: argparse.Namespace) -> str:

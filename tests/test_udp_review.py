@@ -105,3 +105,39 @@ def test_allowance_adds_up_for_deferred_replies_but_is_capped(fake: FakeLoop) ->
     fake.run()
     assert MAX_ALLOWANCE // 60_000 == 3
     assert len(sock.replies_to(B)) == 3 and ep.dropped()["amplification"] == 1
+
+
+@pytest.mark.parametrize(("source", "reason"), [
+    (("127.0.0.1", 0), "source port 0"),
+    (("127.0.0.1", 7), "source port < 1024"),
+    (("127.0.0.1", 1023), "source port < 1024"),
+    (("127.0.0.1", 9999), "source is this endpoint"),  # the fake socket's own address
+])
+def test_reply_loop_sources_are_dropped(fake: FakeLoop, source: Any, reason: str) -> None:
+    sock = FakeDatagramSocket()
+    ep = endpoint(fake, sock, function=lambda p: p)
+    sock.arrive(source, b"ping")
+    sock.arrive(A, b"ping")
+    fake.run()
+    assert sock.sent_to == [(b"ping", A)]
+    assert ep.counts == {reason: 1}
+
+
+def test_low_ports_answered_when_allowed_but_not_port_0(fake: FakeLoop) -> None:
+    sock = FakeDatagramSocket()
+    ep = endpoint(fake, sock, function=lambda p: p, allow_low_ports=True)
+    sock.arrive(("127.0.0.1", 7), b"a")
+    sock.arrive(("127.0.0.1", 0), b"b")
+    fake.run()
+    assert sock.sent_to == [(b"a", ("127.0.0.1", 7))]
+    assert ep.counts == {"source port 0": 1}
+
+
+def test_wildcard_bind_drops_its_own_port_from_any_host(fake: FakeLoop) -> None:
+    sock = FakeDatagramSocket(("0.0.0.0", 5000))
+    ep = endpoint(fake, sock, function=lambda p: p)
+    sock.arrive(("127.0.0.2", 5000), b"a")
+    sock.arrive(("127.0.0.2", 5001), b"b")
+    fake.run()
+    assert sock.sent_to == [(b"b", ("127.0.0.2", 5001))]
+    assert ep.counts == {"source is this endpoint": 1}
