@@ -23,10 +23,15 @@ a peer may be sent at most 3 times the bytes it sent: each datagram adds 3 times
 its size to the peer's allowance, each reply takes its own size from it, and the
 allowance is capped at ``MAX_ALLOWANCE`` (3 x 65,507) so it cannot be saved up;
 a reply beyond it is dropped and logged (replies answered later, after
-``work_started``, spend the same allowance).  A source address can
+``work_started``, spend the same allowance).  ``peer_validated()`` lifts the
+cap for ``VALIDATION_LIFETIME`` (5 minutes) from the call, however many
+datagrams follow; calling it again (after a fresh proof) starts it again.  A source address can
 be forged, so without the rule a 40-byte request could aim a large reply at
 someone else.  ``peer_validated`` is meant for a handler that sent the peer a
-token it could only echo back if the address is really its own.
+token it could only echo back if the address is really its own.  It proves the
+address at that moment only: anyone can forge that address later, within the
+lifetime too, so a handler sending large replies must keep checking the token
+(a cookie in every such request).
 
 A handler that raises in ``message_received`` has that datagram's replies
 (those sent inside the call) dropped; the error is logged and the instance
@@ -50,7 +55,8 @@ if TYPE_CHECKING:
     from .handler import Handler, HandlerFactory, PeerAddress
     from .loop import EventLoop, Timer
 
-__all__ = ["AMPLIFICATION", "MAX_ALLOWANCE", "DatagramPeer", "PeerTable", "Route"]
+__all__ = ["AMPLIFICATION", "MAX_ALLOWANCE", "VALIDATION_LIFETIME", "DatagramPeer", "PeerTable",
+           "Route"]
 
 log = logging.getLogger("muxsrv.udp")
 
@@ -59,6 +65,8 @@ AMPLIFICATION: Final = 3
 #: The most a peer not validated may have in hand (3 of the largest datagrams' worth):
 #: a silent stretch cannot save up an allowance for one burst.
 MAX_ALLOWANCE: Final = AMPLIFICATION * 65_507
+#: Seconds a ``peer_validated()`` lifts the cap for (later datagrams do not extend it).
+VALIDATION_LIFETIME: Final = 300.0
 
 
 class Route(Protocol):
@@ -70,8 +78,8 @@ class Route(Protocol):
 class DatagramPeer:
     """The ``conn`` of one UDP peer address (a :class:`~muxsrv.handler.Conn`)."""
 
-    __slots__ = ("_closing", "_held", "_paused", "_table", "_work", "address", "allowance",
-                 "handler", "last_active", "route", "validated")
+    __slots__ = ("_closing", "_held", "_paused", "_table", "_validated_until", "_work", "address",
+                 "allowance", "handler", "last_active", "route")
 
     def __init__(self, table: PeerTable, address: Any, route: Route, now: float) -> None:
         self._table = table
@@ -81,7 +89,7 @@ class DatagramPeer:
         self.last_active = now
         #: Bytes the peer may still be sent before it is validated.
         self.allowance = 0
-        self.validated = False
+        self._validated_until = float("-inf")
         self._closing = False
         self._paused = False
         self._work = 0
@@ -144,8 +152,13 @@ class DatagramPeer:
         self._table.touch(self)  # as over TCP: finishing work is activity
 
     def peer_validated(self) -> None:
-        """The peer proved its address: no amplification cap from now on."""
-        self.validated = True
+        """The peer proved its address now: no amplification cap for ``VALIDATION_LIFETIME``."""
+        self._validated_until = self._table.loop.now + VALIDATION_LIFETIME
+
+    @property
+    def validated(self) -> bool:
+        """Whether ``peer_validated`` was called less than ``VALIDATION_LIFETIME`` ago."""
+        return self._table.loop.now < self._validated_until
 
 
 class PeerTable:
@@ -195,9 +208,7 @@ class PeerTable:
             if peer._paused:
                 self._count("paused")
                 return
-            if not peer.validated:
-                peer.allowance = min(peer.allowance + AMPLIFICATION * len(payload),
-                                     MAX_ALLOWANCE)
+            peer.allowance = min(peer.allowance + AMPLIFICATION * len(payload), MAX_ALLOWANCE)
         handler = peer.handler
         assert handler is not None
         self._call(peer, handler.message_received, "message_received", payload)

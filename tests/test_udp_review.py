@@ -10,7 +10,7 @@ from udp_support import FakeDatagramSocket, FakeLoop
 
 from muxsrv import Conn, Handler
 from muxsrv.udp import QUEUE_ENTRY_OVERHEAD, DatagramEndpoint
-from muxsrv.udp_peers import MAX_ALLOWANCE
+from muxsrv.udp_peers import MAX_ALLOWANCE, VALIDATION_LIFETIME
 
 A = ("127.0.0.1", 40001)
 B = ("127.0.0.1", 40002)
@@ -141,3 +141,30 @@ def test_wildcard_bind_drops_its_own_port_from_any_host(fake: FakeLoop) -> None:
     fake.run()
     assert sock.sent_to == [(b"b", ("127.0.0.2", 5001))]
     assert ep.counts == {"source is this endpoint": 1}
+
+
+def test_validation_lasts_a_fixed_time_not_refreshed_by_datagrams(fake: FakeLoop) -> None:
+    class Big(Handler):
+        def message_received(self, conn: Conn, payload: bytes) -> None:
+            if payload == b"validate":
+                conn.peer_validated()
+            else:
+                conn.send(b"x" * 5000)
+
+    sock = FakeDatagramSocket()
+    ep = endpoint(fake, sock, factory=Big, idle_timeout=10 * VALIDATION_LIFETIME)
+    sock.arrive(A, b"validate", b"big")
+    fake.run()
+    assert len(sock.replies_to(A)) == 1
+    for _ in range(4):  # datagrams all along: the validation still ends on time
+        fake.advance(VALIDATION_LIFETIME / 4 - 1)
+        sock.arrive(A, b"big")
+        fake.run()
+    assert len(sock.replies_to(A)) == 5 and "amplification" not in ep.dropped()
+    fake.advance(5)
+    sock.arrive(A, b"big")
+    fake.run()
+    assert len(sock.replies_to(A)) == 5 and ep.dropped()["amplification"] == 1
+    sock.arrive(A, b"validate", b"big")  # a new proof: a new lifetime
+    fake.run()
+    assert len(sock.replies_to(A)) == 6

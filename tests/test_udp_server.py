@@ -128,14 +128,14 @@ def test_peer_bound_drops_the_least_recently_active() -> None:
 def test_amplification_cap_until_the_token_is_echoed(udp: socket.socket) -> None:
     with running_server("--udp-only", "--handler", f"{UDP_PLUGINS}:TokenEcho",
                         env=plugin_env()) as srv:
-        udp.sendto(b"SIZE 1000", srv.address)  # 9 bytes: at most 27 back
-        srv.wait_log("amplification")
-        assert ask(udp, srv.address, b"SIZE 0027") == b"x" * 27
         token = ask(udp, srv.address, b"HELLO")
         assert len(token) == 12
+        udp.sendto(b"SIZE " + token + b" 100", srv.address)  # 22 bytes: at most 66 back
+        srv.wait_log("amplification")
+        assert ask(udp, srv.address, b"SIZE " + token + b" 0024") == b"x" * 24  # 66 - 42
         assert ask(udp, srv.address, b"TOKEN " + token) == b"OK"
-        assert ask(udp, srv.address, b"SIZE 60000") == b"x" * 60000
-        udp.sendto(b"SIZE 65508", srv.address)
+        assert ask(udp, srv.address, b"SIZE " + token + b" 60000") == b"x" * 60000
+        udp.sendto(b"SIZE " + token + b" 65508", srv.address)
         srv.wait_log("reply over 65,507 bytes")
 
 
@@ -288,13 +288,19 @@ def test_readme_token_echo_example(tmp_path: Path, udp: socket.socket) -> None:
                         cwd=tmp_path)
     try:
         srv.wait_started()
-        udp.sendto(b"SIZE 100", srv.address)
-        srv.wait_log("amplification")
         token = ask(udp, srv.address, b"HELLO")
+        udp.sendto(b"SIZE " + token + b" 100", srv.address)
+        srv.wait_log("amplification")
         assert ask(udp, srv.address, b"TOKEN " + token) == b"OK"
-        assert ask(udp, srv.address, b"SIZE 100") == b"x" * 100
+        assert ask(udp, srv.address, b"SIZE " + token + b" 100") == b"x" * 100
+        udp.settimeout(0.3)
+        udp.sendto(b"SIZE wrong 100", srv.address)  # no token: nothing, validated or not
+        with pytest.raises(TimeoutError):
+            udp.recv(200)
         with srv.connect() as tcp:  # the same handler over TCP: no cap to lift
-            tcp.sendall(frame(b"SIZE 100"))
+            tcp.sendall(frame(b"HELLO"))
+            _, tcp_token = recv_frame(tcp)
+            tcp.sendall(frame(b"SIZE " + tcp_token + b" 100"))
             assert recv_frame(tcp) == (False, b"x" * 100)
     finally:
         srv.stop()
