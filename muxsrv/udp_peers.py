@@ -15,7 +15,8 @@ instance ends (``connection_lost(conn, None)``, from the loop) when
   least recently active one goes first (an LRU: the table is ordered by
   activity, so both the sweep and the eviction look only at its front);
 * the handler called ``conn.close()`` or ``conn.abort()`` (the next datagram
-  from that address makes a fresh instance);
+  from that address makes a fresh instance, its ``connection_made`` always
+  after the old one's ``connection_lost``: a lost still due is delivered first);
 * the server stops.
 
 Amplification (QUIC's rule): until the handler calls ``conn.peer_validated()``
@@ -172,6 +173,9 @@ class PeerTable:
         self.idle_timeout = idle_timeout
         self._peers: OrderedDict[Any, DatagramPeer] = OrderedDict()
         self._sweep: Timer | None = None
+        #: Instances closed whose connection_lost is still to come from the loop, by address:
+        #: a new instance for the address waits for it (connection_lost first).
+        self._ending: dict[Any, DatagramPeer] = {}
         self._error_log = RateLimitedLog(log, level=logging.ERROR)
         self._full_log = RateLimitedLog(log)
         #: ``send_error`` lines (at most one a second: a flood may provoke one per datagram).
@@ -214,6 +218,9 @@ class PeerTable:
         self._call(peer, handler.message_received, "message_received", payload)
 
     def _make(self, address: Any, payload: bytes, route: Route, now: float) -> DatagramPeer | None:
+        ending = self._ending.get(address)
+        if ending is not None:  # the old instance hears of its end before the new one begins
+            self._tell_lost(ending)
         try:
             handler = self._factory()
         except Exception as exc:
@@ -234,7 +241,7 @@ class PeerTable:
         if not self._call(peer, handler.connection_made, "connection_made"):
             # Never in the table; its connection_lost comes from the loop, as over TCP.
             peer._closing = True
-            self.loop.call_soon(self._tell_lost, peer)
+            self._tell_soon(peer)
             return None
         if peer._closing:
             return None  # closed in connection_made: its connection_lost is on its way
@@ -273,6 +280,10 @@ class PeerTable:
         peer._closing = True
         if self._peers.get(peer.address) is peer:
             del self._peers[peer.address]
+        self._tell_soon(peer)
+
+    def _tell_soon(self, peer: DatagramPeer) -> None:
+        self._ending[peer.address] = peer
         self.loop.call_soon(self._tell_lost, peer)
 
     def _lost(self, peer: DatagramPeer) -> None:
@@ -280,6 +291,8 @@ class PeerTable:
         self._tell_lost(peer)
 
     def _tell_lost(self, peer: DatagramPeer) -> None:
+        if self._ending.get(peer.address) is peer:
+            del self._ending[peer.address]
         handler, peer.handler = peer.handler, None
         if handler is None:
             return
@@ -324,7 +337,7 @@ class PeerTable:
             self._sweep = None
         peers = list(self._peers.values())
         self._peers.clear()
-        for peer in peers:
+        for peer in [*self._ending.values(), *peers]:  # the closed ones first, as they went
             self._lost(peer)
 
 

@@ -168,3 +168,45 @@ def test_validation_lasts_a_fixed_time_not_refreshed_by_datagrams(fake: FakeLoop
     sock.arrive(A, b"validate", b"big")  # a new proof: a new lifetime
     fake.run()
     assert len(sock.replies_to(A)) == 6
+
+
+class Trace(Handler):
+    """Records every call in a shared list; ``close`` closes the instance."""
+
+    trace: list[tuple[str, Any]] = []
+
+    def connection_made(self, conn: Conn) -> None:
+        self.trace.append(("made", conn.peer))
+
+    def message_received(self, conn: Conn, payload: bytes) -> None:
+        self.trace.append(("got", payload))
+        if payload == b"close":
+            conn.close()
+
+    def connection_lost(self, conn: Conn, exc: BaseException | None) -> None:
+        self.trace.append(("lost", conn.peer))
+
+
+def test_old_instance_is_told_lost_before_the_new_one_is_made(fake: FakeLoop) -> None:
+    cls = type("T", (Trace,), {"trace": []})
+    sock = FakeDatagramSocket()
+    endpoint(fake, sock, factory=cls)
+    sock.arrive(A, b"close", b"next")  # one batch: connection_lost not yet run from the loop
+    fake.run()
+    assert cls.trace == [("made", A), ("got", b"close"), ("lost", A), ("made", A),
+                         ("got", b"next")]
+
+
+def test_closed_instances_are_told_lost_when_the_endpoint_closes(fake: FakeLoop) -> None:
+    cls = type("T", (Trace,), {"trace": []})
+    sock = FakeDatagramSocket()
+    ep = endpoint(fake, sock, factory=cls)
+    sock.arrive(A, b"x")
+    fake.run()
+    assert ep.peers is not None
+    ep.peers.datagram(B, b"close", ep._channels[0], fake.loop.now)  # as a read would
+    assert ("lost", B) not in cls.trace  # B's connection_lost is queued on the loop
+    ep.close()
+    assert cls.trace.count(("lost", A)) == 1 and cls.trace.count(("lost", B)) == 1
+    fake.run()
+    assert cls.trace.count(("lost", B)) == 1  # once only
