@@ -173,7 +173,7 @@ def test_validation_lasts_a_fixed_time_not_refreshed_by_datagrams(fake: FakeLoop
 class Trace(Handler):
     """Records every call in a shared list; ``close`` closes the instance."""
 
-    trace: list[tuple[str, Any]] = []
+    trace: list[tuple[str, Any]]  # each test makes a subclass with its own
 
     def connection_made(self, conn: Conn) -> None:
         self.trace.append(("made", conn.peer))
