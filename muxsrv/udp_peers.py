@@ -12,8 +12,10 @@ instance ends (``connection_lost(conn, None)``, from the loop) when
   ``work_done``; never while a ``work_started`` waits for its ``work_done``),
   checked by a sweep, ~1/8 of the timeout late;
 * the table holds ``--udp-max-peers`` instances and a new address sends: the
-  least recently active one goes first (an LRU: the table is ordered by
-  activity, so both the sweep and the eviction look only at its front);
+  least recently active one not validated goes first, a validated one only
+  when none is left (an LRU: the table, and the list of those not validated,
+  are ordered by activity, so the sweep and the eviction look only at their
+  front; a flood from forged sources cannot push out the proven peers);
 * the handler called ``conn.close()`` or ``conn.abort()`` (the next datagram
   from that address makes a fresh instance, its ``connection_made`` always
   after the old one's ``connection_lost``: a lost still due is delivered first);
@@ -155,6 +157,7 @@ class DatagramPeer:
     def peer_validated(self) -> None:
         """The peer proved its address now: no amplification cap for ``VALIDATION_LIFETIME``."""
         self._validated_until = self._table.loop.now + VALIDATION_LIFETIME
+        self._table.validated(self)
 
     @property
     def validated(self) -> bool:
@@ -172,6 +175,10 @@ class PeerTable:
         self.max_peers = max_peers
         self.idle_timeout = idle_timeout
         self._peers: OrderedDict[Any, DatagramPeer] = OrderedDict()
+        #: The addresses in ``_peers`` not validated, in the same order: evicted first (a
+        #: flood of forged sources must not push out the peers that proved their address).
+        #: A peer whose validation ran out joins again with its next datagram.
+        self._unvalidated: OrderedDict[Any, None] = OrderedDict()
         self._sweep: Timer | None = None
         #: Instances closed whose connection_lost is still to come from the loop, by address:
         #: a new instance for the address waits for it (connection_lost first).
@@ -207,6 +214,11 @@ class PeerTable:
                 return
         else:
             self._peers.move_to_end(address)
+            unvalidated = self._unvalidated
+            if address in unvalidated:
+                unvalidated.move_to_end(address)
+            elif not peer.validated:
+                unvalidated[address] = None
             peer.last_active = now
             peer.route = route
             if peer._paused:
@@ -229,11 +241,18 @@ class PeerTable:
                                     _shown(address), peer=address, exc_info=exc)
             return None
         while len(self._peers) >= self.max_peers:
-            _, oldest = self._peers.popitem(last=False)
+            if self._unvalidated:
+                gone, _ = self._unvalidated.popitem(last=False)
+                found = self._peers.pop(gone, None)
+                if found is None:
+                    continue
+                oldest = found
+            else:
+                _, oldest = self._peers.popitem(last=False)
             self._count("peer table full")
             self._full_log.warning("UDP peer table full (--udp-max-peers %d): dropped %s, the "
-                                   "least recently active", self.max_peers,
-                                   _shown(oldest.address), peer=oldest.address)
+                                   "least recently active (not validated ones first)",
+                                   self.max_peers, _shown(oldest.address), peer=oldest.address)
             self._lost(oldest)
         peer = DatagramPeer(self, address, route, now)
         peer.handler = handler
@@ -246,6 +265,8 @@ class PeerTable:
         if peer._closing:
             return None  # closed in connection_made: its connection_lost is on its way
         self._peers[address] = peer
+        if not peer.validated:
+            self._unvalidated[address] = None
         return peer
 
     def _call(self, peer: DatagramPeer, method: Callable[..., object], name: str,
@@ -270,6 +291,13 @@ class PeerTable:
         if self._peers.get(peer.address) is peer:
             peer.last_active = self.loop.now
             self._peers.move_to_end(peer.address)
+            if peer.address in self._unvalidated:
+                self._unvalidated.move_to_end(peer.address)
+
+    def validated(self, peer: DatagramPeer) -> None:
+        """``peer`` proved its address: evicted only when no unvalidated peer is left."""
+        if self._peers.get(peer.address) is peer:
+            self._unvalidated.pop(peer.address, None)
 
     # -- ending instances ------------------------------------------------------
 
@@ -280,6 +308,7 @@ class PeerTable:
         peer._closing = True
         if self._peers.get(peer.address) is peer:
             del self._peers[peer.address]
+            self._unvalidated.pop(peer.address, None)
         self._tell_soon(peer)
 
     def _tell_soon(self, peer: DatagramPeer) -> None:
@@ -325,6 +354,7 @@ class PeerTable:
             # A connection_lost before this one may have closed a sibling already.
             if peer._closing or self._peers.pop(peer.address, None) is not peer:
                 continue
+            self._unvalidated.pop(peer.address, None)
             log.debug("UDP %s: idle for %.3g s, instance dropped", _shown(peer.address), timeout)
             self._lost(peer)
             ended += 1
@@ -337,6 +367,7 @@ class PeerTable:
             self._sweep = None
         peers = list(self._peers.values())
         self._peers.clear()
+        self._unvalidated.clear()
         for peer in [*self._ending.values(), *peers]:  # the closed ones first, as they went
             self._lost(peer)
 

@@ -210,3 +210,25 @@ def test_closed_instances_are_told_lost_when_the_endpoint_closes(fake: FakeLoop)
     assert cls.trace.count(("lost", A)) == 1 and cls.trace.count(("lost", B)) == 1
     fake.run()
     assert cls.trace.count(("lost", B)) == 1  # once only
+
+
+def test_eviction_spares_validated_peers(fake: FakeLoop) -> None:
+    class Big(Handler):
+        def message_received(self, conn: Conn, payload: bytes) -> None:
+            if payload == b"validate":
+                conn.peer_validated()
+            conn.send(b"x" * 5000)
+
+    sock = FakeDatagramSocket()
+    ep = endpoint(fake, sock, factory=Big, max_peers=3)
+    sock.arrive(A, b"validate")  # A: validated, and the least recently active
+    sock.arrive(B, b"b")
+    fake.run()
+    for port in range(50000, 50010):  # a flood from new (forgeable) addresses
+        sock.arrive(("127.0.0.1", port), b"f")
+    fake.run()
+    assert ep.peers is not None and A in ep.peers and len(ep.peers) == 3
+    assert B not in ep.peers and ep.dropped()["peer table full"] == 9  # the first fits
+    sock.arrive(A, b"big")
+    fake.run()
+    assert len(sock.replies_to(A)) == 2  # still validated: the large reply goes
