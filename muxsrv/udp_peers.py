@@ -327,8 +327,10 @@ class PeerTable:
             return
         try:
             handler.connection_lost(peer, None)
-        except Exception:
-            log.exception("UDP %s: handler connection_lost failed", _shown(peer.address))
+        except Exception as exc:  # once a second at most: the sources may be forged
+            self._count("handler error")
+            self._error_log.warning("UDP %s: handler connection_lost failed",
+                                    _shown(peer.address), peer=peer.address, exc_info=exc)
 
     def _schedule_sweep(self) -> None:
         self._sweep = self.loop.call_later(min(1.0, max(0.01, self.idle_timeout / 8)),

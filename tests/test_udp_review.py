@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -232,3 +233,20 @@ def test_eviction_spares_validated_peers(fake: FakeLoop) -> None:
     sock.arrive(A, b"big")
     fake.run()
     assert len(sock.replies_to(A)) == 2  # still validated: the large reply goes
+
+
+def test_failing_connection_lost_is_logged_rate_limited(
+        fake: FakeLoop, caplog: pytest.LogCaptureFixture) -> None:
+    class Bad(Handler):
+        def connection_lost(self, conn: Conn, exc: BaseException | None) -> None:
+            raise RuntimeError("cleanup bug")
+
+    sock = FakeDatagramSocket()
+    ep = endpoint(fake, sock, factory=Bad, max_peers=1)
+    with caplog.at_level(logging.INFO, "muxsrv"):
+        for i in range(200):  # 200 (forgeable) sources: each evicts the one before
+            sock.arrive(("10.0.0.%d" % (i + 1), 5000), b"x")
+        fake.run()
+    failed = [r for r in caplog.records if "connection_lost failed" in r.getMessage()]
+    assert 1 <= len(failed) <= 3
+    assert ep.dropped()["handler error"] == 199
