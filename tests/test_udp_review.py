@@ -245,7 +245,7 @@ def test_failing_connection_lost_is_logged_rate_limited(
     ep = endpoint(fake, sock, factory=Bad, max_peers=1)
     with caplog.at_level(logging.INFO, "muxsrv"):
         for i in range(200):  # 200 (forgeable) sources: each evicts the one before
-            sock.arrive(("10.0.0.%d" % (i + 1), 5000), b"x")
+            sock.arrive((f"10.0.0.{i + 1}", 5000), b"x")
         fake.run()
     failed = [r for r in caplog.records if "connection_lost failed" in r.getMessage()]
     assert 1 <= len(failed) <= 3
