@@ -39,13 +39,13 @@ sockets; only the loop touches the selector.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import socket
 from collections import deque
 from typing import TYPE_CHECKING, Any, Final
 
 from .address import format_address
+from .auth import is_loopback_peer
 from .listening import bind_sockets
 from .loop import EVENT_READ, EVENT_WRITE
 from .ratelog import RateLimitedLog
@@ -194,7 +194,7 @@ class DatagramEndpoint:
             if size > self.max_message:
                 self._drop("datagram over --max-frame", address, size)
                 continue
-            if self.loopback_only and not _loopback(address):
+            if self.loopback_only and not is_loopback_peer(address):
                 self._drop("not loopback (protected mode)", address, size)
                 continue
             if inet:
@@ -312,9 +312,3 @@ class DatagramEndpoint:
                 counts[reason] = counts.get(reason, 0) + count
         return counts
 
-
-def _loopback(address: Any) -> bool:
-    try:
-        return ipaddress.ip_address(address[0].split("%")[0]).is_loopback
-    except (ValueError, TypeError, IndexError):
-        return False

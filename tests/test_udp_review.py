@@ -250,3 +250,14 @@ def test_failing_connection_lost_is_logged_rate_limited(
     failed = [r for r in caplog.records if "connection_lost failed" in r.getMessage()]
     assert 1 <= len(failed) <= 3
     assert ep.dropped()["handler error"] == 199
+
+
+def test_protected_mode_knows_ipv4_mapped_loopback(fake: FakeLoop) -> None:
+    sock = FakeDatagramSocket(("::", 9999, 0, 0))
+    ep = endpoint(fake, sock, function=lambda p: p, loopback_only=True)
+    sock.arrive(("::ffff:127.0.0.1", 40001, 0, 0), b"a")
+    sock.arrive(("::ffff:10.0.0.1", 40001, 0, 0), b"b")
+    sock.arrive(("::1", 40001, 0, 0), b"c")
+    fake.run()
+    assert [data for data, _ in sock.sent_to] == [b"a", b"c"]
+    assert ep.counts == {"not loopback (protected mode)": 1}
