@@ -250,13 +250,23 @@ class Server:
             except OSError as exc:
                 raise CannotListen(settings.host, settings.port, exc) from exc
         if self.udp is not None:
-            port = socks[0].getsockname()[1] if socks else settings.port
-            try:
-                addresses = self.udp.listen(settings.host, port, udp)
-            except OSError as exc:
-                for lsock in socks:
-                    lsock.close()
-                raise CannotListen(settings.host, port, exc) from exc
+            # --port 0 --udp: the port the kernel picked for TCP may be taken for UDP;
+            # then the pair is bound again, on another port, a few times.
+            retry = settings.port == 0 and sock is None and udp is None and bool(socks)
+            for attempt in range(1, _PAIR_TRIES + 1):
+                port = socks[0].getsockname()[1] if socks else settings.port
+                try:
+                    addresses = self.udp.listen(settings.host, port, udp)
+                    break
+                except OSError as exc:
+                    for lsock in socks:
+                        lsock.close()
+                    if not (retry and exc.errno == errno.EADDRINUSE and attempt < _PAIR_TRIES):
+                        raise CannotListen(settings.host, port, exc) from exc
+                try:
+                    socks = _bind(settings)
+                except OSError as exc:
+                    raise CannotListen(settings.host, settings.port, exc) from exc
             if not socks:
                 return addresses
         for lsock in socks:
@@ -547,6 +557,10 @@ class Server:
                             HANDLER_CLEANUP_TIMEOUT)
         outbound.abort_all()
         self.loop.run_once(max_wait=0)  # their connection_lost
+
+
+#: Binds of the TCP+UDP pair for ``--port 0 --udp``, at most (the UDP port may be taken).
+_PAIR_TRIES: Final = 5
 
 
 def _bind(settings: Settings) -> list[socket.socket]:

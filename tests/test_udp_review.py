@@ -261,3 +261,42 @@ def test_protected_mode_knows_ipv4_mapped_loopback(fake: FakeLoop) -> None:
     fake.run()
     assert [data for data, _ in sock.sent_to] == [b"a", b"c"]
     assert ep.counts == {"not loopback (protected mode)": 1}
+
+
+def test_port_0_with_udp_retries_the_pair_when_the_udp_port_is_taken(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    from muxsrv.loop import EventLoop
+    from muxsrv.server import CannotListen, Server, Settings
+
+    real = DatagramEndpoint.listen
+    tries: list[int] = []
+
+    def taken(times: int) -> Any:
+        def listen(self: DatagramEndpoint, host: str, port: int, socks: Any = None) -> Any:
+            tries.append(port)
+            if len(tries) <= times:
+                raise OSError(errno.EADDRINUSE, "Address already in use")
+            return real(self, host, port, socks)
+        return listen
+
+    def server() -> Server:
+        return Server(loop, Settings(host="127.0.0.1", port=0, udp="also"),
+                      function=lambda p: p)
+
+    loop = EventLoop()
+    try:
+        monkeypatch.setattr(DatagramEndpoint, "listen", taken(2))
+        ok = server()
+        [address] = ok.listen()
+        assert len(tries) == 3 and address[1] == tries[-1]
+        assert ok.udp is not None and ok.udp.addresses == [address]
+        ok.shutdown()
+        tries.clear()
+        monkeypatch.setattr(DatagramEndpoint, "listen", taken(1000))
+        with pytest.raises(CannotListen):
+            server().listen()
+        assert len(tries) == 5  # a few tries, then the error
+    finally:
+        loop.close()
