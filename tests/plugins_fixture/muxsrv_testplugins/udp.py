@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import time
 
 from muxsrv import Conn, Handler
 
@@ -49,6 +50,12 @@ class TokenEcho(Handler):
                 conn.send(b"x" * int(size))
         else:
             conn.send(b"?")
+
+
+def slow_echo(payload: bytes) -> bytes:
+    """Echo after 0.5 ms (a handler's cost per message: a flood keeps the server busy)."""
+    time.sleep(0.0005)
+    return payload
 
 
 def triple(payload: bytes) -> bytes:
