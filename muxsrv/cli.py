@@ -295,6 +295,7 @@ def settings_from(options: argparse.Namespace, handler_name: str) -> Settings:
         udp=udp_options.mode(options),
         udp_max_peers=options.udp_max_peers,
         udp_max_queue=options.udp_max_queue,
+        udp_allow_low_ports=options.udp_allow_low_ports,
     )
 
 

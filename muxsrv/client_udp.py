@@ -12,9 +12,11 @@ port-unreachable), where the system reports one.
 What UDP cannot tell: whether a lost request or a lost reply made the retry
 needed (a handler may see a message twice: make requests idempotent), and
 whether a reply that arrives after the retry belongs to the first try.
-Before each new request, replies left over from earlier ones are thrown
-away, which is all a client with one request in flight can do; a handler
-that needs more puts a request number in its messages.
+So after a request that needed a resend (answered or not) the next request
+goes from a new socket (a new source port: a late reply to the old one
+cannot pass for the next one's; the server's class handler sees a new peer),
+and before each request replies left over on the socket are thrown away.  A
+handler that needs more puts a request number in its messages.
 """
 
 from __future__ import annotations
@@ -69,7 +71,11 @@ class UdpClient(Client):
         self.retries = retries
         self.resent = 0
         self.reconnects = 0
-        self._max_reply = max(max_frame, MAX_DATAGRAM)
+        #: One more than the largest datagram: a reply is never cut short (``max_frame``,
+        #: a TCP bound, does not apply to datagrams).
+        self._max_reply = MAX_DATAGRAM + 1
+        #: The last request needed a resend: its late replies may still come to this socket.
+        self._stale = False
         self._sock = self._open()
 
     def _open(self) -> socket.socket:
@@ -123,11 +129,17 @@ class UdpClient(Client):
         """Send one datagram and return the reply, sending again after each ``timeout``
         with no reply, ``retries`` times; then TimeoutError."""
         data = self.encode(payload)
-        self._discard_late()
+        if self._stale:  # a new source port: the old try's late replies go nowhere
+            self._sock.close()
+            self._sock = self._open()
+            self._stale = False
+        else:
+            self._discard_late()
         sock = self._sock
         for attempt in range(self.retries + 1):
             if attempt:
                 self.resent += 1
+                self._stale = True
             sock.send(data)
             with contextlib.suppress(TimeoutError):
                 return sock.recv(self._max_reply)

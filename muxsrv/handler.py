@@ -60,7 +60,7 @@ its per-connection factory in ``configure``.
 
 Over UDP (``--udp``) the same handlers serve datagrams: one datagram is one
 message, a class handler gets one instance per peer address, and replies are
-capped at 3 times the datagram until ``conn.peer_validated()``; see
+capped at 3 times the bytes the peer sent until ``conn.peer_validated()``; see
 ``muxsrv.udp_peers``.
 """
 
@@ -162,7 +162,9 @@ class Conn(Protocol):
 
     def peer_validated(self) -> None:
         """The peer proved it owns its address (``--udp``: it echoed back a token you sent
-        it): lift the 3x amplification cap for it.  Over TCP nothing to do (a no-op)."""
+        it): lift the 3x amplification cap for it for 5 minutes.  It proves the address at
+        that moment only (a source can be forged later): keep checking the token in
+        requests for large replies.  Over TCP nothing to do (a no-op)."""
         ...
 
 

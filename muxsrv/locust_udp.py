@@ -7,7 +7,9 @@ UDP may reorder replies, and they carry no request number to match them by).
 A reply that has not come ``timeout`` seconds (``--mux-timeout``) after its
 request was sent is a lost datagram: the request fails with :class:`LostDatagram`
 and is not sent again (a load test counts losses; it does not hide them).
-Replies that arrive later are thrown away before the next request is sent.
+After a lost datagram the next request goes from a new socket (a new source
+port, so a late reply cannot pass for the next request's); other replies left
+over are thrown away before the next request is sent.
 
 The socket is connected, so only the server's datagrams reach it; an ICMP
 port-unreachable (no server there) fails the request with
@@ -121,6 +123,7 @@ class UdpMuxClient:
             failure = judge(payload, got)
         except LostDatagram as exc:
             self.lost += 1
+            self.close()  # its reply may still come: a new socket (source port) next time
             failure = exc
         except OSError as exc:  # refused (ICMP), unreachable: a new socket next time
             self.close()

@@ -134,6 +134,7 @@ class Settings:
     udp: str = "off"  # "also" (--udp), "only" (--udp-only)
     udp_max_peers: int = DEFAULT_MAX_PEERS
     udp_max_queue: int = DEFAULT_MAX_QUEUE
+    udp_allow_low_ports: bool = False  # --udp-allow-low-ports
 
 
 class _RateLimitedLog:
@@ -226,7 +227,7 @@ class Server:
         self.udp = None if settings.udp == "off" else DatagramEndpoint(
             loop, function=function, factory=factory, max_peers=settings.udp_max_peers,
             max_queue=settings.udp_max_queue, idle_timeout=settings.idle_timeout,
-            max_message=settings.max_frame,
+            max_message=settings.max_frame, allow_low_ports=settings.udp_allow_low_ports,
             loopback_only=gate is not None and gate.protected and gate.tokens is None)
 
     # -- listening ----------------------------------------------------------
@@ -251,13 +252,23 @@ class Server:
             except OSError as exc:
                 raise CannotListen(settings.host, settings.port, exc) from exc
         if self.udp is not None:
-            port = socks[0].getsockname()[1] if socks else settings.port
-            try:
-                addresses = self.udp.listen(settings.host, port, udp)
-            except OSError as exc:
-                for lsock in socks:
-                    lsock.close()
-                raise CannotListen(settings.host, port, exc) from exc
+            # --port 0 --udp: the port the kernel picked for TCP may be taken for UDP;
+            # then the pair is bound again, on another port, a few times.
+            retry = settings.port == 0 and sock is None and udp is None and bool(socks)
+            for attempt in range(1, _PAIR_TRIES + 1):
+                port = socks[0].getsockname()[1] if socks else settings.port
+                try:
+                    addresses = self.udp.listen(settings.host, port, udp)
+                    break
+                except OSError as exc:
+                    for lsock in socks:
+                        lsock.close()
+                    if not (retry and exc.errno == errno.EADDRINUSE and attempt < _PAIR_TRIES):
+                        raise CannotListen(settings.host, port, exc) from exc
+                try:
+                    socks = _bind(settings)
+                except OSError as exc:
+                    raise CannotListen(settings.host, settings.port, exc) from exc
             if not socks:
                 return addresses
         for lsock in socks:
@@ -548,6 +559,10 @@ class Server:
                             HANDLER_CLEANUP_TIMEOUT)
         outbound.abort_all()
         self.loop.run_once(max_wait=0)  # their connection_lost
+
+
+#: Binds of the TCP+UDP pair for ``--port 0 --udp``, at most (the UDP port may be taken).
+_PAIR_TRIES: Final = 5
 
 
 def _bind(settings: Settings) -> list[socket.socket]:

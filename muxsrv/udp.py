@@ -13,12 +13,21 @@ per wake-up, libuv 32).  Each read goes into one preallocated 64 KiB buffer.
 
 Sending: ``sendto`` at once; when it would block (``EAGAIN``), the reply is
 queued and the socket watched for writing, the queue bounded in bytes by
-``--udp-max-queue`` (1 MiB): past it replies are dropped and counted, and
+``--udp-max-queue`` (1 MiB; each entry counts its payload plus
+``QUEUE_ENTRY_OVERHEAD``, 256, so empty replies are bounded too, and 0 drops
+at once): past it replies are dropped and counted, and
 the loop never blocks.  A reply over 65,507 bytes (the most an IPv4
 datagram carries) is dropped and logged, as is one over the amplification
 cap.  Every drop is counted in ``counts`` by reason and logged at most once
 a second per reason (the senders may be forged: a log line each would be a
 flood of its own).
+
+Reply loops: a datagram whose (forged) source is another reply-to-everything
+service (echo on port 7, chargen 19, DNS 53, NTP 123, or this endpoint itself)
+would have the two answer each other for ever.  So datagrams from source
+port 0, from the endpoint's own address (with a wildcard bind: any host on its
+port) and, unless ``--udp-allow-low-ports``, from source ports below 1024 are
+dropped and counted, never answered.
 
 In protected mode (a non-loopback ``--host`` with no authentication),
 datagrams from non-loopback sources are dropped, as TCP connections from
@@ -30,13 +39,13 @@ sockets; only the loop touches the selector.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import socket
 from collections import deque
 from typing import TYPE_CHECKING, Any, Final
 
 from .address import format_address
+from .auth import is_loopback_peer
 from .listening import bind_sockets
 from .loop import EVENT_READ, EVENT_WRITE
 from .ratelog import RateLimitedLog
@@ -46,8 +55,8 @@ if TYPE_CHECKING:
     from .handler import HandlerFactory, HandlerFunction
     from .loop import EventLoop
 
-__all__ = ["DEFAULT_MAX_PEERS", "DEFAULT_MAX_QUEUE", "MAX_DATAGRAM", "UDP_BATCH",
-           "DatagramEndpoint"]
+__all__ = ["DEFAULT_MAX_PEERS", "DEFAULT_MAX_QUEUE", "MAX_DATAGRAM", "QUEUE_ENTRY_OVERHEAD",
+           "UDP_BATCH", "DatagramEndpoint"]
 
 log = logging.getLogger("muxsrv.udp")
 
@@ -59,6 +68,13 @@ MAX_DATAGRAM: Final = 65_507
 DEFAULT_MAX_PEERS: Final = 10_000
 #: --udp-max-queue: bytes of replies waiting for a socket that would block.
 DEFAULT_MAX_QUEUE: Final = 1 << 20
+#: Bytes charged to --udp-max-queue per queued reply besides its payload: the queue's
+#: tuple, the bytes object and the address cost ~200 bytes of memory each, so empty
+#: replies must count too (else a flood of them would queue without bound).
+QUEUE_ENTRY_OVERHEAD: Final = 256
+#: Source ports below this are dropped unless --udp-allow-low-ports (port 0: always).
+LOW_PORTS: Final = 1024
+_WILDCARDS: Final = ("0.0.0.0", "::", "")
 #: Large enough for any datagram (65,507), so none is ever truncated.
 _BUFFER_SIZE: Final = 1 << 16
 
@@ -66,11 +82,17 @@ _BUFFER_SIZE: Final = 1 << 16
 class _Channel:
     """One bound UDP socket: the loop calls it; it hands over to the endpoint."""
 
-    __slots__ = ("endpoint", "queue", "sock", "writing")
+    __slots__ = ("endpoint", "inet", "own_host", "own_port", "queue", "sock", "writing")
 
     def __init__(self, endpoint: DatagramEndpoint, sock: socket.socket) -> None:
         self.endpoint = endpoint
         self.sock = sock
+        own = sock.getsockname()
+        #: Addresses are (host, port, ...): the reply-loop checks apply (not AF_UNIX).
+        self.inet = isinstance(own, tuple)
+        #: The socket's own address; a wildcard host ("" here) matches any source host.
+        self.own_host: str = "" if not self.inet or own[0] in _WILDCARDS else own[0]
+        self.own_port: int = own[1] if self.inet else 0
         self.queue: deque[tuple[bytes, Any]] = deque()
         self.writing = False
 
@@ -105,6 +127,7 @@ class DatagramEndpoint:
         idle_timeout: float = 300.0,
         max_message: int = MAX_DATAGRAM,
         loopback_only: bool = False,
+        allow_low_ports: bool = False,
     ) -> None:
         if (function is None) == (factory is None):
             raise ValueError("give exactly one of function= and factory=")
@@ -115,6 +138,8 @@ class DatagramEndpoint:
         self.max_queue = max_queue
         self.max_message = max_message
         self.loopback_only = loopback_only
+        #: Datagrams from source ports below this are dropped (1: only port 0).
+        self.min_port = 1 if allow_low_ports else LOW_PORTS
         #: Bytes of replies queued on all sockets.
         self.queued = 0
         #: Datagrams and replies dropped, by reason.
@@ -153,6 +178,9 @@ class DatagramEndpoint:
         function = self._function
         peers = self.peers
         now = self.loop.now
+        min_port = self.min_port
+        inet = channel.inet
+        own_host, own_port = channel.own_host, channel.own_port
         for _ in range(UDP_BATCH):
             if self.closed:
                 return  # a handler stopped the server inside this batch
@@ -166,9 +194,18 @@ class DatagramEndpoint:
             if size > self.max_message:
                 self._drop("datagram over --max-frame", address, size)
                 continue
-            if self.loopback_only and not _loopback(address):
+            if self.loopback_only and not is_loopback_peer(address):
                 self._drop("not loopback (protected mode)", address, size)
                 continue
+            if inet:
+                port = address[1]
+                if port < min_port:  # a reply could start a loop with a port-7/19/53 service
+                    self._drop("source port 0" if port == 0 else "source port < 1024",
+                               address, size)
+                    continue
+                if port == own_port and (not own_host or address[0] == own_host):
+                    self._drop("source is this endpoint", address, size)  # answering itself
+                    continue
             payload = bytes(buffer[:size])
             if peers is not None:
                 peers.datagram(address, payload, channel, now)
@@ -208,11 +245,12 @@ class DatagramEndpoint:
             except OSError as exc:
                 self._drop("send error", address, len(data), exc)
                 return
-        if self.queued + len(data) > self.max_queue:
+        cost = len(data) + QUEUE_ENTRY_OVERHEAD
+        if self.queued + cost > self.max_queue:
             self._drop("queue full (--udp-max-queue)", address, len(data))
             return
         channel.queue.append((data, address))
-        self.queued += len(data)
+        self.queued += cost
         if not channel.writing:
             channel.writing = True
             self.loop.modify(channel.sock, EVENT_READ | EVENT_WRITE, channel)
@@ -229,7 +267,7 @@ class DatagramEndpoint:
             except OSError as exc:
                 self._drop("send error", address, len(data), exc)
             queue.popleft()
-            self.queued -= len(data)
+            self.queued -= len(data) + QUEUE_ENTRY_OVERHEAD
         if channel.writing and not self.closed:
             channel.writing = False
             self.loop.modify(channel.sock, EVENT_READ, channel)
@@ -274,9 +312,3 @@ class DatagramEndpoint:
                 counts[reason] = counts.get(reason, 0) + count
         return counts
 
-
-def _loopback(address: Any) -> bool:
-    try:
-        return ipaddress.ip_address(address[0].split("%")[0]).is_loopback
-    except (ValueError, TypeError, IndexError):
-        return False

@@ -30,10 +30,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--udp-only", action="store_true", help="serve UDP only (no TCP)")
     add("--udp-max-peers", type=positive_int, default=DEFAULT_MAX_PEERS, metavar="N",
         help="class-handler instances kept for UDP peers; when full, the least recently "
-             "active goes (default: 10000); silent ones go after --idle-timeout")
+             "active not validated goes (default: 10000); silent ones go after "
+             "--idle-timeout (--max-conns-per-ip does not apply to them)")
     add("--udp-max-queue", type=size_or_zero, default=DEFAULT_MAX_QUEUE, metavar="BYTES",
         help="replies held while the UDP socket would block; beyond, replies are dropped "
              "and counted (default: 1M; 0: drop at once)")
+    add("--udp-allow-low-ports", action="store_true",
+        help="answer UDP datagrams from source ports below 1024 (default: dropped and "
+             "counted, as are those from port 0 and from the endpoint's own address: a "
+             "forged source there could start a reply loop with an echo, chargen or DNS "
+             "service)")
 
 
 def mode(options: argparse.Namespace) -> str:

@@ -12,18 +12,29 @@ instance ends (``connection_lost(conn, None)``, from the loop) when
   ``work_done``; never while a ``work_started`` waits for its ``work_done``),
   checked by a sweep, ~1/8 of the timeout late;
 * the table holds ``--udp-max-peers`` instances and a new address sends: the
-  least recently active one goes first (an LRU: the table is ordered by
-  activity, so both the sweep and the eviction look only at its front);
+  least recently active one not validated goes first, a validated one only
+  when none is left (an LRU: the table, and the list of those not validated,
+  are ordered by activity, so the sweep and the eviction look only at their
+  front; a flood from forged sources cannot push out the proven peers);
 * the handler called ``conn.close()`` or ``conn.abort()`` (the next datagram
-  from that address makes a fresh instance);
+  from that address makes a fresh instance, its ``connection_made`` always
+  after the old one's ``connection_lost``: a lost still due is delivered first);
 * the server stops.
 
 Amplification (QUIC's rule): until the handler calls ``conn.peer_validated()``
-a peer may be sent at most 3 times the size of its latest datagram, in all, until
-its next one; a reply beyond that is dropped and logged.  A source address can
+a peer may be sent at most 3 times the bytes it sent: each datagram adds 3 times
+its size to the peer's allowance, each reply takes its own size from it, and the
+allowance is capped at ``MAX_ALLOWANCE`` (3 x 65,507) so it cannot be saved up;
+a reply beyond it is dropped and logged (replies answered later, after
+``work_started``, spend the same allowance).  ``peer_validated()`` lifts the
+cap for ``VALIDATION_LIFETIME`` (5 minutes) from the call, however many
+datagrams follow; calling it again (after a fresh proof) starts it again.  A source address can
 be forged, so without the rule a 40-byte request could aim a large reply at
 someone else.  ``peer_validated`` is meant for a handler that sent the peer a
-token it could only echo back if the address is really its own.
+token it could only echo back if the address is really its own.  It proves the
+address at that moment only: anyone can forge that address later, within the
+lifetime too, so a handler sending large replies must keep checking the token
+(a cookie in every such request).
 
 A handler that raises in ``message_received`` has that datagram's replies
 (those sent inside the call) dropped; the error is logged and the instance
@@ -47,12 +58,18 @@ if TYPE_CHECKING:
     from .handler import Handler, HandlerFactory, PeerAddress
     from .loop import EventLoop, Timer
 
-__all__ = ["AMPLIFICATION", "DatagramPeer", "PeerTable", "Route"]
+__all__ = ["AMPLIFICATION", "MAX_ALLOWANCE", "VALIDATION_LIFETIME", "DatagramPeer", "PeerTable",
+           "Route"]
 
 log = logging.getLogger("muxsrv.udp")
 
-#: A peer not validated gets at most this many times its latest datagram's size in replies.
+#: A peer not validated gets at most this many times the bytes it sent in replies.
 AMPLIFICATION: Final = 3
+#: The most a peer not validated may have in hand (3 of the largest datagrams' worth):
+#: a silent stretch cannot save up an allowance for one burst.
+MAX_ALLOWANCE: Final = AMPLIFICATION * 65_507
+#: Seconds a ``peer_validated()`` lifts the cap for (later datagrams do not extend it).
+VALIDATION_LIFETIME: Final = 300.0
 
 
 class Route(Protocol):
@@ -64,8 +81,8 @@ class Route(Protocol):
 class DatagramPeer:
     """The ``conn`` of one UDP peer address (a :class:`~muxsrv.handler.Conn`)."""
 
-    __slots__ = ("_closing", "_held", "_paused", "_table", "_work", "address", "allowance",
-                 "handler", "last_active", "route", "validated")
+    __slots__ = ("_closing", "_held", "_paused", "_table", "_validated_until", "_work", "address",
+                 "allowance", "handler", "last_active", "route")
 
     def __init__(self, table: PeerTable, address: Any, route: Route, now: float) -> None:
         self._table = table
@@ -75,7 +92,7 @@ class DatagramPeer:
         self.last_active = now
         #: Bytes the peer may still be sent before it is validated.
         self.allowance = 0
-        self.validated = False
+        self._validated_until = float("-inf")
         self._closing = False
         self._paused = False
         self._work = 0
@@ -138,8 +155,14 @@ class DatagramPeer:
         self._table.touch(self)  # as over TCP: finishing work is activity
 
     def peer_validated(self) -> None:
-        """The peer proved its address: no amplification cap from now on."""
-        self.validated = True
+        """The peer proved its address now: no amplification cap for ``VALIDATION_LIFETIME``."""
+        self._validated_until = self._table.loop.now + VALIDATION_LIFETIME
+        self._table.validated(self)
+
+    @property
+    def validated(self) -> bool:
+        """Whether ``peer_validated`` was called less than ``VALIDATION_LIFETIME`` ago."""
+        return self._table.loop.now < self._validated_until
 
 
 class PeerTable:
@@ -152,7 +175,14 @@ class PeerTable:
         self.max_peers = max_peers
         self.idle_timeout = idle_timeout
         self._peers: OrderedDict[Any, DatagramPeer] = OrderedDict()
+        #: The addresses in ``_peers`` not validated, in the same order: evicted first (a
+        #: flood of forged sources must not push out the peers that proved their address).
+        #: A peer whose validation ran out joins again with its next datagram.
+        self._unvalidated: OrderedDict[Any, None] = OrderedDict()
         self._sweep: Timer | None = None
+        #: Instances closed whose connection_lost is still to come from the loop, by address:
+        #: a new instance for the address waits for it (connection_lost first).
+        self._ending: dict[Any, DatagramPeer] = {}
         self._error_log = RateLimitedLog(log, level=logging.ERROR)
         self._full_log = RateLimitedLog(log)
         #: ``send_error`` lines (at most one a second: a flood may provoke one per datagram).
@@ -184,17 +214,25 @@ class PeerTable:
                 return
         else:
             self._peers.move_to_end(address)
+            unvalidated = self._unvalidated
+            if address in unvalidated:
+                unvalidated.move_to_end(address)
+            elif not peer.validated:
+                unvalidated[address] = None
             peer.last_active = now
             peer.route = route
             if peer._paused:
                 self._count("paused")
                 return
-            peer.allowance = AMPLIFICATION * len(payload)
+            peer.allowance = min(peer.allowance + AMPLIFICATION * len(payload), MAX_ALLOWANCE)
         handler = peer.handler
         assert handler is not None
         self._call(peer, handler.message_received, "message_received", payload)
 
     def _make(self, address: Any, payload: bytes, route: Route, now: float) -> DatagramPeer | None:
+        ending = self._ending.get(address)
+        if ending is not None:  # the old instance hears of its end before the new one begins
+            self._tell_lost(ending)
         try:
             handler = self._factory()
         except Exception as exc:
@@ -203,11 +241,18 @@ class PeerTable:
                                     _shown(address), peer=address, exc_info=exc)
             return None
         while len(self._peers) >= self.max_peers:
-            _, oldest = self._peers.popitem(last=False)
+            if self._unvalidated:
+                gone, _ = self._unvalidated.popitem(last=False)
+                found = self._peers.pop(gone, None)
+                if found is None:
+                    continue
+                oldest = found
+            else:
+                _, oldest = self._peers.popitem(last=False)
             self._count("peer table full")
             self._full_log.warning("UDP peer table full (--udp-max-peers %d): dropped %s, the "
-                                   "least recently active", self.max_peers,
-                                   _shown(oldest.address), peer=oldest.address)
+                                   "least recently active (not validated ones first)",
+                                   self.max_peers, _shown(oldest.address), peer=oldest.address)
             self._lost(oldest)
         peer = DatagramPeer(self, address, route, now)
         peer.handler = handler
@@ -215,11 +260,13 @@ class PeerTable:
         if not self._call(peer, handler.connection_made, "connection_made"):
             # Never in the table; its connection_lost comes from the loop, as over TCP.
             peer._closing = True
-            self.loop.call_soon(self._tell_lost, peer)
+            self._tell_soon(peer)
             return None
         if peer._closing:
             return None  # closed in connection_made: its connection_lost is on its way
         self._peers[address] = peer
+        if not peer.validated:
+            self._unvalidated[address] = None
         return peer
 
     def _call(self, peer: DatagramPeer, method: Callable[..., object], name: str,
@@ -244,6 +291,13 @@ class PeerTable:
         if self._peers.get(peer.address) is peer:
             peer.last_active = self.loop.now
             self._peers.move_to_end(peer.address)
+            if peer.address in self._unvalidated:
+                self._unvalidated.move_to_end(peer.address)
+
+    def validated(self, peer: DatagramPeer) -> None:
+        """``peer`` proved its address: evicted only when no unvalidated peer is left."""
+        if self._peers.get(peer.address) is peer:
+            self._unvalidated.pop(peer.address, None)
 
     # -- ending instances ------------------------------------------------------
 
@@ -254,6 +308,11 @@ class PeerTable:
         peer._closing = True
         if self._peers.get(peer.address) is peer:
             del self._peers[peer.address]
+            self._unvalidated.pop(peer.address, None)
+        self._tell_soon(peer)
+
+    def _tell_soon(self, peer: DatagramPeer) -> None:
+        self._ending[peer.address] = peer
         self.loop.call_soon(self._tell_lost, peer)
 
     def _lost(self, peer: DatagramPeer) -> None:
@@ -261,36 +320,47 @@ class PeerTable:
         self._tell_lost(peer)
 
     def _tell_lost(self, peer: DatagramPeer) -> None:
+        if self._ending.get(peer.address) is peer:
+            del self._ending[peer.address]
         handler, peer.handler = peer.handler, None
         if handler is None:
             return
         try:
             handler.connection_lost(peer, None)
-        except Exception:
-            log.exception("UDP %s: handler connection_lost failed", _shown(peer.address))
+        except Exception as exc:  # once a second at most: the sources may be forged
+            self._count("handler error")
+            self._error_log.warning("UDP %s: handler connection_lost failed",
+                                    _shown(peer.address), peer=peer.address, exc_info=exc)
 
     def _schedule_sweep(self) -> None:
         self._sweep = self.loop.call_later(min(1.0, max(0.01, self.idle_timeout / 8)),
                                            self._idle_sweep)
 
     def _idle_sweep(self) -> None:
-        self.expire(self.loop.now)
-        self._schedule_sweep()
+        try:
+            self.expire(self.loop.now)
+        finally:  # a failing handler must not end the sweeps for good
+            self._schedule_sweep()
 
     def expire(self, now: float) -> int:
         """End the instances silent for ``idle_timeout`` (the oldest first); how many."""
         timeout = self.idle_timeout
         expired = []
+        ended = 0
         for peer in self._peers.values():  # oldest first: stop at the first one still active
             if now - peer.last_active < timeout:
                 break
             if peer._work == 0:
                 expired.append(peer)
         for peer in expired:
-            del self._peers[peer.address]
+            # A connection_lost before this one may have closed a sibling already.
+            if peer._closing or self._peers.pop(peer.address, None) is not peer:
+                continue
+            self._unvalidated.pop(peer.address, None)
             log.debug("UDP %s: idle for %.3g s, instance dropped", _shown(peer.address), timeout)
             self._lost(peer)
-        return len(expired)
+            ended += 1
+        return ended
 
     def close(self) -> None:
         """The server stops: every instance ends."""
@@ -299,7 +369,8 @@ class PeerTable:
             self._sweep = None
         peers = list(self._peers.values())
         self._peers.clear()
-        for peer in peers:
+        self._unvalidated.clear()
+        for peer in [*self._ending.values(), *peers]:  # the closed ones first, as they went
             self._lost(peer)
 
 

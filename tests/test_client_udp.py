@@ -33,6 +33,7 @@ class LossyPeer:
         self.sock.settimeout(10)
         self.address = self.sock.getsockname()
         self.received: list[bytes] = []
+        self.senders: list[tuple[str, int]] = []
         self._reply = reply
         self._thread = threading.Thread(target=self._serve, daemon=True)
         self._thread.start()
@@ -46,6 +47,7 @@ class LossyPeer:
             if data == b"STOP":
                 return
             self.received.append(data)
+            self.senders.append(sender)
             for out in self._reply(len(self.received), data):
                 self.sock.sendto(out, sender)
 
@@ -109,6 +111,32 @@ def test_late_replies_do_not_pass_for_the_next() -> None:
             assert c.request(b"b") == b"b"
     finally:
         peer.close()
+
+
+def test_after_a_resend_the_next_request_uses_a_new_socket() -> None:
+    # The 2nd datagram (the first request's only try) is lost: the 3rd is its resend.
+    peer = LossyPeer(lambda n, data: [] if n == 2 else [data])
+    try:
+        with Client(*peer.address, transport="udp", timeout=0.2, retries=2) as c:
+            assert c.request(b"a") == b"a"
+            assert c.request(b"b") == b"b"  # resent once: its try's reply may come late
+            assert c.request(b"c") == b"c"  # so this one goes from another source port
+            assert c.request(b"d") == b"d"  # no resend before this one: the same port
+        assert peer.received == [b"a", b"b", b"b", b"c", b"d"]
+        ports = [port for _host, port in peer.senders]
+        assert ports[0] == ports[1] == ports[2] != ports[3] == ports[4]
+    finally:
+        peer.close()
+
+
+@pytest.mark.parametrize("max_frame", [10, 1 << 30])  # a TCP bound: not for datagrams
+def test_replies_read_whole_into_one_datagram_s_room(server: tuple[str, int],
+                                                     max_frame: int) -> None:
+    with Client(*server, transport="udp", max_frame=max_frame) as c:
+        assert isinstance(c, UdpClient)
+        assert c._max_reply == 65_508  # (1 GiB would be allocated for each read)
+        big = b"y" * 65_507
+        assert c.request(big) == big.upper()
 
 
 def run_client(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:

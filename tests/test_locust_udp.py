@@ -58,3 +58,26 @@ def test_udp_target_refuses_a_token() -> None:
                          timeout=60, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert out.returncode == 0, out.stderr
     assert "--mux-token-file needs TCP" in out.stdout
+
+
+@needs_locust
+def test_after_a_lost_datagram_a_new_socket() -> None:
+    # In a process of its own (Locust monkey-patches the one it is in).
+    code = (
+        "import socket\n"
+        "from locust.env import Environment\n"
+        "from muxsrv.locust_udp import UdpMuxClient\n"
+        "silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+        "silent.bind(('127.0.0.1', 0))\n"
+        "c = UdpMuxClient(Environment(), silent.getsockname(), request_type='udp',"
+        " timeout=0.1)\n"
+        "ports = []\n"
+        "for _ in range(2):\n"
+        "    assert c.request(b'x') is None\n"
+        "    ports.append(silent.recvfrom(100)[1][1])\n"
+        "print(c.lost, c.connects, ports[0] != ports[1])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["2", "2", "True"]

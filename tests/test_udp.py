@@ -10,7 +10,7 @@ import pytest
 from udp_support import FakeDatagramSocket, FakeLoop
 
 from muxsrv import Conn, Handler
-from muxsrv.udp import MAX_DATAGRAM, UDP_BATCH, DatagramEndpoint
+from muxsrv.udp import MAX_DATAGRAM, QUEUE_ENTRY_OVERHEAD, UDP_BATCH, DatagramEndpoint
 
 A = ("127.0.0.1", 40001)
 B = ("127.0.0.1", 40002)
@@ -206,12 +206,13 @@ def test_close_ends_the_instance_from_the_loop(fake: FakeLoop) -> None:
 
 def test_queue_when_sendto_would_block_bounded(fake: FakeLoop) -> None:
     sock = FakeDatagramSocket()
-    ep = endpoint(fake, sock, function=lambda p: p, max_queue=250)
+    ep = endpoint(fake, sock, function=lambda p: p, max_queue=2 * (100 + QUEUE_ENTRY_OVERHEAD) + 50)
     sock.capacity = 0  # EAGAIN
     sock.arrive(A, *[b"%03d" % i + b"." * 97 for i in range(5)])  # 100 bytes each
     fake.run()
     assert sock.sent_to == []
-    assert ep.queued == 200 and ep.counts["queue full (--udp-max-queue)"] == 3
+    assert ep.queued == 2 * (100 + QUEUE_ENTRY_OVERHEAD)
+    assert ep.counts["queue full (--udp-max-queue)"] == 3
     assert fake.selector.get_map()[sock].events & 2  # watching for writable
     sock.capacity = None
     fake.run()
@@ -229,7 +230,7 @@ def test_replies_wait_behind_queued_ones(fake: FakeLoop) -> None:
     sock.capacity = 5
     sock.arrive(A, b"abcdefgh", b"xy")  # the first blocks; the second fits but must wait
     fake.turn()
-    assert sock.sent_to == [] and ep.queued == 10
+    assert sock.sent_to == [] and ep.queued == 10 + 2 * QUEUE_ENTRY_OVERHEAD
     sock.capacity = None
     fake.run()
     assert sock.sent_to == [(b"abcdefgh", A), (b"xy", A)]
@@ -248,11 +249,12 @@ def test_amplification_until_validated(fake: FakeLoop, caplog: pytest.LogCapture
     sock = FakeDatagramSocket()
     ep = endpoint(fake, sock, factory=tracer())
     with caplog.at_level(logging.WARNING, "muxsrv"):
-        sock.arrive(A, b"size 24", b"size 25")  # 7 bytes: up to 21
-        sock.arrive(A, b"size 000021", b"size 000034")  # 11 bytes: 33 allowed, 34 not
+        sock.arrive(A, b"size 22")  # 7 bytes: up to 21, kept
+        sock.arrive(A, b"size 000040")  # 11 bytes: 21 + 33 = 54, 14 left
+        sock.arrive(A, b"size 000048")  # 14 + 33 = 47: not 48
         fake.run()
-    assert sock.replies_to(A) == [b"x" * 21]
-    assert ep.dropped()["amplification"] == 3
+    assert sock.replies_to(A) == [b"x" * 40]
+    assert ep.dropped()["amplification"] == 2
     assert "amplification" in caplog.text
     sock.arrive(A, b"validate", b"size 60000")
     fake.run()

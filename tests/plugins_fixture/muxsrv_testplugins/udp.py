@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import time
 
 from muxsrv import Conn, Handler
 
@@ -29,8 +30,9 @@ class TokenEcho(Handler):
     """The README's example: prove your address by echoing a token, then ask for more.
 
     ``HELLO`` -> a 12-byte token; ``TOKEN <it>`` -> ``OK`` and the peer is
-    validated; ``SIZE n`` -> n bytes (dropped by the server while the reply is
-    over 3 times the request and the peer is not validated).
+    validated; ``SIZE <token> n`` -> n bytes (dropped by the server while the
+    reply is over 3 times the request and the peer is not validated; nothing
+    without the token: a validated address can be forged later).
     """
 
     def connection_made(self, conn: Conn) -> None:
@@ -43,9 +45,17 @@ class TokenEcho(Handler):
             conn.peer_validated()
             conn.send(b"OK")
         elif payload.startswith(b"SIZE "):
-            conn.send(b"x" * int(payload[5:]))
+            token, _, size = payload[5:].partition(b" ")
+            if token == self.token:
+                conn.send(b"x" * int(size))
         else:
             conn.send(b"?")
+
+
+def slow_echo(payload: bytes) -> bytes:
+    """Echo after 0.5 ms (a handler's cost per message: a flood keeps the server busy)."""
+    time.sleep(0.0005)
+    return payload
 
 
 def triple(payload: bytes) -> bytes:
