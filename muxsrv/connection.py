@@ -33,6 +33,7 @@ from __future__ import annotations
 import _socket
 import logging
 from collections import deque
+from time import monotonic
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from .codec import SHUTTING_DOWN, Buffer, Decoder, as_payload
@@ -51,6 +52,7 @@ from .transport import (
     STALLED,
     STEP_PENDING,
     WRITING_PAUSED,
+    _QUIET_ERRNOS,
     Transport,
 )
 
@@ -58,6 +60,7 @@ if TYPE_CHECKING:
     from .handler import Handler, HandlerFunction
     from .loop import EventLoop
     from .stages import Stage
+    from .stats import Histogram
 
 __all__ = ["OVER_BUDGET", "Connection", "Owner"]
 
@@ -75,6 +78,8 @@ class Owner(Protocol):
 
     loop: EventLoop
 
+    latency: Histogram
+
     def connection_closed(self, conn: Connection) -> None: ...
 
 
@@ -85,13 +90,20 @@ class Connection(Transport):
     takes_stages = False
 
     __slots__ = (
+        "_bin",
+        "_born",
         "_decoder",
         "_fn",
         "_handler",
         "_held",
+        "_ndone",
+        "_nin",
+        "_nout",
         "_owner",
         "_stages",
+        "_t_in",
         "_work",
+        "id",
     )
 
     def __init__(
@@ -116,6 +128,12 @@ class Connection(Transport):
             self._stages = StagePath(stages)
         self._held: deque[bytes] | None = None  # received while the handler paused
         self._work = 0
+        # The counters (muxsrv.stats): bytes read; messages read, replies queued, replies
+        # whose latency was recorded; when the oldest unanswered message was read.
+        self._bin = self._nin = self._nout = self._ndone = 0
+        self._t_in = self._born = owner.loop.now
+        #: A number for /clients (the server's count of accepted connections).
+        self.id = 0
 
     # -- the Conn API for handlers --------------------------------------------
 
@@ -138,7 +156,10 @@ class Connection(Transport):
             self._decoder.encode_parts(out, [as_payload(p) for p in (payload, *more)])
         else:
             self._decoder.encode(out, as_payload(payload))
+        self._nout += 1
         self._flush()
+        if self._nout != self._ndone:
+            self._answered()
 
     def send_error(self, text: str) -> None:
         if self._state != OPEN:
@@ -146,6 +167,8 @@ class Connection(Transport):
         if not self._queue_error(text):
             log.warning("error for %s (no error channel with %s framing): %s",
                         self._peer_text(), self.framing, text)
+        else:
+            self._nout += 1
         self._flush()
 
     def close(self) -> None:
@@ -188,6 +211,8 @@ class Connection(Transport):
         self.last_active = self._loop.now
         if not mask & EVENT_READ:
             self._flush()
+            if self._nout != self._ndone:
+                self._answered()
             return
         if self._state != OPEN:
             if self._state == CLOSED:
@@ -217,18 +242,46 @@ class Connection(Transport):
         if not data:
             self._read_eof()
             return
+        self._bin += len(data)
         fn = self._fn
         if fn is not None:  # the function form: decode, call, encode in one pass
             out = self._out
             if out is None:
                 out = self._out = []
+            n = len(out)
             decoder.respond(data, fn, out, self._handler_failed)
+            n = len(out) - n  # replies (and error frames): one per message, nearly
+            if n:
+                if self._nout <= self._nin:  # (all answered)
+                    self._t_in = self._loop.now
+                self._nin += n
+                self._nout += n
             if decoder.more or decoder.error is not None:
                 self._cut_short()
         else:
             self._decode(data)
         self._flush()
+        if self._nout != self._ndone:
+            self._answered()
 
+    def _answered(self) -> None:
+        """Once all output is with the kernel: the latency of the replies just sent.
+
+        Replies are matched to messages in order (a push beyond them is none); a
+        batch of them is recorded once, from the read that began the oldest
+        unanswered one (``_t_in``, the loop turn's clock) to now.
+        """
+        if self._backlog is not None or self._state == CLOSED:
+            return
+        done = self._nout if self._nout < self._nin else self._nin
+        if done > self._ndone:
+            self._owner.latency.add(monotonic() - self._t_in, done - self._ndone)
+        self._ndone = done
+
+    def _messages_in(self, n: int) -> None:
+        if self._nout <= self._nin:
+            self._t_in = self._loop.now
+        self._nin += n
     def _decode(self, data: bytes) -> None:
         """Cut messages out of ``data``; hand them over; note what stopped the cutting."""
         decoder = self._decoder
@@ -237,10 +290,16 @@ class Connection(Transport):
             out = self._out
             if out is None:
                 out = self._out = []
+            n = len(out)
             decoder.respond(data, fn, out, self._handler_failed)
+            n = len(out) - n
+            if n:
+                self._messages_in(n)
+                self._nout += n
         else:
             messages = decoder.feed(data)
             if messages:
+                self._messages_in(len(messages))
                 self._deliver(messages)
         self._cut_short()
 
@@ -261,9 +320,13 @@ class Connection(Transport):
             if out is None:
                 out = self._out = []
             reply = self._decoder.reply
-            for payload in messages:
-                if not reply(fn, payload, out, self._handler_failed):
-                    return
+            n = len(out)
+            try:
+                for payload in messages:
+                    if not reply(fn, payload, out, self._handler_failed):
+                        return
+            finally:
+                self._nout += len(out) - n
             return
         handler = self._handler
         assert handler is not None
@@ -299,6 +362,8 @@ class Connection(Transport):
                                                      and not self._flags & EOF_TOLD):
                 self._input_done()
         self._flush()
+        if self._nout != self._ndone:
+            self._answered()
         self._finish_if_owed_nothing()
 
     def _schedule_step(self) -> None:
@@ -310,6 +375,7 @@ class Connection(Transport):
         """Every message before it was handed over: act on what ended the input."""
         decoder = self._decoder
         if decoder.error is not None:
+            self._why = _framing_reason(decoder.error)
             self._violation(decoder.error)
             return
         self._flags |= EOF_TOLD
@@ -325,6 +391,7 @@ class Connection(Transport):
         self._update_mask()
         messages = self._decoder.eof()
         if messages:
+            self._messages_in(len(messages))
             self._deliver(messages)
         if not (self._held or self._flags & PAUSED) and self._state == OPEN:
             self._input_done()  # else once the handler resumes reading
@@ -333,8 +400,14 @@ class Connection(Transport):
     def _handler_failed(self, exc: Exception) -> bool:
         """Log a failing handler; answer with an error frame.  False: connection ends."""
         log.error("handler failed on a message from %s", self._peer_text(), exc_info=exc)
+        stats = getattr(self._owner, "stats", None)
+        if stats is not None:
+            stats.handler_errors += 1
         if self._queue_error(_handler_error(exc)):
+            if self._fn is None:  # (the function form counts the frames it queued)
+                self._nout += 1
             return True
+        self._why = "error"
         self.close()
         return False
 
@@ -393,6 +466,10 @@ class Connection(Transport):
                     or self._decoder.more)
 
     def _tell_writing(self, paused: bool) -> None:
+        if paused:
+            stats = getattr(self._owner, "stats", None)
+            if stats is not None:
+                stats.pauses += 1
         handler = self._handler
         if handler is None or not self._flags & MADE:
             return
@@ -403,6 +480,34 @@ class Connection(Transport):
                 handler.resume_writing(self)
         except Exception as exc:
             self._fatal(exc, "handler pause_writing" if paused else "handler resume_writing")
+
+    @property
+    def close_reason(self) -> str:
+        """Why it closed (``muxsrv.stats``'s names), once it has."""
+        return self._why or "server"
+
+    def counts(self) -> tuple[int, int, int, int]:
+        """Bytes in, bytes out, messages in, messages out (replies and error frames)."""
+        d = self._decoder
+        return (self._bin, self._bout, self._nin + d.silent - d.extra, self._nout - d.extra)
+
+    @property
+    def buffered_input(self) -> int:
+        """Bytes of unfinished messages held."""
+        return self._decoder.buffered if self._state == OPEN else 0
+
+    def describe(self, now: float, handler: str) -> dict[str, Any]:
+        """This connection as /clients lists it."""
+        b_in, b_out, m_in, m_out = self.counts()
+        flags = self._flags
+        return {"id": self.id, "peer": self._peer_text(), "age": round(now - self._born, 3),
+                "idle": round(now - self.last_active, 3),
+                "state": ("open", "closing", "linger", "closed")[self._state],
+                "handler": handler, "bytes_in": b_in, "bytes_out": b_out,
+                "messages_in": m_in, "messages_out": m_out, "pending_output": self.pending,
+                "buffered_input": self.buffered_input,
+                "paused": bool(flags & (PAUSED | WRITING_PAUSED | STALLED)),
+                "writing_paused": bool(flags & WRITING_PAUSED)}
 
     def owes_nothing(self) -> bool:
         """Nothing queued, nothing in progress, nothing received and not yet handed over."""
@@ -427,6 +532,7 @@ class Connection(Transport):
         if ((self._work == 0 or self._flags & WRITING_PAUSED) and now - self.last_active >= timeout
                 and self._state == OPEN):
             log.log(self._info, "closing %s: idle for %.3g s", self._peer_text(), timeout)
+            self._why = "idle"
             self._queue_error(f"idle timeout ({timeout:g} s)")
             self.close()
 
@@ -452,6 +558,7 @@ class Connection(Transport):
         """Output queued past a limit: dropped at once (what is queued cannot go first)."""
         log.warning("closing %s: %d bytes of output queued, %s", self._peer_text(),
                     self.pending, limit)
+        self._why = "max_output" if "--max-output" in limit else "output_soft"
         self.abort()
 
     def large_partial(self) -> int:
@@ -473,6 +580,7 @@ class Connection(Transport):
         log.warning("closing %s: %d bytes of an unfinished message held while the server is "
                     "over --max-buffered (%d bytes)", self._peer_text(), held, limit)
         self._decoder.discard()  # the memory goes back now, not after the lingering close
+        self._why = "max_buffered"
         self._queue_error(OVER_BUDGET)
         self.close()
 
@@ -483,6 +591,7 @@ class Connection(Transport):
     def frame_timed_out(self, timeout: float) -> None:
         """A message not complete ``timeout`` s after its first byte: error frame, close."""
         if self._state == OPEN:
+            self._why = "frame_timeout"
             self._violation(f"frame timeout: message not complete within {timeout:g} s")
 
     def at_rest(self, now: float, quiet: float) -> bool:
@@ -500,6 +609,7 @@ class Connection(Transport):
         """
         if self._state != OPEN:
             return
+        self._why = "drain"
         if self._work:
             log.info("closing %s: work still in progress at the drain's end", self._peer_text())
             self.abort()
@@ -514,6 +624,8 @@ class Connection(Transport):
 
     def _closed(self, exc: BaseException | None) -> None:
         self._held = None
+        if self._why is None:
+            self._why = _close_reason(exc, self._flags)
         self._owner.connection_closed(self)
         if self._handler is not None and self._flags & MADE:
             self._loop.call_soon(self._connection_lost, exc)
@@ -524,6 +636,22 @@ class Connection(Transport):
             self._handler.connection_lost(self, exc)
         except Exception:
             log.exception("%s: handler connection_lost failed", self._peer_text())
+
+
+def _framing_reason(error: str) -> str:
+    """The close reason (muxsrv.stats) of a framing violation."""
+    if error.startswith(("frame of", "line of", "line longer")) or "exceeds" in error:
+        return "frame_too_large"
+    return "bad_framing"
+
+
+def _close_reason(exc: BaseException | None, flags: int) -> str:
+    """Why a connection closed, when nothing said so before."""
+    if exc is None:
+        return "eof" if flags & EOF else "server"
+    if isinstance(exc, OSError) and exc.errno in _QUIET_ERRNOS:
+        return "reset"
+    return "error"
 
 
 def _handler_error(exc: Exception) -> str:

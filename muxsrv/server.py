@@ -72,6 +72,7 @@ from .listening import CannotListen, bind_addresses, bind_sockets
 from .loop import EVENT_READ, EventLoop
 from .outbound import connector_of
 from .staged import StagedConnection
+from .stats import Stats
 from .tls import RefusalAfterHandshake
 from .transport import LINGER_TIMEOUT
 
@@ -208,6 +209,9 @@ class Server:
         )
         #: Asked by a connection whose output queue grew (``Connection._output_grew``).
         self.max_output = settings.max_output
+        #: The counters (``muxsrv.stats``), and the latency histogram connections add to.
+        self.stats = Stats(settings.handler_name.split(" ")[0], {}, _version())
+        self.latency = self.stats.latency
 
     # -- listening ----------------------------------------------------------
 
@@ -251,6 +255,8 @@ class Server:
                       if stage is not None]
         kind = StagedConnection if stages else Connection
         conn = kind(self, sock, peer, decoder, self._function, handler, stages)
+        stats = self.stats
+        conn.id = stats.accepted + sum(stats.refused.values()) + 1
         if tls is not None and tls_stage is not None:
             tls.arm(self.loop, conn, tls_stage)
         return conn
@@ -298,6 +304,7 @@ class Server:
         if proxying is not None:
             if not proxying.trusts(peer):
                 self._refuse_log.warning("refusing %s: not in --proxy-from", format_address(peer))
+                self.stats.refuse("proxy_from")
                 sock.close()
                 return
         elif gate is not None:
@@ -325,6 +332,10 @@ class Server:
         else:
             conn = self._connection(sock, peer, handler, stage, header)
         self._conns[conn] = None
+        stats = self.stats
+        stats.accepted += 1
+        if len(self._conns) > stats.peak:
+            stats.peak = len(self._conns)
         if per_ip is not None:
             if header is None:
                 per_ip.add(conn, peer)
@@ -359,6 +370,8 @@ class Server:
         """Protected mode, a lock-out, an address's limit: an error frame, a lingering close."""
         (log_to or self._refuse_log).warning("refusing %s: %s", format_address(peer),
                                              reason.split(";")[0])
+        self.stats.refuse("per_ip" if log_to is not None
+                          else "protected" if "protected" in reason else "lockout")
         if len(self._refused) >= MAX_REFUSED_LINGERING:
             sock.close()
             return
@@ -380,6 +393,7 @@ class Server:
             "refusing %s: too many connections (--max-conns %d)",
             format_address(peer), self.settings.max_conns,
         )
+        self.stats.refuse("max_conns")
         if len(self._refused) >= MAX_REFUSED_LINGERING:
             sock.close()
             return
@@ -388,6 +402,7 @@ class Server:
     def _pause_accepting(self, exc: OSError) -> None:
         if not self._accept_paused:
             self._accept_paused = True
+            self.stats.emfile += 1
             log.warning(
                 "accept failed: %s; pausing accepts, still serving %d connections",
                 exc.strerror, len(self._conns),
@@ -415,7 +430,8 @@ class Server:
             self._listening = False
 
     def connection_closed(self, conn: Connection) -> None:
-        self._conns.pop(conn, None)
+        if self._conns.pop(conn, False) is None:  # (a refused one is not among the closed)
+            self.stats.retire(conn.close_reason, conn.counts())
         if self._per_ip is not None:
             self._per_ip.forget(conn)
         if self.input_budget is not None:
@@ -505,6 +521,12 @@ class Server:
                             HANDLER_CLEANUP_TIMEOUT)
         outbound.abort_all()
         self.loop.run_once(max_wait=0)  # their connection_lost
+
+
+def _version() -> str:
+    from .options import program_version
+
+    return program_version("muxsrv").split()[-1]
 
 
 def _bind(settings: Settings) -> list[socket.socket]:

@@ -88,6 +88,7 @@ class Transport:
 
     __slots__ = (
         "_backlog",
+        "_bout",
         "_flags",
         "_loop",
         "_mask",
@@ -96,6 +97,7 @@ class Transport:
         "_sock",
         "_state",
         "_timer",
+        "_why",
         "last_active",
     )
 
@@ -110,6 +112,8 @@ class Transport:
         self._flags = 0  # IN_CALLBACK, WRITING_PAUSED, EOF, and the read side's own
         self._timer: Timer | None = None
         self.last_active = loop.now
+        self._bout = 0  # bytes the kernel took (wire bytes, framing included)
+        self._why: str | None = None  # why it closed, once known (muxsrv.stats)
 
     # -- what the read side fills in ------------------------------------------
 
@@ -202,6 +206,7 @@ class Transport:
                 except OSError as exc:
                     self._fatal(exc, "send")
                     return
+                self._bout += sent
                 if sent != total:
                     backlog = self._backlog = OutputQueue()
                     backlog.extend(out)
@@ -234,6 +239,7 @@ class Transport:
         except OSError as exc:
             self._fatal(exc, "send")
             return
+        self._bout += sent
         backlog.consume(sent)
         if not backlog.nbytes:
             self._backlog = None
@@ -298,6 +304,7 @@ class Transport:
         self._update_mask()
 
     def _flush_timed_out(self) -> None:
+        self._why = "flush_timeout"
         log.log(self._info, "closing %s: output not drained in %g s", self._peer_text(),
                 FLUSH_TIMEOUT)
         self._close(None)
