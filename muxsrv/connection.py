@@ -40,6 +40,7 @@ from .codec import SHUTTING_DOWN, Buffer, Decoder, as_payload
 from .loop import EVENT_READ, EVENT_WRITE
 from .stages import StagePath
 from .transport import (
+    _QUIET_ERRNOS,
     CLOSED,
     EOF,
     EOF_TOLD,
@@ -52,7 +53,6 @@ from .transport import (
     STALLED,
     STEP_PENDING,
     WRITING_PAUSED,
-    _QUIET_ERRNOS,
     Transport,
 )
 
