@@ -33,7 +33,6 @@ from __future__ import annotations
 import _socket
 import logging
 from collections import deque
-from time import monotonic
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from .codec import SHUTTING_DOWN, Buffer, Decoder, as_payload
@@ -248,19 +247,34 @@ class Connection(Transport):
             out = self._out
             if out is None:
                 out = self._out = []
-            n = len(out)
-            decoder.respond(data, fn, out, self._handler_failed)
-            n = len(out) - n  # replies (and error frames): one per message, nearly
-            if n:
-                if self._nout <= self._nin:  # (all answered)
-                    self._t_in = self._loop.now
-                self._nin += n
-                self._nout += n
+                decoder.respond(data, fn, out, self._handler_failed)
+                n = len(out)  # replies and error frames: one per message, nearly
+            else:
+                n = len(out)
+                decoder.respond(data, fn, out, self._handler_failed)
+                n = len(out) - n
             if decoder.more or decoder.error is not None:
                 self._cut_short()
-        else:
-            self._decode(data)
+            self._flush()
+            if n:
+                self._nin += n
+                if self._backlog is None:  # all with the kernel: one clock read per batch
+                    self._owner.latency.add(self._loop.clock() - self._loop.now, n)
+                else:
+                    self._replies_queued(n)
+            return
+        self._decode(data)
         self._flush()
+        if self._nout != self._ndone:
+            self._answered()
+
+    def _replies_queued(self, n: int) -> None:
+        """The function form, replies not all sent: timed as the handler form's are."""
+        if self._nout <= self._ndone:
+            self._t_in = self._loop.now
+        self._nout += n
+
+    def _drained(self) -> None:
         if self._nout != self._ndone:
             self._answered()
 
@@ -273,13 +287,13 @@ class Connection(Transport):
         """
         if self._backlog is not None or self._state == CLOSED:
             return
-        done = self._nout if self._nout < self._nin else self._nin
+        done = self._nout if self._nout < self._nin or self._fn else self._nin
         if done > self._ndone:
-            self._owner.latency.add(monotonic() - self._t_in, done - self._ndone)
+            self._owner.latency.add(self._loop.clock() - self._t_in, done - self._ndone)
         self._ndone = done
 
     def _messages_in(self, n: int) -> None:
-        if self._nout <= self._nin:
+        if self._nout <= self._ndone:
             self._t_in = self._loop.now
         self._nin += n
     def _decode(self, data: bytes) -> None:
@@ -294,8 +308,8 @@ class Connection(Transport):
             decoder.respond(data, fn, out, self._handler_failed)
             n = len(out) - n
             if n:
-                self._messages_in(n)
-                self._nout += n
+                self._nin += n
+                self._replies_queued(n)
         else:
             messages = decoder.feed(data)
             if messages:
@@ -326,7 +340,8 @@ class Connection(Transport):
                     if not reply(fn, payload, out, self._handler_failed):
                         return
             finally:
-                self._nout += len(out) - n
+                self._nin += len(out) - n
+                self._replies_queued(len(out) - n)
             return
         handler = self._handler
         assert handler is not None
@@ -489,7 +504,9 @@ class Connection(Transport):
     def counts(self) -> tuple[int, int, int, int]:
         """Bytes in, bytes out, messages in, messages out (replies and error frames)."""
         d = self._decoder
-        return (self._bin, self._bout, self._nin + d.silent - d.extra, self._nout - d.extra)
+        if self._fn is not None:  # _nin: the frames its replies queued
+            return (self._bin, self._bout, self._nin + d.silent - d.extra, self._nin - d.extra)
+        return self._bin, self._bout, self._nin, self._nout
 
     @property
     def buffered_input(self) -> int:

@@ -167,6 +167,8 @@ class EventLoop:
     ) -> None:
         self._selector = selector if selector is not None else selectors.DefaultSelector()
         self._clock = clock
+        #: The clock itself (``time()`` without the method call: read once per batch).
+        self.clock = clock
         #: The clock reading for the current turn of the loop.
         self.now = clock()
         self._timers: list[Timer] = []

@@ -429,6 +429,10 @@ class Server:
                 self.loop.unregister(listener.sock)
             self._listening = False
 
+    def connections(self) -> list[Connection]:
+        """The connections open now (a copy)."""
+        return list(self._conns)
+
     def connection_closed(self, conn: Connection) -> None:
         if self._conns.pop(conn, False) is None:  # (a refused one is not among the closed)
             self.stats.retire(conn.close_reason, conn.counts())

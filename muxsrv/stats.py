@@ -29,6 +29,8 @@ _SUB: Final = 1 << _SUB_BITS
 #: The largest value kept, in microseconds (100 s); above it: counted as 100 s.
 MAX_US: Final = 100_000_000
 _SIZE: Final = ((MAX_US.bit_length() - _SUB_BITS - 1) << _SUB_BITS) + 2 * _SUB
+#: Values below this have a bucket each.
+_EXACT: Final = 2 * _SUB
 #: The Prometheus buckets in seconds: 1-2-5 per decade from 10 µs to 100 s.
 COARSE_BUCKETS: Final = tuple(float(f"{m}e{e}") for e in range(-5, 3) for m in (1, 2, 5)
                               if e < 2 or m == 1)
@@ -50,66 +52,84 @@ def bucket_range(index: int) -> tuple[int, int]:
         return index, index + 1
     shift = (index >> _SUB_BITS) - 1
     mantissa = index - (shift << _SUB_BITS)
-    return mantissa << shift, (mantissa + 1) << shift
+    return mantissa << shift, min((mantissa + 1) << shift, MAX_US + 1)
 
 
 class Histogram:
-    """A log-linear latency histogram in microseconds; ``add(seconds, count)``."""
+    """A log-linear latency histogram in microseconds; ``add(seconds, count)``.
 
-    __slots__ = ("count", "counts", "max_us", "sum_us")
+    ``add`` only bumps a bucket (it runs once per answered batch): the count, the
+    sum (to within the buckets' 1%) and the max (its bucket's top) are read off
+    the buckets when asked.
+    """
+
+    __slots__ = ("counts",)
 
     def __init__(self) -> None:
         self.counts = [0] * _SIZE
-        self.count = 0
-        self.sum_us = 0
-        self.max_us = 0
 
     def add(self, seconds: float, count: int = 1) -> None:
-        us = int(seconds * 1e6)
-        if us < 0:
+        us = int(seconds * 1e6)  # (a monotonic clock: never below 0)
+        if us >= _EXACT:
+            shift = us.bit_length() - _SUB_BITS - 1
+            us = (shift << _SUB_BITS) + (us >> shift) if us < MAX_US else _SIZE - 1
+        elif us < 0:  # (clocks that are not the loop's)
             us = 0
-        elif us > MAX_US:
-            us = MAX_US
-        shift = us.bit_length() - _SUB_BITS - 1
-        self.counts[us if shift <= 0 else (shift << _SUB_BITS) + (us >> shift)] += count
-        self.count += count
-        self.sum_us += us * count
-        if us > self.max_us:
-            self.max_us = us
+        self.counts[us] += count
 
-    def percentile(self, pct: float) -> float:
-        """The value (µs) at or below which ``pct`` % of the values lie (0 when empty)."""
-        if not self.count:
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
+    @property
+    def sum_us(self) -> float:
+        """The sum of the values, each taken as its bucket's middle."""
+        total = 0.0
+        for index, n in enumerate(self.counts):
+            if n:
+                lo, hi = bucket_range(index)
+                total += n * (lo + hi - 1) / 2
+        return total
+
+    @property
+    def max_us(self) -> int:
+        for index in range(_SIZE - 1, -1, -1):
+            if self.counts[index]:
+                return bucket_range(index)[1] - 1
+        return 0
+
+    def percentile(self, pct: float, count: int | None = None) -> float:
+        """The value (µs) at or below which ``pct`` % of the values lie (0 when empty):
+        the top of the bucket it falls in (HdrHistogram's "highest equivalent value")."""
+        count = self.count if count is None else count
+        if not count:
             return 0.0
-        rank = max(1, -(-self.count * pct // 100))
+        rank = max(1, -(-count * pct // 100))
         seen = 0
         for index, n in enumerate(self.counts):
             if n:
                 seen += n
                 if seen >= rank:
-                    return float(min(bucket_range(index)[1] - 1, self.max_us))
+                    return float(bucket_range(index)[1] - 1)
         return float(self.max_us)
 
     def summary(self) -> dict[str, float]:
-        out: dict[str, float] = {"count": self.count}
+        count = self.count
+        out: dict[str, float] = {"count": count}
         for name, pct in PERCENTILES:
-            out[name] = self.percentile(pct)
+            out[name] = self.percentile(pct, count)
         out["max_us"] = float(self.max_us)
         return out
 
-    def sparse(self) -> dict[str, Any]:
-        """What a worker hands its supervisor: the non-empty buckets and the totals."""
-        return {"buckets": {str(i): n for i, n in enumerate(self.counts) if n},
-                "count": self.count, "sum_us": self.sum_us, "max_us": self.max_us}
+    def sparse(self) -> dict[str, int]:
+        """What a worker hands on: the non-empty buckets."""
+        return {str(i): n for i, n in enumerate(self.counts) if n}
 
     def merge_sparse(self, data: dict[str, Any]) -> None:
-        for index, n in data.get("buckets", {}).items():
+        for index, n in data.items():
             i = int(index)
             if 0 <= i < _SIZE:
                 self.counts[i] += int(n)
-        self.count += int(data.get("count", 0))
-        self.sum_us += int(data.get("sum_us", 0))
-        self.max_us = max(self.max_us, int(data.get("max_us", 0)))
 
     def coarse(self) -> list[tuple[float, int]]:
         """Cumulative counts per ``COARSE_BUCKETS`` bound (a fine bucket counts under

@@ -137,6 +137,9 @@ class Transport:
     def _output_grew(self) -> None:
         """Output the kernel did not take was queued (only then: not on the common path)."""
 
+    def _drained(self) -> None:
+        """The output queue emptied (only after the kernel once took less than all)."""
+
     # -- the public side ------------------------------------------------------
 
     @property
@@ -243,6 +246,7 @@ class Transport:
         backlog.consume(sent)
         if not backlog.nbytes:
             self._backlog = None
+            self._drained()
 
     def _update_mask(self) -> None:
         """Compute the event mask from state; touch the registration only on change."""
