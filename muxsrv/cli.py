@@ -24,6 +24,7 @@ from typing import NoReturn
 
 from . import plugins
 from .address import format_address
+from .admin import AdminServer, LocalSource
 from .auth import Gate, TokenFileError, Tokens
 from .framing import FRAMINGS
 from .handler import ConfigError, HandlerFactory, HandlerFunction
@@ -38,6 +39,7 @@ from .limits import (
 from .loop import EventLoop
 from .options import (
     max_frame,
+    options_in_force,
     parse_size,
     positive_int,
     program_version,
@@ -160,6 +162,12 @@ def build_parser(handler: plugins.LoadedPlugin | None = None) -> argparse.Argume
     add("--proxy-from", type=_networks, default=DEFAULT_PROXY_FROM, metavar="CIDR[,CIDR...]",
         help="with --proxy-protocol, who may send the header; connections from anywhere "
              "else are closed (default: loopback only, 127.0.0.0/8,::1/128)")
+    add("--admin-port", type=_port, default=None, metavar="PORT",
+        help="serve /metrics, /stats, /clients and /healthz over HTTP on this port "
+             "(default: off; 9998 is the port the docs suggest)")
+    add("--admin-host", type=_host, default="127.0.0.1",
+        help="address of the admin port (default: 127.0.0.1); with --auth-token-file it "
+             "asks for Authorization: Bearer <token>")
     add("--pid-file", metavar="FILE",
         help="write the server's PID (with --workers: the parent's) to FILE once listening; "
              "removed on exit")
@@ -254,7 +262,8 @@ def _main(args: list[str], handed: Handover) -> int:
     try:
         if worker is not None or options.workers == 1:
             return serve(settings, function=function, factory=factory, gate=gate, tls=tls,
-                         proxying=proxying, pid_file=pid_file, worker=worker)
+                         proxying=proxying, pid_file=pid_file, worker=worker,
+                         admin=(options.admin_host, options.admin_port), options=options)
         count = options.workers or os.cpu_count() or 1
         return supervise(settings, count, args, on_listening=pid_file.write)
     except CannotListen as exc:
@@ -353,6 +362,8 @@ def serve(
     proxying: Proxying | None = None,
     pid_file: PidFile | None = None,
     worker: Handover | None = None,
+    admin: tuple[str, int | None] = ("127.0.0.1", None),
+    options: argparse.Namespace | None = None,
 ) -> int:
     """Listen and serve until a signal has drained; the exit status.
 
@@ -384,6 +395,16 @@ def serve(
                 "SIGHUP ignored: the --workers supervisor reloads"))
         listening = server.listen(worker.socks if worker is not None else None)
         where = ", ".join(format_address(address) for address in listening)
+        if options is not None:
+            server.stats.options = options_in_force(options)
+        admin_server = None
+        if admin[1] is not None:
+            admin_server = AdminServer(loop, LocalSource(server), server.stats,
+                                       gate.tokens if gate is not None else None)
+            try:
+                admin_where = admin_server.listen(*admin)  # type: ignore[arg-type]
+            except OSError as exc:
+                raise CannotListen(admin[0], admin[1], exc) from exc
         if pid_file is not None:
             pid_file.write()
         if worker is not None and worker.ready_fd >= 0:
@@ -397,6 +418,8 @@ def serve(
             details += ", protected mode on: loopback clients only"
         if proxying is not None:
             details += ", PROXY protocol from " + ",".join(map(str, proxying.trusted))
+        if admin_server is not None:
+            details += f", admin on {format_address(admin_where)}"
         sys.stderr.write(
             f"muxsrv: listening on {where} "
             f"(handler {settings.handler_name}, framing {settings.framing}{details})\n"

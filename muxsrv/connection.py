@@ -259,7 +259,10 @@ class Connection(Transport):
             if n:
                 self._nin += n
                 if self._backlog is None:  # all with the kernel: one clock read per batch
-                    self._owner.latency.add(self._loop.clock() - self._loop.now, n)
+                    if n == 1:
+                        self._owner.latency.single.append(self._loop.clock() - self._loop.now)
+                    else:
+                        self._owner.latency.add(self._loop.clock() - self._loop.now, n)
                 else:
                     self._replies_queued(n)
             return

@@ -18,6 +18,7 @@ send completion, none per message (see README, "What the latency covers").
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Iterable
 from typing import Any, Final
 
@@ -29,6 +30,8 @@ _SUB: Final = 1 << _SUB_BITS
 #: The largest value kept, in microseconds (100 s); above it: counted as 100 s.
 MAX_US: Final = 100_000_000
 _SIZE: Final = ((MAX_US.bit_length() - _SUB_BITS - 1) << _SUB_BITS) + 2 * _SUB
+#: Seconds to microseconds (a float whose __mul__ maps cheaply).
+_MICROS: Final = 1e6
 #: Values below this have a bucket each.
 _EXACT: Final = 2 * _SUB
 #: The Prometheus buckets in seconds: 1-2-5 per decade from 10 µs to 100 s.
@@ -63,10 +66,22 @@ class Histogram:
     the buckets when asked.
     """
 
-    __slots__ = ("counts",)
+    __slots__ = ("counts", "single")
 
     def __init__(self) -> None:
         self.counts = [0] * _SIZE
+        #: Values of one message each, not binned yet: appending is the cheapest record
+        #: (``settle`` bins them in C-level bulk: a loop timer calls it, and every read).
+        self.single: list[float] = []
+
+    def settle(self) -> None:
+        """Bin the values ``single`` holds (per distinct microsecond, not per value)."""
+        single = self.single
+        if not single:
+            return
+        self.single = []
+        for us, n in Counter(map(int, map(_MICROS.__mul__, single))).items():
+            self.add(us / 1e6, n)
 
     def add(self, seconds: float, count: int = 1) -> None:
         us = int(seconds * 1e6)  # (a monotonic clock: never below 0)
@@ -79,11 +94,13 @@ class Histogram:
 
     @property
     def count(self) -> int:
+        self.settle()
         return sum(self.counts)
 
     @property
     def sum_us(self) -> float:
         """The sum of the values, each taken as its bucket's middle."""
+        self.settle()
         total = 0.0
         for index, n in enumerate(self.counts):
             if n:
@@ -93,6 +110,7 @@ class Histogram:
 
     @property
     def max_us(self) -> int:
+        self.settle()
         for index in range(_SIZE - 1, -1, -1):
             if self.counts[index]:
                 return bucket_range(index)[1] - 1
@@ -102,6 +120,7 @@ class Histogram:
         """The value (µs) at or below which ``pct`` % of the values lie (0 when empty):
         the top of the bucket it falls in (HdrHistogram's "highest equivalent value")."""
         count = self.count if count is None else count
+        self.settle()
         if not count:
             return 0.0
         rank = max(1, -(-count * pct // 100))
@@ -123,6 +142,7 @@ class Histogram:
 
     def sparse(self) -> dict[str, int]:
         """What a worker hands on: the non-empty buckets."""
+        self.settle()
         return {str(i): n for i, n in enumerate(self.counts) if n}
 
     def merge_sparse(self, data: dict[str, Any]) -> None:
@@ -134,6 +154,7 @@ class Histogram:
     def coarse(self) -> list[tuple[float, int]]:
         """Cumulative counts per ``COARSE_BUCKETS`` bound (a fine bucket counts under
         the first bound at or above its highest value: never faster than it was)."""
+        self.settle()
         out = []
         cumulative = 0
         index = 0
