@@ -108,6 +108,8 @@ class AdminServer:
         self.tokens = tokens
         self.sock: socket.socket | None = None
         self.conns: set[AdminConnection] = set()
+        #: With --workers: what writes this worker's numbers for the others.
+        self.publisher: Any = None
 
     def listen(self, host: str, port: int,
                sock: socket.socket | None = None) -> tuple[str, int]:

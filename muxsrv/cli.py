@@ -59,6 +59,7 @@ from .tls import (
     load_context,
 )
 from .tuning import keep_large_buffers_mapped, raise_open_files_limit
+from .workerstats import Publisher, WorkerAdmin, WorkersSource, take_from_env
 
 __all__ = ["main", "parse_size", "positive_int", "seconds", "whole_number"]
 
@@ -226,6 +227,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _main(args: list[str], handed: Handover) -> int:
     worker = handed if handed.socks is not None else None
+    shared_admin = take_from_env(worker is not None)
     pre = _Parser(prog="muxsrv", add_help=False, allow_abbrev=False)
     pre.add_argument("--handler", default="echo")
     known, _rest = pre.parse_known_args(args)
@@ -263,9 +265,12 @@ def _main(args: list[str], handed: Handover) -> int:
         if worker is not None or options.workers == 1:
             return serve(settings, function=function, factory=factory, gate=gate, tls=tls,
                          proxying=proxying, pid_file=pid_file, worker=worker,
-                         admin=(options.admin_host, options.admin_port), options=options)
+                         admin=(options.admin_host, options.admin_port), options=options,
+                         shared_admin=shared_admin)
         count = options.workers or os.cpu_count() or 1
-        return supervise(settings, count, args, on_listening=pid_file.write)
+        admin = ((options.admin_host, options.admin_port) if options.admin_port is not None
+                 else None)
+        return supervise(settings, count, args, on_listening=pid_file.write, admin=admin)
     except CannotListen as exc:
         sys.stderr.write(f"muxsrv: error: {exc}\n")
         return 2 if exc.mistake else 1
@@ -334,6 +339,28 @@ def gate_from(options: argparse.Namespace) -> Gate | None:
 
 
 
+def _admin(loop: EventLoop, server: Server, admin: tuple[str, int | None], gate: Gate | None,
+           shared: WorkerAdmin | None) -> AdminServer | None:
+    """The admin listener: on a port of its own, or (a worker) the one its supervisor shares."""
+    tokens = gate.tokens if gate is not None else None
+    local = LocalSource(server)
+    if shared is not None and shared.sock is not None:
+        publisher = Publisher(loop, local, shared)
+        publisher.start()
+        admin_server = AdminServer(loop, WorkersSource(local, publisher), server.stats, tokens)
+        admin_server.listen(admin[0], 0, sock=shared.sock)
+        admin_server.publisher = publisher
+        return admin_server
+    if admin[1] is None:
+        return None
+    admin_server = AdminServer(loop, local, server.stats, tokens)
+    try:
+        admin_server.listen(admin[0], admin[1])
+    except OSError as exc:
+        raise CannotListen(admin[0], admin[1], exc) from exc
+    return admin_server
+
+
 def _reload(tokens: Tokens | None, tls: TLSServer | None) -> None:
     """SIGHUP in a single process: re-read the TLS files and the token file (each keeps
     its old self if bad, after an error line of its own); one line says what was done."""
@@ -364,6 +391,7 @@ def serve(
     worker: Handover | None = None,
     admin: tuple[str, int | None] = ("127.0.0.1", None),
     options: argparse.Namespace | None = None,
+    shared_admin: WorkerAdmin | None = None,
 ) -> int:
     """Listen and serve until a signal has drained; the exit status.
 
@@ -397,14 +425,9 @@ def serve(
         where = ", ".join(format_address(address) for address in listening)
         if options is not None:
             server.stats.options = options_in_force(options)
-        admin_server = None
-        if admin[1] is not None:
-            admin_server = AdminServer(loop, LocalSource(server), server.stats,
-                                       gate.tokens if gate is not None else None)
-            try:
-                admin_where = admin_server.listen(*admin)  # type: ignore[arg-type]
-            except OSError as exc:
-                raise CannotListen(admin[0], admin[1], exc) from exc
+        admin_server = _admin(loop, server, admin, gate, shared_admin)
+        if admin_server is not None and admin_server.sock is not None:
+            admin_where = admin_server.sock.getsockname()
         if pid_file is not None:
             pid_file.write()
         if worker is not None and worker.ready_fd >= 0:
@@ -427,6 +450,8 @@ def serve(
         sys.stderr.flush()
         log.debug("open files limit: %d; allocator thresholds raised: %s", soft, tuned)
         server.run()
+        if admin_server is not None and admin_server.publisher is not None:
+            admin_server.publisher.publish(again=False)  # the last counters, for the others
     finally:
         loop.close()
     log.info("stopped")

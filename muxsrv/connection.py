@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 from .codec import SHUTTING_DOWN, Buffer, Decoder, as_payload
 from .loop import EVENT_READ, EVENT_WRITE
 from .stages import StagePath
+from .stats import EXACT_US
 from .transport import (
     _QUIET_ERRNOS,
     CLOSED,
@@ -259,10 +260,12 @@ class Connection(Transport):
             if n:
                 self._nin += n
                 if self._backlog is None:  # all with the kernel: one clock read per batch
-                    if n == 1:
-                        self._owner.latency.single.append(self._loop.clock() - self._loop.now)
+                    loop = self._loop
+                    us = int((loop.clock() - loop.now) * 1e6)
+                    if 0 <= us < EXACT_US:  # (Histogram.add's common case, inline)
+                        self._owner.latency.counts[us] += n
                     else:
-                        self._owner.latency.add(self._loop.clock() - self._loop.now, n)
+                        self._owner.latency.add_us(us, n)
                 else:
                     self._replies_queued(n)
             return

@@ -104,8 +104,6 @@ DRAIN_QUIET: Final = 0.2
 DRAIN_SWEEP: Final = 0.05
 #: After the drain timeout, how long goodbyes may take to finish closing.
 DRAIN_GRACE: Final = LINGER_TIMEOUT + 0.5
-#: How often the latency values recorded one by one are binned (muxsrv.stats).
-SETTLE_EVERY: Final = 0.25
 _FD_EXHAUSTED: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
@@ -238,7 +236,6 @@ class Server:
         if self.settings.idle_timeout > 0:
             self._schedule_idle_sweep()
         self._limits.start()
-        self.loop.call_later(SETTLE_EVERY, self._settle)
         return [lsock.getsockname()[:2] for lsock in socks]
 
     def _connection(
@@ -431,10 +428,6 @@ class Server:
             for listener in self._listeners:
                 self.loop.unregister(listener.sock)
             self._listening = False
-
-    def _settle(self) -> None:
-        self.latency.settle()  # (bounds the unbinned values to this much traffic)
-        self.loop.call_later(SETTLE_EVERY, self._settle)
 
     def connections(self) -> list[Connection]:
         """The connections open now (a copy)."""

@@ -18,7 +18,6 @@ send completion, none per message (see README, "What the latency covers").
 from __future__ import annotations
 
 import time
-from collections import Counter
 from collections.abc import Iterable
 from typing import Any, Final
 
@@ -30,10 +29,8 @@ _SUB: Final = 1 << _SUB_BITS
 #: The largest value kept, in microseconds (100 s); above it: counted as 100 s.
 MAX_US: Final = 100_000_000
 _SIZE: Final = ((MAX_US.bit_length() - _SUB_BITS - 1) << _SUB_BITS) + 2 * _SUB
-#: Seconds to microseconds (a float whose __mul__ maps cheaply).
-_MICROS: Final = 1e6
 #: Values below this have a bucket each.
-_EXACT: Final = 2 * _SUB
+EXACT_US: Final = 2 * _SUB
 #: The Prometheus buckets in seconds: 1-2-5 per decade from 10 µs to 100 s.
 COARSE_BUCKETS: Final = tuple(float(f"{m}e{e}") for e in range(-5, 3) for m in (1, 2, 5)
                               if e < 2 or m == 1)
@@ -58,6 +55,9 @@ def bucket_range(index: int) -> tuple[int, int]:
     return mantissa << shift, min((mantissa + 1) << shift, MAX_US + 1)
 
 
+
+
+
 class Histogram:
     """A log-linear latency histogram in microseconds; ``add(seconds, count)``.
 
@@ -66,26 +66,16 @@ class Histogram:
     the buckets when asked.
     """
 
-    __slots__ = ("counts", "single")
+    __slots__ = ("counts",)
 
     def __init__(self) -> None:
         self.counts = [0] * _SIZE
-        #: Values of one message each, not binned yet: appending is the cheapest record
-        #: (``settle`` bins them in C-level bulk: a loop timer calls it, and every read).
-        self.single: list[float] = []
-
-    def settle(self) -> None:
-        """Bin the values ``single`` holds (per distinct microsecond, not per value)."""
-        single = self.single
-        if not single:
-            return
-        self.single = []
-        for us, n in Counter(map(int, map(_MICROS.__mul__, single))).items():
-            self.add(us / 1e6, n)
-
     def add(self, seconds: float, count: int = 1) -> None:
-        us = int(seconds * 1e6)  # (a monotonic clock: never below 0)
-        if us >= _EXACT:
+        self.add_us(int(seconds * 1e6), count)
+
+    def add_us(self, us: int, count: int = 1) -> None:
+        """``count`` values of ``us`` microseconds (connections inline the case below 256)."""
+        if us >= EXACT_US:
             shift = us.bit_length() - _SUB_BITS - 1
             us = (shift << _SUB_BITS) + (us >> shift) if us < MAX_US else _SIZE - 1
         elif us < 0:  # (clocks that are not the loop's)
@@ -94,13 +84,11 @@ class Histogram:
 
     @property
     def count(self) -> int:
-        self.settle()
         return sum(self.counts)
 
     @property
     def sum_us(self) -> float:
         """The sum of the values, each taken as its bucket's middle."""
-        self.settle()
         total = 0.0
         for index, n in enumerate(self.counts):
             if n:
@@ -110,7 +98,6 @@ class Histogram:
 
     @property
     def max_us(self) -> int:
-        self.settle()
         for index in range(_SIZE - 1, -1, -1):
             if self.counts[index]:
                 return bucket_range(index)[1] - 1
@@ -120,7 +107,6 @@ class Histogram:
         """The value (µs) at or below which ``pct`` % of the values lie (0 when empty):
         the top of the bucket it falls in (HdrHistogram's "highest equivalent value")."""
         count = self.count if count is None else count
-        self.settle()
         if not count:
             return 0.0
         rank = max(1, -(-count * pct // 100))
@@ -142,7 +128,6 @@ class Histogram:
 
     def sparse(self) -> dict[str, int]:
         """What a worker hands on: the non-empty buckets."""
-        self.settle()
         return {str(i): n for i, n in enumerate(self.counts) if n}
 
     def merge_sparse(self, data: dict[str, Any]) -> None:
@@ -154,7 +139,6 @@ class Histogram:
     def coarse(self) -> list[tuple[float, int]]:
         """Cumulative counts per ``COARSE_BUCKETS`` bound (a fine bucket counts under
         the first bound at or above its highest value: never faster than it was)."""
-        self.settle()
         out = []
         cumulative = 0
         index = 0

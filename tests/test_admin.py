@@ -15,7 +15,6 @@ from contextlib import ExitStack
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-
 from support import ServerProcess, frame, plugin_env, recv_frame, running_server, wait_for
 
 ADMIN_RE = re.compile(r"admin on (\S+):(\d+)\)")
