@@ -441,8 +441,8 @@ def serve(
             details += ", protected mode on: loopback clients only"
         if proxying is not None:
             details += ", PROXY protocol from " + ",".join(map(str, proxying.trusted))
-        if admin_server is not None:
-            details += f", admin on {format_address(admin_where)}"
+        if admin_server is not None:  # (before the worker's pid: a line's end names it)
+            details = f", admin on {format_address(admin_where)}{details}"
         sys.stderr.write(
             f"muxsrv: listening on {where} "
             f"(handler {settings.handler_name}, framing {settings.framing}{details})\n"

@@ -17,7 +17,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from support import ServerProcess, frame, plugin_env, recv_frame, running_server, wait_for
 
-ADMIN_RE = re.compile(r"admin on (\S+):(\d+)\)")
+ADMIN_RE = re.compile(r"admin on ([^\s,]+):(\d+)[,)]")
 
 
 def admin_address(srv: ServerProcess) -> tuple[str, int]:
