@@ -12,6 +12,7 @@ import struct
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack
+from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -230,3 +231,22 @@ def test_healthz_is_503_during_the_drain_and_the_admin_port_stays_open() -> None
             assert stats(admin)["draining"] is True
             assert recv_frame(sock) == (False, b"slow")  # the reply owed still comes
         assert srv.wait(15) == 0
+
+
+def test_exec_commands_are_counted_by_outcome(tmp_path: Path) -> None:
+    from muxsrv.client import Client
+
+    with running_server("--admin-port", "0", "--handler", "exec", "--exec-cwd", str(tmp_path),
+                        "--exec-allow", "true", "--exec-allow", "false",
+                        "--exec-allow", "sleep", "--exec-timeout", "0.3") as srv:
+        admin = admin_address(srv)
+        with Client(srv.host, srv.port, timeout=30) as c:
+            assert c.exec("true").exit_code == 0
+            assert c.exec("false").exit_code != 0
+            assert c.exec("sleep 5").timed_out
+            c.exec("rm -rf /")  # not allowed: refused, nothing runs
+        got = stats(admin)["exec"]
+        assert got["started"] == 3 and got["running"] == 0 and got["queued"] == 0
+        assert got["finished"] == {"exit_0": 1, "nonzero": 1, "signal": 0, "timeout": 1,
+                                   "truncated": 0, "refused": 1}
+        assert stats(admin)["latency"]["exec"]["count"] == 4
