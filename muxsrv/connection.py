@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 from .codec import SHUTTING_DOWN, Buffer, Decoder, as_payload
 from .loop import EVENT_READ, EVENT_WRITE
 from .stages import StagePath
-from .stats import EXACT_US
+from .stats import EXACT_US, MAX_US, SUB_BITS, TOP_BUCKET
 from .transport import (
     _QUIET_ERRNOS,
     CLOSED,
@@ -261,11 +261,11 @@ class Connection(Transport):
                 self._nin += n
                 if self._backlog is None:  # all with the kernel: one clock read per batch
                     loop = self._loop
-                    us = int((loop.clock() - loop.now) * 1e6)
-                    if 0 <= us < EXACT_US:  # (Histogram.add's common case, inline)
-                        self._owner.latency.counts[us] += n
-                    else:
-                        self._owner.latency.add_us(us, n)
+                    us = int((loop.clock() - loop.now) * 1e6)  # (Histogram.add_us, inline)
+                    if us >= EXACT_US:
+                        shift = us.bit_length() - SUB_BITS - 1
+                        us = (shift << SUB_BITS) + (us >> shift) if us < MAX_US else TOP_BUCKET
+                    self._owner.latency.counts[us] += n
                 else:
                     self._replies_queued(n)
             return

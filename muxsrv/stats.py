@@ -24,11 +24,13 @@ from typing import Any, Final
 __all__ = ["COARSE_BUCKETS", "EXEC", "Histogram", "Stats", "merge_snapshots"]
 
 #: Sub-buckets per power of two (the precision: 1/128 < 1%).
-_SUB_BITS: Final = 7
-_SUB: Final = 1 << _SUB_BITS
+SUB_BITS: Final = 7
+_SUB: Final = 1 << SUB_BITS
 #: The largest value kept, in microseconds (100 s); above it: counted as 100 s.
 MAX_US: Final = 100_000_000
-_SIZE: Final = ((MAX_US.bit_length() - _SUB_BITS - 1) << _SUB_BITS) + 2 * _SUB
+_SIZE: Final = ((MAX_US.bit_length() - SUB_BITS - 1) << SUB_BITS) + 2 * _SUB
+#: The last bucket (100 s and more).
+TOP_BUCKET: Final = _SIZE - 1
 #: Values below this have a bucket each.
 EXACT_US: Final = 2 * _SUB
 #: The Prometheus buckets in seconds: 1-2-5 per decade from 10 µs to 100 s.
@@ -40,18 +42,18 @@ PERCENTILES: Final = (("p50_us", 50.0), ("p90_us", 90.0), ("p99_us", 99.0), ("p9
 
 def bucket_of(us: int) -> int:
     """The fine bucket of a value in microseconds."""
-    shift = us.bit_length() - _SUB_BITS - 1
+    shift = us.bit_length() - SUB_BITS - 1
     if shift <= 0:
         return us
-    return (shift << _SUB_BITS) + (us >> shift)
+    return (shift << SUB_BITS) + (us >> shift)
 
 
 def bucket_range(index: int) -> tuple[int, int]:
     """The values (µs) of a fine bucket: ``lo <= v < hi``."""
     if index < 2 * _SUB:
         return index, index + 1
-    shift = (index >> _SUB_BITS) - 1
-    mantissa = index - (shift << _SUB_BITS)
+    shift = (index >> SUB_BITS) - 1
+    mantissa = index - (shift << SUB_BITS)
     return mantissa << shift, min((mantissa + 1) << shift, MAX_US + 1)
 
 
@@ -76,8 +78,8 @@ class Histogram:
     def add_us(self, us: int, count: int = 1) -> None:
         """``count`` values of ``us`` microseconds (connections inline the case below 256)."""
         if us >= EXACT_US:
-            shift = us.bit_length() - _SUB_BITS - 1
-            us = (shift << _SUB_BITS) + (us >> shift) if us < MAX_US else _SIZE - 1
+            shift = us.bit_length() - SUB_BITS - 1
+            us = (shift << SUB_BITS) + (us >> shift) if us < MAX_US else TOP_BUCKET
         elif us < 0:  # (clocks that are not the loop's)
             us = 0
         self.counts[us] += count
