@@ -35,6 +35,7 @@ import logging
 from collections import deque
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
+from .address import format_address
 from .codec import SHUTTING_DOWN, Buffer, Decoder, as_payload
 from .loop import EVENT_READ, EVENT_WRITE
 from .stages import StagePath
@@ -523,7 +524,13 @@ class Connection(Transport):
         """This connection as /clients lists it."""
         b_in, b_out, m_in, m_out = self.counts()
         flags = self._flags
-        return {"id": self.id, "peer": self._peer_text(), "age": round(now - self._born, 3),
+        peer = self._peer
+        if peer is None:  # asked, not kept: a plain connection keeps no address (memory)
+            try:
+                peer = self._sock.getpeername()
+            except OSError:
+                peer = None
+        return {"id": self.id, "peer": format_address(peer), "age": round(now - self._born, 3),
                 "idle": round(now - self.last_active, 3),
                 "state": ("open", "closing", "linger", "closed")[self._state],
                 "handler": handler, "bytes_in": b_in, "bytes_out": b_out,
