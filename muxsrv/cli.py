@@ -245,6 +245,10 @@ def _main(args: list[str], handed: Handover) -> int:
         log.debug("not a --workers worker: %s; listening on a port of its own", handed.ignored)
     tls = tls_from(options)
     gate = gate_from(options)
+    if (options.admin_port is not None and worker is None and not is_loopback(options.admin_host)
+            and (gate is None or gate.tokens is None)):
+        log.warning("the admin port listens on %s without --auth-token-file: whoever reaches "
+                    "it sees every client's address and the options", options.admin_host)
     proxying = Proxying(options.proxy_from) if options.proxy_protocol else None
     function: HandlerFunction | None = None
     factory: HandlerFactory | None = None

@@ -16,6 +16,8 @@ State decides the event mask: ``_update_mask`` computes it from state (the
 read side says whether it wants input, ``_wants_input``) and asks the loop to
 change the registration only when it changes.
 
+Each ``send`` adds what the kernel took to ``_bout`` (the wire bytes out).
+
 Closing on purpose never loses queued output: flush, ``shutdown(SHUT_WR)``,
 then read and discard until the peer's EOF or a short timeout (the
 "lingering close").  Every socket error ends the connection through
