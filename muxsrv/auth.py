@@ -62,7 +62,7 @@ __all__ = [
     "read_tokens",
 ]
 
-log = logging.getLogger("muxsrv")
+log = logging.getLogger("muxsrv.auth")
 
 #: The longest first message before authentication: an AUTH line needs no more.
 MAX_AUTH_MESSAGE: Final = 1024
@@ -278,7 +278,8 @@ class Gate:
 def _expire(conn: Connection, stage: AuthGate) -> None:
     stage.timer = None
     if not (stage.ready or stage.error is not None or conn.closing):
-        log.info("closing %s: %s", format_address(conn.peer), AUTH_TIMEOUT)
+        log.info("closing %s: %s", format_address(conn.peer), AUTH_TIMEOUT,
+                 extra={"peer": format_address(conn.peer)})
         stage.error = AUTH_TIMEOUT  # nothing more passes
         conn.refuse(AUTH_TIMEOUT)
 
@@ -345,7 +346,8 @@ class AuthGate(Stage):
             host = peer_host(self.peer)
             if gate.ledger.failed(host, self._loop.now):
                 log.warning("locking out %s for %g s: %d failed authentication attempts "
-                            "within %g s", host, LOCKOUT, MAX_FAILURES, FAILURE_WINDOW)
+                            "within %g s", host, LOCKOUT, MAX_FAILURES, FAILURE_WINDOW,
+                            extra={"peer": format_address(self.peer), "host": host})
             self._refuse(AUTH_FAILED)
             return
         if self.timer is not None:
@@ -359,7 +361,8 @@ class AuthGate(Stage):
         self._parting = out
         self.ready = True
         self.done = True
-        log.debug("%s authenticated", format_address(self.peer))
+        log.debug("%s authenticated", format_address(self.peer),
+                  extra={"peer": format_address(self.peer)})
 
     def _refuse(self, reason: str) -> None:
         if self.timer is not None:

@@ -22,7 +22,7 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from . import plugins
+from . import logs, plugins
 from .address import format_address
 from .admin import AdminServer, LocalSource
 from .auth import Gate, TokenFileError, Tokens
@@ -176,8 +176,7 @@ def build_parser(handler: plugins.LoadedPlugin | None = None) -> argparse.Argume
         help="run N server processes sharing the listening sockets, under a parent that "
              "restarts them and, on SIGHUP, replaces them with fresh ones "
              "(default: 1, no parent; 0: one per CPU)")
-    add("--log-level", default="info", type=str.lower,
-        choices=("debug", "info", "warning", "error"), help="(default: info)")
+    logs.add_options(parser)
     add("--version", action="version", version=program_version("muxsrv"))
     if handler is not None and handler.form == "class":
         try:
@@ -236,11 +235,11 @@ def _main(args: list[str], handed: Handover) -> int:
     if options.max_output and options.output_soft_limit >= options.max_output:
         _fail("--output-soft-limit must be below --max-output (or --max-output 0)")
 
-    logging.basicConfig(
-        level=options.log_level.upper(),
-        format="%(asctime)s muxsrv %(levelname)s: %(message)s",
-        stream=sys.stderr,
-    )
+    try:
+        log_file = logs.from_options(options, worker=worker is not None,
+                                     supervisor=worker is None and options.workers != 1)
+    except OSError as exc:
+        _fail(f"cannot open --log-file {options.log_file}: {exc.strerror or exc}")
     if handed.ignored:
         log.debug("not a --workers worker: %s; listening on a port of its own", handed.ignored)
     tls = tls_from(options)
@@ -274,7 +273,8 @@ def _main(args: list[str], handed: Handover) -> int:
         count = options.workers or os.cpu_count() or 1
         admin = ((options.admin_host, options.admin_port) if options.admin_port is not None
                  else None)
-        return supervise(settings, count, args, on_listening=pid_file.write, admin=admin)
+        return supervise(settings, count, args, on_listening=pid_file.write,
+                         log_file=log_file is not None, admin=admin)
     except CannotListen as exc:
         sys.stderr.write(f"muxsrv: error: {exc}\n")
         return 2 if exc.mistake else 1
@@ -378,8 +378,8 @@ def _reload(tokens: Tokens | None, tls: TLSServer | None) -> None:
     if tokens is not None:
         done.append(f"re-read --auth-token-file: {tokens.count} tokens" if tokens.reload()
                     else f"kept the {tokens.count} tokens loaded before")
-    done.append("the log goes to stderr (no log file to reopen); the handler code is not "
-                "reloaded (it is with --workers)")
+    done.append(logs.reopen())
+    done.append("the handler code is not reloaded (it is with --workers)")
     log.info("SIGHUP: %s", "; ".join(done))
 
 
@@ -402,9 +402,13 @@ def serve(
     Raises CannotListen.  As a ``--workers`` worker (``worker``: the inherited
     listening sockets and readiness pipe), only the first SIGINT or SIGTERM
     counts: a Ctrl-C reaches the whole process group and the supervisor
-    forwards it as well; the supervisor deals with a second one.  A worker
-    ignores SIGHUP (the supervisor reloads by starting new workers).
+    forwards it as well; the supervisor deals with a second one.  On SIGHUP a
+    worker only reopens its ``--log-file`` (the supervisor reloads by starting
+    new workers, and forwards the SIGHUP to those serving when there is a log
+    file); one that comes after the loop has closed is ignored, not fatal.
     """
+    if worker is not None:  # restored when the loop closes: a late SIGHUP must not kill
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
     soft, _hard = raise_open_files_limit()
     tuned = keep_large_buffers_mapped()
     loop = EventLoop()
@@ -423,8 +427,7 @@ def serve(
         if worker is None:
             loop.add_signal_handler(signal.SIGHUP, lambda: _reload(tokens, tls))
         else:
-            loop.add_signal_handler(signal.SIGHUP, lambda: log.debug(
-                "SIGHUP ignored: the --workers supervisor reloads"))
+            loop.add_signal_handler(signal.SIGHUP, logs.worker_sighup)
         listening = server.listen(worker.socks if worker is not None else None)
         where = ", ".join(format_address(address) for address in listening)
         if options is not None:
@@ -447,11 +450,12 @@ def serve(
             details += ", PROXY protocol from " + ",".join(map(str, proxying.trusted))
         if admin_server is not None:  # (before the worker's pid: a line's end names it)
             details = f", admin on {format_address(admin_where)}{details}"
-        sys.stderr.write(
-            f"muxsrv: listening on {where} "
-            f"(handler {settings.handler_name}, framing {settings.framing}{details})\n"
-        )
+        started = (f"listening on {where} "
+                   f"(handler {settings.handler_name}, framing {settings.framing}{details})")
+        sys.stderr.write(f"muxsrv: {started}\n")  # the line tools parse: never reformatted
         sys.stderr.flush()
+        if logs.has_file():  # and the file says it too
+            log.info("%s", started)
         log.debug("open files limit: %d; allocator thresholds raised: %s", soft, tuned)
         server.run()
         if admin_server is not None and admin_server.publisher is not None:

@@ -3,7 +3,8 @@ r"""``muxsrv-client`` (``python -m muxsrv.client``): the client library's comman
 What it sends: each MESSAGE argument is one message; with none, each line of
 stdin is one: at an interactive prompt on a terminal (line editing and
 history), or with no prompts when stdin is piped.  Blank lines are skipped
-unless ``--empty-lines``.  With ``--exec``, like ``ssh host COMMAND``.
+unless ``--empty-lines``.  With ``--exec``, like ``ssh host COMMAND``.  With
+``--stat``, nothing: a line a second from the admin port (``client_stat.py``).
 
 What it prints: one line per reply, as text, with whatever is not printable
 escaped as Python writes it (``\n``, ``\x00``, ``\u200b``, a backslash as
@@ -29,6 +30,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from functools import partial
 from typing import NoReturn
 
+from . import client_stat
 from .address import format_address
 from .client import DEFAULT_TIMEOUT, Client, ReplyError, ServerError, ServerGone
 from .framing import FRAMINGS
@@ -103,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--tls-cert", metavar="FILE",
         help="with --tls: present this client certificate (a server with --tls-client-ca)")
     add("--tls-key", metavar="FILE", help="the client certificate's key, if not in --tls-cert")
+    client_stat.add_options(parser)
     add("--version", action="version", version=program_version(PROG))
     parser.set_defaults(show="text")
     return parser
@@ -255,6 +258,13 @@ def _lines(interactive: bool, prompt: str) -> Iterator[bytes]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     options = parser.parse_args(argv)
+    if options.stat:
+        if options.exec is not None or options.messages:
+            parser.error("--stat sends nothing: no MESSAGE, no --exec")
+        host, port = options.admin
+        timeout = 5.0 if options.timeout is None else options.timeout
+        return client_stat.run(host, port, interval=options.interval, timeout=timeout,
+                               token=_token(parser, options.token_file))
     exec_mode = options.exec is not None
     if exec_mode and options.framing != "length":
         parser.error("--exec needs --framing length")

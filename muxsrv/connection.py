@@ -73,7 +73,8 @@ if TYPE_CHECKING:
 
 __all__ = ["OVER_BUDGET", "Connection", "Owner"]
 
-log = logging.getLogger("muxsrv")
+log = logging.getLogger("muxsrv.conn")
+limits_log = logging.getLogger("muxsrv.limits")  # closes by --max-output, --max-buffered
 
 #: The error frame of a connection closed by the input budget (--max-buffered).
 OVER_BUDGET: Final = ("server busy: too many bytes held for unfinished messages "
@@ -175,7 +176,7 @@ class Connection(Transport):
             return
         if not self._queue_error(text):
             log.warning("error for %s (no error channel with %s framing): %s",
-                        self._peer_text(), self.framing, text)
+                        self._peer_text(), self.framing, text, extra=self._extra())
         else:
             self._nout += 1
         self._flush()
@@ -411,7 +412,7 @@ class Connection(Transport):
         self._flags |= EOF_TOLD
         if decoder.buffered:
             log.log(self._info, "%s closed mid-message; %d bytes dropped", self._peer_text(),
-                    decoder.buffered)
+                    decoder.buffered, extra=self._extra())
         if self._handler is not None and self._flags & MADE:
             self._callback(self._handler.eof_received, "eof_received")
 
@@ -429,7 +430,8 @@ class Connection(Transport):
 
     def _handler_failed(self, exc: Exception) -> bool:
         """Log a failing handler; answer with an error frame.  False: connection ends."""
-        log.error("handler failed on a message from %s", self._peer_text(), exc_info=exc)
+        log.error("handler failed on a message from %s", self._peer_text(), exc_info=exc,
+                  extra=self._extra())
         stats = getattr(self._owner, "stats", None)
         if stats is not None:
             stats.handler_errors += 1
@@ -443,7 +445,7 @@ class Connection(Transport):
 
     def _violation(self, reason: str, frame: bool = True) -> None:
         level = logging.DEBUG if self._flags & QUIET else logging.WARNING
-        log.log(level, "closing %s: %s", self._peer_text(), reason)
+        log.log(level, "closing %s: %s", self._peer_text(), reason, extra=self._extra())
         if frame:
             self._queue_error(reason)
         self.close()
@@ -481,7 +483,8 @@ class Connection(Transport):
         except Exception as exc:
             # Before any reply: tell the client why, then close gracefully (what the
             # handler sent first still goes), instead of a reset through _fatal.
-            log.error("%s: handler connection_made failed", self._peer_text(), exc_info=exc)
+            log.error("%s: handler connection_made failed", self._peer_text(), exc_info=exc,
+                      extra=self._extra())
             if self._state == OPEN:
                 self._queue_error(_handler_error(exc))
                 self.close()
@@ -569,7 +572,8 @@ class Connection(Transport):
         # Work waiting for a peer that reads nothing (writing paused) spares nobody.
         if ((self._work == 0 or self._flags & WRITING_PAUSED) and now - self.last_active >= timeout
                 and self._state == OPEN):
-            log.log(self._info, "closing %s: idle for %.3g s", self._peer_text(), timeout)
+            log.log(self._info, "closing %s: idle for %.3g s", self._peer_text(), timeout,
+                    extra=self._extra())
             self._why = "idle"
             self._queue_error(f"idle timeout ({timeout:g} s)")
             self.close()
@@ -594,8 +598,8 @@ class Connection(Transport):
 
     def output_over(self, limit: str) -> None:
         """Output queued past a limit: dropped at once (what is queued cannot go first)."""
-        log.warning("closing %s: %d bytes of output queued, %s", self._peer_text(),
-                    self.pending, limit)
+        limits_log.warning("closing %s: %d bytes of output queued, %s", self._peer_text(),
+                           self.pending, limit, extra=self._extra())
         self._why = "max_output" if "--max-output" in limit else "output_soft"
         self.abort()
 
@@ -615,8 +619,9 @@ class Connection(Transport):
         if self._state != OPEN:
             return
         held = self._decoder.buffered
-        log.warning("closing %s: %d bytes of an unfinished message held while the server is "
-                    "over --max-buffered (%d bytes)", self._peer_text(), held, limit)
+        limits_log.warning("closing %s: %d bytes of an unfinished message held while the "
+                           "server is over --max-buffered (%d bytes)", self._peer_text(), held,
+                           limit, extra=self._extra())
         self._decoder.discard()  # the memory goes back now, not after the lingering close
         self._why = "max_buffered"
         self._queue_error(OVER_BUDGET)
@@ -649,7 +654,8 @@ class Connection(Transport):
             return
         self._why = "drain"
         if self._work:
-            log.info("closing %s: work still in progress at the drain's end", self._peer_text())
+            log.info("closing %s: work still in progress at the drain's end", self._peer_text(),
+                     extra=self._extra())
             self.abort()
             return
         self._queue_error(SHUTTING_DOWN)
@@ -673,7 +679,8 @@ class Connection(Transport):
         try:
             self._handler.connection_lost(self, exc)
         except Exception:
-            log.exception("%s: handler connection_lost failed", self._peer_text())
+            log.exception("%s: handler connection_lost failed", self._peer_text(),
+                          extra=self._extra())
 
 
 def _framing_reason(error: str) -> str:

@@ -52,7 +52,7 @@ from typing import Final
 
 __all__ = ["Backoff", "Generations", "describe_exit"]
 
-log = logging.getLogger("muxsrv")
+log = logging.getLogger("muxsrv.workers")
 
 #: A worker that died younger than HEALTHY_AFTER is restarted after FIRST_BACKOFF,
 #: doubling with each such death up to MAX_BACKOFF ...

@@ -38,7 +38,7 @@ __all__ = [
     "inherited",
 ]
 
-log = logging.getLogger("muxsrv")
+log = logging.getLogger("muxsrv.workers")
 
 #: The environment variables that hand a worker its listening sockets and readiness pipe,
 #: and name the process that set them.

@@ -92,7 +92,7 @@ __all__ = [
     "sweep_interval",
 ]
 
-log = logging.getLogger("muxsrv")
+log = logging.getLogger("muxsrv.limits")
 
 #: Seconds a message may take from its first byte to its last: HAProxy's and
 #: nginx's request-header deadlines are of this order, and a 16 MiB frame

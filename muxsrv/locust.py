@@ -42,6 +42,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         "pip install 'muxsrv[loadtest]'"
     ) from exc
 
+from . import locust_report  # noqa: F401  (its listeners: the end-of-run report)
 from .locust_client import (
     CONNECT_BACKOFF,
     INLINE_SEND_LIMIT,

@@ -11,6 +11,8 @@ Importing ``muxsrv.locust`` adds the kit's options to Locust's command line
     --mux-token-file FILE   authenticate with the first token in FILE, read as the
                             server reads its --auth-token-file (muxsrv.auth)
     --mux-tls-ca FILE       the CA (PEM) that signed the server's certificate
+    --mux-admin HOST:PORT   the server's admin listener: its latency beside Locust's
+                            at the end of the run (``locust_report``)
 
 They are read once per process and checked as Locust starts (``check_options``):
 an unreadable or empty token file, a CA file that does not load, or
@@ -31,6 +33,7 @@ from locust import events
 from locust.env import Environment
 
 from .auth import TokenFileError, read_tokens
+from .client_stat import parse_admin
 from .wire import parse_target
 
 __all__ = ["OptionError", "Target", "add_options", "check_options", "target"]
@@ -121,6 +124,16 @@ def add_options(parser: Any) -> None:
         include_in_web_ui=False,
         help="With --host tls://HOST:PORT: the CA (PEM) that signed the server's certificate "
         "(default: the system's CAs). The certificate and host name are always verified.",
+    )
+    parser.add_argument(
+        "--mux-admin",
+        metavar="HOST:PORT",
+        type=parse_admin,  # a mistake: one line from Locust's parser, exit status 2
+        default=None,
+        include_in_web_ui=False,
+        help="The server's admin listener (its --admin-port): at the end of the run, print "
+        "the server's latency percentiles beside Locust's, and with --csv write them to "
+        "PREFIX_server.csv.",
     )
 
 

@@ -53,7 +53,7 @@ if TYPE_CHECKING:
 
 __all__ = ["EventLoop", "EventSource", "Handle", "Timer"]
 
-log = logging.getLogger("muxsrv")
+log = logging.getLogger("muxsrv.loop")
 
 EVENT_READ: Final = selectors.EVENT_READ
 EVENT_WRITE: Final = selectors.EVENT_WRITE

@@ -54,7 +54,7 @@ if TYPE_CHECKING:
 
 __all__ = ["DEFAULT_CONNECT_TIMEOUT", "Connector", "Outbound", "connect", "connector_of"]
 
-log = logging.getLogger("muxsrv")
+log = logging.getLogger("muxsrv.outbound")
 
 #: Seconds a connect may take unless told otherwise (the kernel's own SYN
 #: retries would take about two minutes).
@@ -108,7 +108,8 @@ class _ErrorFrames(Handler):
         if self.handles_errors:
             self.handler.error_received(conn, error)
         else:
-            log.info("%s: error frame from the server: %s", conn._peer_text(), error.message)
+            log.info("%s: error frame from the server: %s", conn._peer_text(), error.message,
+                     extra=conn._extra())
             conn._close(error)
 
     def eof_received(self, conn: Conn) -> None:
@@ -173,7 +174,8 @@ class Outbound(Connection):
                 errno.ETIMEDOUT, f"connect to {self._peer_text()} timed out after {timeout:g} s"))
 
     def _failed(self, exc: OSError) -> None:
-        log.info("connect to %s failed: %s", self._peer_text(), exc.strerror or exc)
+        log.info("connect to %s failed: %s", self._peer_text(), exc.strerror or exc,
+                 extra=self._extra())
         self._close(exc)
 
     def _cancel_connect_timer(self) -> None:
@@ -204,7 +206,7 @@ class Outbound(Connection):
         decoder = self._decoder
         if decoder.error is None and decoder.buffered:
             n = decoder.buffered
-            log.info("%s closed in the middle of a reply", self._peer_text())
+            log.info("%s closed in the middle of a reply", self._peer_text(), extra=self._extra())
             self._close(ConnectionClosed(
                 f"{self._peer_text()} closed the connection in the middle of a reply "
                 f"({n} bytes of it received)"))

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
 __all__ = ["DEFAULT_PROXY_FROM", "HEADER_TIMEOUT", "Network", "Proxying", "parse_networks"]
 
-log = logging.getLogger("muxsrv")
+log = logging.getLogger("muxsrv.proxy")
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 #: Who may send a header unless told otherwise: a balancer on this host.
@@ -94,6 +94,6 @@ class Proxying:
 def _expire(conn: Connection, stage: ProxyHeader, timeout: float) -> None:
     if not (stage.done or stage.error is not None or conn.closing):
         log.warning("closing %s: %s within %g s", format_address(conn.peer), HEADER_TIMEOUT,
-                    timeout)
+                    timeout, extra={"peer": format_address(conn.peer)})
         stage.error = HEADER_TIMEOUT  # nothing more passes
         conn.close()

@@ -87,7 +87,8 @@ if TYPE_CHECKING:
 
 __all__ = ["CannotListen", "Server", "Settings", "bind_addresses", "bind_sockets"]
 
-log = logging.getLogger("muxsrv")
+log = logging.getLogger("muxsrv.server")
+limits_log = logging.getLogger("muxsrv.limits")  # connections refused
 
 #: Connections accepted per wake-up of the listener, at most.
 ACCEPT_BATCH: Final = 256
@@ -130,11 +131,12 @@ class _RateLimitedLog:
     """Log the first event of a kind at once, then at most one summary per second."""
 
     def __init__(self, interval: float = 1.0) -> None:
+        self.log = limits_log
         self.interval = interval
         self.last = -interval
         self.suppressed = 0
 
-    def warning(self, msg: str, *args: object) -> None:
+    def warning(self, msg: str, *args: object, peer: Any = None) -> None:
         now = time.monotonic()
         if now - self.last < self.interval:
             self.suppressed += 1
@@ -143,7 +145,8 @@ class _RateLimitedLog:
             msg += f" ({self.suppressed} more like this not logged)"
         self.suppressed = 0
         self.last = now
-        log.warning(msg, *args)
+        self.log.warning(msg, *args,
+                         extra=None if peer is None else {"peer": format_address(peer)})
 
 
 class _Listener:
@@ -303,7 +306,8 @@ class Server:
         proxying = self.proxying
         if proxying is not None:
             if not proxying.trusts(peer):
-                self._refuse_log.warning("refusing %s: not in --proxy-from", format_address(peer))
+                self._refuse_log.warning("refusing %s: not in --proxy-from", format_address(peer),
+                                         peer=peer)
                 self.stats.refuse("proxy_from")
                 sock.close()
                 return
@@ -359,7 +363,8 @@ class Server:
             return reason
         conn = admitted[0]
         if per_ip.full(peer):
-            self._per_ip_log.warning("refusing %s: %s", format_address(peer), per_ip.reason)
+            self._per_ip_log.warning("refusing %s: %s", format_address(peer), per_ip.reason,
+                                     peer=peer)
             conn.log_quietly()  # logged just now, at most once a second: not once more
             return per_ip.reason
         per_ip.add(conn, peer)
@@ -369,7 +374,7 @@ class Server:
                    log_to: _RateLimitedLog | None = None) -> None:
         """Protected mode, a lock-out, an address's limit: an error frame, a lingering close."""
         (log_to or self._refuse_log).warning("refusing %s: %s", format_address(peer),
-                                             reason.split(";")[0])
+                                             reason.split(";")[0], peer=peer)
         self.stats.refuse("per_ip" if log_to is not None
                           else "protected" if "protected" in reason else "lockout")
         if len(self._refused) >= MAX_REFUSED_LINGERING:
@@ -391,7 +396,7 @@ class Server:
     def _refuse(self, sock: _socket.socket, peer: Any) -> None:
         self._refuse_log.warning(
             "refusing %s: too many connections (--max-conns %d)",
-            format_address(peer), self.settings.max_conns,
+            format_address(peer), self.settings.max_conns, peer=peer,
         )
         self.stats.refuse("max_conns")
         if len(self._refused) >= MAX_REFUSED_LINGERING:

@@ -53,6 +53,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Final
 
+from . import logs
 from . import server as _server
 from .address import format_address
 from .generations import KILL, SPAWN, TERM, Generations
@@ -62,7 +63,7 @@ from .workerstats import ENV_ADMIN_FD, ENV_STATS_DIR, ENV_WORKER, mark_dead
 
 __all__ = ["CannotStart", "open_listeners", "supervise"]
 
-log = logging.getLogger("muxsrv")
+log = logging.getLogger("muxsrv.workers")
 
 #: After the drain timeout, how long a worker may take to exit before it is
 #: killed: the server's own grace periods, and a second for the process.
@@ -93,9 +94,12 @@ class CannotStart(Exception):
 
 
 def supervise(settings: Settings, count: int, argv: list[str],
-              on_listening: Callable[[], None] | None = None,
+              on_listening: Callable[[], None] | None = None, log_file: bool = False,
               admin: tuple[str, int] | None = None) -> int:
     """Run ``count`` workers (``python -m muxsrv *argv``) until a signal; the exit status.
+
+    With ``log_file``, a SIGHUP also reopens the supervisor's ``--log-file`` and is
+    forwarded to every worker that serves (old generations too), which reopen theirs.
 
     Raises CannotListen before any worker starts if the port cannot be had, and
     CannotStart (once every worker has exited) if the first generation fails to start.
@@ -109,6 +113,7 @@ def supervise(settings: Settings, count: int, argv: list[str],
         if on_listening is not None:
             on_listening()  # the port is ours: the --pid-file
         supervisor = _Supervisor(settings, count, argv, socks)
+        supervisor.log_file = log_file
         if admin_sock is not None and stats_dir is not None:
             supervisor.admin = (admin_sock.fileno(), stats_dir)
             log.info("admin port on %s, every worker's numbers", format_address(
@@ -152,6 +157,7 @@ class _Supervisor:
         self.pipes: dict[int, int] = {}  # pid -> the read end of its readiness pipe
         self.said: dict[int, str] = {}  # pid -> why it cannot start, in its own words
         self.old_mask: set[int | signal.Signals] = set()
+        self.log_file = False
         #: --admin-port: the shared socket's descriptor and the numbers' directory.
         self.admin: tuple[int, Path] | None = None
         self.numbers: dict[int, int] = {}  # pid -> its number (spawn order)
@@ -190,7 +196,18 @@ class _Supervisor:
         if signum in _STOP_SIGNALS:
             self.gens.stop(now, signal.Signals(signum).name)
         elif signum == _RELOAD:
+            if self.log_file:
+                self.reopen_logs()
             self.gens.reload(now)
+
+    def reopen_logs(self) -> None:
+        """SIGHUP with a --log-file: reopen ours, and have each serving worker reopen its own
+        (only those that serve: before its loop's handler, SIGHUP would end a worker)."""
+        log.info("SIGHUP: %s", logs.reopen())
+        for pid, worker in self.gens.workers.items():
+            if worker.ready and pid in self.procs:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, _RELOAD)
 
     def act(self) -> None:
         """Carry out what the generations decided (a spawn may decide more)."""

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 __all__ = ["DEFAULT_HANDSHAKE_TIMEOUT", "DEFAULT_MAX_HANDSHAKES", "RefusalAfterHandshake",
            "TLSConfigError", "TLSServer", "load_context"]
 
-log = logging.getLogger("muxsrv")
+log = logging.getLogger("muxsrv.tls")
 
 #: A client that has not finished its handshake this long after connecting is closed.
 DEFAULT_HANDSHAKE_TIMEOUT: Final = 10.0
@@ -133,7 +133,8 @@ class TLSServer:
     def _expire(self, conn: Connection) -> None:
         self._handshaking[conn] = None  # fired: nothing to cancel
         log.info("closing %s: TLS handshake not done within %g s (--tls-handshake-timeout)",
-                 format_address(conn.peer), self.handshake_timeout)
+                 format_address(conn.peer), self.handshake_timeout,
+                 extra={"peer": format_address(conn.peer)})
         conn.abort()  # it has said nothing TLS can answer; forget() runs as it closes
 
     def forget(self, conn: Connection) -> None:

@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 
 __all__ = ["HIGH_WATER", "LINGER_TIMEOUT", "LOW_WATER", "Transport"]
 
-log = logging.getLogger("muxsrv")
+log = logging.getLogger("muxsrv.conn")
 
 #: The most one recv asks for outside a large frame's body (a fresh bytes object
 #: each time, shrunk to what arrived; below glibc's default mmap threshold).
@@ -312,15 +312,16 @@ class Transport:
     def _flush_timed_out(self) -> None:
         self._why = "flush_timeout"
         log.log(self._info, "closing %s: output not drained in %g s", self._peer_text(),
-                FLUSH_TIMEOUT)
+                FLUSH_TIMEOUT, extra=self._extra())
         self._close(None)
 
     def _fatal(self, exc: BaseException, what: str) -> None:
         """The one path for errors: log once, close, and let the server go on."""
         if isinstance(exc, OSError) and exc.errno in _QUIET_ERRNOS:
-            log.log(self._info, "%s: %s failed: %s", self._peer_text(), what, exc.strerror)
+            log.log(self._info, "%s: %s failed: %s", self._peer_text(), what, exc.strerror,
+                    extra=self._extra())
         else:
-            log.error("%s: %s failed", self._peer_text(), what, exc_info=exc)
+            log.error("%s: %s failed", self._peer_text(), what, exc_info=exc, extra=self._extra())
         self._close(exc)
 
     def _close(self, exc: BaseException | None) -> None:
@@ -344,6 +345,10 @@ class Transport:
 
     def _peer_text(self) -> str:
         return format_address(self.peer)
+
+    def _extra(self) -> dict[str, object]:
+        """A log call's fields for this connection (``--log-format json``'s ``peer``)."""
+        return {"peer": self._peer_text()}
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self._peer_text()} state={self._state}>"

@@ -61,7 +61,7 @@ if TYPE_CHECKING:
 
 __all__ = ["ExecHandler", "ExecService", "Slots"]
 
-log = logging.getLogger("muxsrv")
+log = logging.getLogger("muxsrv.exec")
 
 #: Stop reading from a connection with this many commands pending (bounds its queue) ...
 PAUSE_AT: Final = 32
@@ -184,7 +184,8 @@ class ExecHandler(Handler):
             self._waiting = False
             self._service.slots.cancel(self)
         if dropped:
-            log.info("exec %s: connection lost; %d queued commands dropped", self._peer, dropped)
+            log.info("exec %s: connection lost; %d queued commands dropped", self._peer, dropped,
+                     extra={"peer": self._peer, "dropped": dropped})
         if self._child is not None:
             self._child.abandon()  # _child_done follows once it is reaped
 
@@ -200,7 +201,8 @@ class ExecHandler(Handler):
             try:
                 self._argv = command_argv(self._queue[0], self._config.allowed)
             except Refused as exc:
-                log.info("exec %s: refused (%s): %s", self._peer, exc, _shown(self._queue[0]))
+                log.info("exec %s: refused (%s): %s", self._peer, exc, _shown(self._queue[0]),
+                         extra={"peer": self._peer, "outcome": "refused"})
                 EXEC.finished["refused"] += 1
                 self._answer(encode_reply(ExecResult(
                     NOT_FOUND, stderr=f"muxsrv: {exc}; nothing was run\n".encode()
@@ -229,7 +231,9 @@ class ExecHandler(Handler):
         self._child = child
         EXEC.started += 1
         EXEC.running += 1
-        log.info("exec %s: pid %d started: %s", self._peer, child.pid, _shown(command))
+        if log.isEnabledFor(logging.INFO):
+            log.info("exec %s: pid %d started: %s", self._peer, child.pid, _shown(command),
+                     extra={"peer": self._peer, "pid": child.pid})
 
     def _child_done(self, child: Child) -> None:
         self._child = None
@@ -241,14 +245,21 @@ class ExecHandler(Handler):
                       else "exit_0" if code == 0 else "nonzero"] += 1
         if child.abandoned:
             log.info("exec %s: pid %d killed, client gone after %.3f s",
-                     self._peer, child.pid, took)
+                     self._peer, child.pid, took,
+                     extra={"peer": self._peer, "pid": child.pid, "seconds": round(took, 6),
+                            "outcome": "abandoned"})
         else:
             out, err = child.output
             assert child.returncode is not None
             flags = "".join((", timed out" if child.timed_out else "",
                              ", output truncated" if child.truncated else ""))
-            log.info("exec %s: pid %d exit %d in %.3f s (%d+%d bytes out%s)", self._peer,
-                     child.pid, child.returncode, took, out.size, err.size, flags)
+            if log.isEnabledFor(logging.INFO):
+                log.info("exec %s: pid %d exit %d in %.3f s (%d+%d bytes out%s)", self._peer,
+                         child.pid, child.returncode, took, out.size, err.size, flags,
+                         extra={"peer": self._peer, "pid": child.pid, "exit": child.returncode,
+                                "seconds": round(took, 6), "stdout_bytes": out.size,
+                                "stderr_bytes": err.size, "timed_out": child.timed_out,
+                                "truncated": child.truncated})
             header = encode_header(child.returncode, out.size, err.size,
                                    child.timed_out, child.truncated)
             self._answer(header, *out.parts(), *err.parts())
@@ -258,7 +269,7 @@ class ExecHandler(Handler):
     def _spawn_failed(self, command: bytes, exc: Exception) -> None:
         EXEC.finished["refused"] += 1  # (could not start: nothing ran)
         log.warning("exec %s: cannot start %s: %s", self._peer, _shown(command), exc,
-                    exc_info=not isinstance(exc, OSError))
+                    exc_info=not isinstance(exc, OSError), extra={"peer": self._peer})
         errno_ = exc.errno if isinstance(exc, OSError) else None
         if errno_ in (errno.ENOENT, errno.ENOTDIR):
             status = NOT_FOUND

@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Child"]
 
-log = logging.getLogger("muxsrv")
+log = logging.getLogger("muxsrv.exec")
 
 #: Without pidfds: how often to look whether the leader has exited.
 EXIT_POLL_INTERVAL: Final = 0.02

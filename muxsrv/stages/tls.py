@@ -35,7 +35,7 @@ from . import Stage
 
 __all__ = ["TLS_RECORD_TYPES", "TLSStage", "looks_like_tls"]
 
-log = logging.getLogger("muxsrv")
+log = logging.getLogger("muxsrv.tls")
 
 #: The first byte of every TLS record: change_cipher_spec, alert, handshake, data.
 TLS_RECORD_TYPES: Final = frozenset({0x14, 0x15, 0x16, 0x17})
@@ -143,7 +143,8 @@ class TLSStage(Stage):
     def _close_notified(self) -> None:
         self.eof = True
         self.ending = "clean"
-        log.info("%s: TLS close_notify received (a clean close)", self.describe())
+        log.info("%s: TLS close_notify received (a clean close)", self.describe(),
+                 extra={"peer": self.describe()})
 
     def receive_eof(self) -> None:
         """The TCP connection ended with no close_notify before it: a truncated close."""
@@ -151,9 +152,10 @@ class TLSStage(Stage):
             self.ending = "truncated"  # replies still go: the peer may only have shut writing
             if self.ready:
                 log.info("%s: TLS connection truncated: EOF without close_notify",
-                         self.describe())
+                         self.describe(), extra={"peer": self.describe()})
             elif self._started:
-                log.info("%s: closed during the TLS handshake", self.describe())
+                log.info("%s: closed during the TLS handshake", self.describe(),
+                         extra={"peer": self.describe()})
 
     def send(self, data: bytes) -> bytes:
         if data and not self._closed:
