@@ -6,10 +6,15 @@ import os
 import re
 import signal
 import socket
+import threading
+import time
 
 from support import wait_for
 from test_admin import echo, http, metrics, stats
+from test_client_stat import spawn
 from test_workers import supervisor, worker_pids
+
+from muxsrv.workerstats import PUBLISH_EVERY
 
 ADMIN_RE = re.compile(r"admin port on (\S+):(\d+),")
 
@@ -49,10 +54,39 @@ def test_workers_2_one_admin_port_sums_and_keeps_a_dead_workers_counters() -> No
             assert set(wait_for(per_worker, timeout=10)) == {"0", "1"}
             status, _, body = http(admin, "/clients")
             assert status == 200 and b'"worker"' in body
+            # muxsrv-client --stat against it for a few lines, while a client keeps sending.
+            proc = spawn("--admin", f"{admin[0]}:{admin[1]}", "--interval", "0.3")
+            lines: list[str] = []
+            reader = threading.Thread(target=lambda: lines.extend(
+                line.rstrip("\n") for line in proc.stdout or ()), daemon=True)
+            reader.start()
+            try:
+                deadline = time.monotonic() + 15
+                while len(lines) < 5 and time.monotonic() < deadline:
+                    assert echo(socks[0], b"more") == b"more"
+                    sent += 1
+                proc.send_signal(signal.SIGINT)
+                assert proc.wait(10) == 0
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+            reader.join(5)
+            assert lines[0].startswith(f"muxsrv at {admin[0]}:{admin[1]}, 2 workers"), lines
+            assert int(lines[2].split()[0]) == 40  # the connections column: both workers'
+            got = wait_for(both_counted, timeout=10, what="the later messages too")
         finally:
             for sock in socks:
                 sock.close()
-        # A worker killed: its replacement starts from 0, its counts stay in the sums.
+        # A worker killed: its replacement starts from 0, its counts stay in the sums (all of
+        # them once it has written its file after the last message: within PUBLISH_EVERY).
+        last_message = time.monotonic()
+        wait_for(lambda: time.monotonic() > last_message + PUBLISH_EVERY + 0.3, timeout=5)
+        def settled() -> dict | None:  # type: ignore[type-arg]
+            got = stats(admin)
+            return got if (got["messages"]["in"] == sent
+                           and got["connections"]["current"] == 0) else None
+        got = wait_for(settled, timeout=10, what="the sums once more")
         victim = max(got["workers"], key=lambda w: w["messages"]["in"])["pid"]
         os.kill(victim, signal.SIGKILL)
         wait_for(lambda: len(worker_pids(srv)) == 3, timeout=15, what="a replacement")
