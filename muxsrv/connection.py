@@ -47,7 +47,7 @@ from .address import format_address
 from .codec import SHUTTING_DOWN, Buffer, Decoder, as_payload
 from .loop import EVENT_READ, EVENT_WRITE
 from .stages import StagePath
-from .stats import EXACT_US, MAX_US, SUB_BITS, TOP_BUCKET
+from .stats import EXACT_US, MAX_US, SUB_BITS, TOP_BUCKET, Histogram
 from .transport import (
     _QUIET_ERRNOS,
     CLOSED,
@@ -69,7 +69,6 @@ if TYPE_CHECKING:
     from .handler import Handler, HandlerFunction
     from .loop import EventLoop
     from .stages import Stage
-    from .stats import Histogram
 
 __all__ = ["OVER_BUDGET", "Connection", "Owner"]
 
@@ -127,6 +126,8 @@ class Connection(Transport):
         stages: list[Stage] | None = None,
     ) -> None:
         super().__init__(owner.loop, sock, peer)
+        if not hasattr(owner, "latency"):  # an owner from before the counters: one of its own
+            owner.latency = Histogram()
         self._owner = owner
         self._decoder = decoder
         self._fn = function
