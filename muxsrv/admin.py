@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from .loop import EventLoop, Timer
     from .server import Server
 
-__all__ = ["AdminServer", "LocalSource", "Source"]
+__all__ = ["AdminServer", "LocalSource", "Source", "Wait"]
 
 log = logging.getLogger("muxsrv")
 
@@ -57,6 +57,24 @@ CLIENTS_PENDING: Final = 64 * 1024
 JSON: Final = "application/json"
 
 
+class Wait:
+    """What a /clients iterator yields while the next items are not there yet (another
+    worker's, on their way): the callback given to ``on_ready`` is called once they are."""
+
+    __slots__ = ("_callback",)
+
+    def __init__(self) -> None:
+        self._callback: Any = None
+
+    def on_ready(self, callback: Any) -> None:
+        self._callback = callback
+
+    def ready(self) -> None:
+        callback, self._callback = self._callback, None
+        if callback is not None:
+            callback()
+
+
 class Source(Protocol):
     """Where the admin listener's numbers come from."""
 
@@ -67,7 +85,7 @@ class Source(Protocol):
 
     def metrics(self) -> str: ...
 
-    def clients(self) -> Iterator[dict[str, Any]]: ...
+    def clients(self) -> Iterator[dict[str, Any] | Wait]: ...
 
 
 class LocalSource:
@@ -111,8 +129,7 @@ class AdminServer:
         #: With --workers: what writes this worker's numbers for the others.
         self.publisher: Any = None
 
-    def listen(self, host: str, port: int,
-               sock: socket.socket | None = None) -> tuple[str, int]:
+    def listen(self, host: str, port: int, sock: socket.socket | None = None) -> Any:
         if sock is None:
             family = socket.AF_INET6 if ":" in host else socket.AF_INET
             sock = socket.socket(family, socket.SOCK_STREAM)
@@ -126,8 +143,7 @@ class AdminServer:
         sock.setblocking(False)
         self.sock = sock
         self.loop.register(sock, EVENT_READ, self)
-        address: tuple[str, int] = sock.getsockname()[:2]
-        return address
+        return sock.getsockname()
 
     def handle_event(self, mask: int) -> None:
         assert self.sock is not None
@@ -167,14 +183,15 @@ class AdminServer:
 class AdminConnection(Transport):
     """One admin request: read the head, answer, close."""
 
-    __slots__ = ("_clients", "_deadline", "_reader", "_server", "_waiting")
+    __slots__ = ("_clients", "_deadline", "_first", "_reader", "_server", "_waiting")
 
     def __init__(self, server: AdminServer, sock: socket.socket) -> None:
         super().__init__(server.loop, sock, None)
         self._server = server
         self._reader: HeadReader | None = HeadReader()
-        self._clients: Iterator[dict[str, Any]] | None = None
+        self._clients: Iterator[dict[str, Any] | Wait] | None = None
         self._waiting = False
+        self._first = True
         self._deadline: Timer | None = None
 
     def start(self) -> None:
@@ -256,15 +273,15 @@ class AdminConnection(Transport):
         self._out = [data]
         self.close()
 
-    def _start_clients(self, clients: Iterator[dict[str, Any]]) -> None:
+    def _start_clients(self, clients: Iterator[dict[str, Any] | Wait]) -> None:
         head = ("HTTP/1.0 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n"
                 "Cache-Control: no-store\r\n\r\n[")
         self._out = [head.encode()]
         self._clients = clients
         self._flush()
-        self._loop.call_soon(self._more_clients, True)
+        self._loop.call_soon(self._more_clients)
 
-    def _more_clients(self, first: bool = False) -> None:
+    def _more_clients(self) -> None:
         clients = self._clients
         if clients is None or self._state != OPEN:
             return
@@ -272,13 +289,18 @@ class AdminConnection(Transport):
             self._waiting = True  # until the reader has taken it: _maybe_finish
             return
         parts = []
+        waiting = False
         for _ in range(CLIENTS_PER_TURN):
             item = next(clients, None)
             if item is None:
                 self._clients = None
                 break
-            parts.append(("\n" if first else ",\n") + json.dumps(item))
-            first = False
+            if isinstance(item, Wait):  # another worker's, not there yet
+                item.on_ready(self._wake)
+                waiting = True
+                break
+            parts.append(("\n" if self._first else ",\n") + json.dumps(item))
+            self._first = False
         if self._clients is None:
             parts.append("\n]\n")
         self._out = ["".join(parts).encode()]
@@ -286,7 +308,11 @@ class AdminConnection(Transport):
             self.close()
         else:
             self._flush()
-            self._loop.call_soon(self._more_clients, first)
+            if not waiting:
+                self._loop.call_soon(self._more_clients)
+
+    def _wake(self) -> None:
+        self._loop.call_soon(self._more_clients)
 
     def _maybe_finish(self) -> None:
         if self._waiting:
@@ -297,5 +323,8 @@ class AdminConnection(Transport):
         if self._deadline is not None:
             self._deadline.cancel()
             self._deadline = None
-        self._clients = None
+        clients, self._clients = self._clients, None
+        close = getattr(clients, "close", None)
+        if close is not None:
+            close()  # (a generator: its relays close)
         self._server.closed(self)

@@ -24,7 +24,6 @@ from typing import NoReturn
 
 from . import logs, plugins
 from .address import format_address
-from .admin import AdminServer, LocalSource
 from .auth import Gate, TokenFileError, Tokens
 from .framing import FRAMINGS
 from .handler import ConfigError, HandlerFactory, HandlerFunction
@@ -59,7 +58,7 @@ from .tls import (
     load_context,
 )
 from .tuning import keep_large_buffers_mapped, raise_open_files_limit
-from .workerstats import Publisher, WorkerAdmin, WorkersSource, take_from_env
+from .workerstats import WorkerAdmin, admin_listener, take_from_env
 
 __all__ = ["main", "parse_size", "positive_int", "seconds", "whole_number"]
 
@@ -343,28 +342,6 @@ def gate_from(options: argparse.Namespace) -> Gate | None:
 
 
 
-def _admin(loop: EventLoop, server: Server, admin: tuple[str, int | None], gate: Gate | None,
-           shared: WorkerAdmin | None) -> AdminServer | None:
-    """The admin listener: on a port of its own, or (a worker) the one its supervisor shares."""
-    tokens = gate.tokens if gate is not None else None
-    local = LocalSource(server)
-    if shared is not None and shared.sock is not None:
-        publisher = Publisher(loop, local, shared)
-        publisher.start()
-        admin_server = AdminServer(loop, WorkersSource(local, publisher), server.stats, tokens)
-        admin_server.listen(admin[0], 0, sock=shared.sock)
-        admin_server.publisher = publisher
-        return admin_server
-    if admin[1] is None:
-        return None
-    admin_server = AdminServer(loop, local, server.stats, tokens)
-    try:
-        admin_server.listen(admin[0], admin[1])
-    except OSError as exc:
-        raise CannotListen(admin[0], admin[1], exc) from exc
-    return admin_server
-
-
 def _reload(tokens: Tokens | None, tls: TLSServer | None) -> None:
     """SIGHUP in a single process: re-read the TLS files and the token file (each keeps
     its old self if bad, after an error line of its own); one line says what was done."""
@@ -432,7 +409,8 @@ def serve(
         where = ", ".join(format_address(address) for address in listening)
         if options is not None:
             server.stats.options = options_in_force(options)
-        admin_server = _admin(loop, server, admin, gate, shared_admin)
+        admin_server = admin_listener(loop, server, admin,
+                                      gate.tokens if gate is not None else None, shared_admin)
         if admin_server is not None and admin_server.sock is not None:
             admin_where = admin_server.sock.getsockname()
         if pid_file is not None:

@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
 import socket
 import threading
 import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
 
 from support import wait_for
 from test_admin import echo, http, metrics, stats
 from test_client_stat import spawn
 from test_workers import supervisor, worker_pids
 
-from muxsrv.workerstats import PUBLISH_EVERY
+from muxsrv.admin import AdminServer
+from muxsrv.loop import EventLoop
+from muxsrv.workerstats import PUBLISH_EVERY, RELAY_MAX_ITEMS, Relay
 
 ADMIN_RE = re.compile(r"admin port on (\S+):(\d+),")
 
@@ -52,8 +58,15 @@ def test_workers_2_one_admin_port_sums_and_keeps_a_dead_workers_counters() -> No
                           if name == "muxsrv_messages_received_total"}
                 return counts if sum(counts.values()) == sent else None
             assert set(wait_for(per_worker, timeout=10)) == {"0", "1"}
-            status, _, body = http(admin, "/clients")
-            assert status == 200 and b'"worker"' in body
+            for _ in range(4):  # whichever worker answers: every worker's connections
+                status, _, body = http(admin, "/clients")
+                assert status == 200
+                clients = json.loads(body)
+                assert len(clients) == 40
+                assert len({c["id"] for c in clients if c["worker"] == 0}) == sum(
+                    c["worker"] == 0 for c in clients)
+                assert {c["worker"] for c in clients} == {
+                    w["worker"] for w in got["workers"] if w["connections"]["current"]}
             # muxsrv-client --stat against it for a few lines, while a client keeps sending.
             proc = spawn("--admin", f"{admin[0]}:{admin[1]}", "--interval", "0.3")
             lines: list[str] = []
@@ -103,3 +116,48 @@ def test_workers_2_one_admin_port_sums_and_keeps_a_dead_workers_counters() -> No
         before = [w for w in got["workers"] if w["pid"] == victim]
         assert dead[0]["messages"]["in"] == before[0]["messages"]["in"] > 0
         assert http(admin, "/healthz")[0] == 200
+
+
+def test_a_relay_reads_another_workers_list_in_order_and_bounded(tmp_path: Path) -> None:
+    """Bugs caught: items lost or reordered across reads, a relay that reads ahead without
+    bound while nobody writes its items, a socket left registered once it is done."""
+    loop = EventLoop()
+
+    class Listing:
+        draining = False
+
+        def clients(self) -> Iterator[dict[str, int]]:
+            for i in range(3000):
+                yield {"id": i, "pad": "x" * 200}
+
+    peer = AdminServer(loop, Listing(), SimpleNamespace(  # type: ignore[arg-type]
+        admin_accepted=0, admin_current=0, admin_refused=0))
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(tmp_path / "0-1.sock"))
+    sock.listen(4)
+    peer.listen("", 0, sock=sock)
+    try:
+        relay = Relay(loop, tmp_path / "0-1.sock")
+        most = 0
+        loop.run_until(lambda: len(relay.items) >= RELAY_MAX_ITEMS or relay.done, 10)
+        assert not relay.done and not relay.reading  # stopped reading ahead
+        for _ in range(5):
+            loop.run_once(max_wait=0.01)
+        assert len(relay.items) < RELAY_MAX_ITEMS + 400
+        got: list[int] = []
+
+        def taken() -> bool:
+            nonlocal most
+            most = max(most, len(relay.items))
+            while relay.items:
+                got.append(relay.items.popleft()["id"])
+                relay.more()
+            return relay.done and not relay.items
+
+        assert loop.run_until(taken, 10)
+        assert got == list(range(3000))
+        assert most < RELAY_MAX_ITEMS + 400
+        assert not relay.reading and relay.sock.fileno() == -1  # unregistered, closed
+    finally:
+        peer.close()
+        loop.close()
