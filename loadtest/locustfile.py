@@ -3,6 +3,8 @@
     python -m muxsrv --handler echo &
     locust -f loadtest/locustfile.py --headless -u 100 -r 50 -t 30s --host tcp://127.0.0.1:9999
 
+(``--host udp://127.0.0.1:9999`` for a server with --udp: one datagram per message.)
+
 One user class, `ScenarioUser`, runs the scenario named by --mux-handler
 (see loadtest/scenarios.py) back to back: build a payload, send it, check the
 reply.  A wrong reply, an error frame or a dropped connection is a Locust
@@ -13,7 +15,8 @@ Options, on Locust's own command line (and in its web UI):
   --mux-handler echo|upper|exec  scenario; must match the server's --handler (echo)
   --mux-size BYTES               payload size for echo and upper, 0 to 64M (64)
   --mux-pipeline N               requests in flight per user, 1 or more (1)
-  --mux-timeout SECONDS          per batch, connect included, more than 0 (30)
+  --mux-timeout SECONDS          per batch, connect included, more than 0 (30);
+                                 over udp://, a reply later than this is a lost datagram
 
 An impossible value (--mux-timeout 0, --mux-pipeline 0, --mux-size -1, an
 unknown --mux-handler) is refused with one line and exit status 2, before any

@@ -147,6 +147,9 @@ class ConnProbe:
     def work_started(self) -> None:
         self._conn.work_started()
 
+    def peer_validated(self) -> None:
+        self._conn.peer_validated()
+
     def work_done(self) -> None:
         self._conn.work_done()
 

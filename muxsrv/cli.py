@@ -22,7 +22,7 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from . import logs, plugins
+from . import logs, plugins, udp_options
 from .address import format_address
 from .auth import Gate, TokenFileError, Tokens
 from .framing import FRAMINGS
@@ -117,7 +117,9 @@ def build_parser(handler: plugins.LoadedPlugin | None = None) -> argparse.Argume
         help="connections at once from one client address (with --proxy-protocol, the "
              "header's); more get an error frame and are closed (default: 0, no limit)")
     add("--idle-timeout", type=seconds, default=300.0, metavar="SECONDS",
-        help="close connections idle this long (default: 300; 0: never)")
+        help="close connections (and drop UDP peers' instances) idle this long "
+             "(default: 300; 0: never)")
+    udp_options.add_arguments(parser)
     add("--frame-timeout", type=seconds, default=DEFAULT_FRAME_TIMEOUT, metavar="SECONDS",
         help="a message must be complete this long after its first byte, else the "
              "connection is closed (default: 30; 0: never; not with --framing raw)")
@@ -233,6 +235,9 @@ def _main(args: list[str], handed: Handover) -> int:
     options = build_parser(loaded).parse_args(args)
     if options.max_output and options.output_soft_limit >= options.max_output:
         _fail("--output-soft-limit must be below --max-output (or --max-output 0)")
+    refused = udp_options.refusal(options, known.handler, loaded.obj)
+    if refused is not None:
+        _fail(refused)
 
     try:
         log_file = logs.from_options(options, worker=worker is not None,
@@ -304,6 +309,9 @@ def settings_from(options: argparse.Namespace, handler_name: str) -> Settings:
         output_soft_limit=options.output_soft_limit,
         output_soft_seconds=options.output_soft_seconds,
         handler_name=handler_name,
+        udp=udp_options.mode(options),
+        udp_max_peers=options.udp_max_peers,
+        udp_max_queue=options.udp_max_queue,
     )
 
 
@@ -428,8 +436,15 @@ def serve(
             details += ", PROXY protocol from " + ",".join(map(str, proxying.trusted))
         if admin_server is not None:  # (before the worker's pid: a line's end names it)
             details = f", admin on {format_address(admin_where)}{details}"
+        framing = f"framing {settings.framing}"
+        if server.udp is not None:
+            framing = ("UDP only, framing does not apply: one datagram is one message"
+                       if settings.udp == "only" else
+                       f"{framing}; also UDP on "
+                       f"{', '.join(format_address(a) for a in server.udp.addresses)}, "
+                       "where framing does not apply: one datagram is one message")
         started = (f"listening on {where} "
-                   f"(handler {settings.handler_name}, framing {settings.framing}{details})")
+                   f"(handler {settings.handler_name}, {framing}{details})")
         sys.stderr.write(f"muxsrv: {started}\n")  # the line tools parse: never reformatted
         sys.stderr.flush()
         if logs.has_file():  # and the file says it too

@@ -33,6 +33,7 @@ import time
 from collections import deque
 from collections.abc import Iterable, Sequence
 from types import TracebackType
+from typing import Any
 
 from .codec import SHUTTING_DOWN
 from .errors import ConnectionClosed, ServerError
@@ -90,7 +91,20 @@ class Client:
     ``AUTH <token>``; a refusal raises :class:`ServerError`.  ``reconnects``
     counts the new connections made after the first: after a goodbye (then it
     resent) or by :meth:`reconnect`.
+
+    ``transport="udp"`` makes a :class:`~muxsrv.client_udp.UdpClient` instead
+    (a server with ``--udp``): one datagram per message, one request in
+    flight, ``timeout`` per try (default 1 s) and ``retries`` (default 2).
     """
+
+    def __new__(cls, *args: Any, transport: str = "tcp", **kwargs: Any) -> Client:
+        if transport == "udp":
+            from .client_udp import UdpClient
+
+            return super().__new__(UdpClient)
+        if transport != "tcp":
+            raise ValueError(f"unknown transport {transport!r}; choose tcp or udp")
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -105,6 +119,7 @@ class Client:
         connect_timeout: float | None = None,
         token: str | bytes | None = None,
         tls: bool | ssl.SSLContext = False,
+        transport: str = "tcp",
     ) -> None:
         if framing not in FRAMINGS:
             raise ValueError(f"unknown framing {framing!r}; choose from {', '.join(FRAMINGS)}")

@@ -15,8 +15,11 @@ reply in hex; ``--raw`` writes the bytes as they are, with nothing added.
 A connection the server closed between two messages (idle timeout, restart)
 is reported in one line when the next message is about to go, and a new one
 takes its place.  At a prompt, so does one lost to a timeout or a reset, and
-the prompt goes on; elsewhere that ends the run.  Option values are checked
-as the server's are: a mistake is one line and exit status 2.
+the prompt goes on; elsewhere that ends the run.  With ``--udp``, each message
+is one datagram, sent again after each ``--timeout`` (1 s) with no reply, up
+to ``--retries`` (2) times; one lost for good is reported and the next goes
+on.  Option values are checked as the server's are: a mistake is one line and
+exit status 2.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from typing import NoReturn
 from . import client_stat
 from .address import format_address
 from .client import DEFAULT_TIMEOUT, Client, ReplyError, ServerError, ServerGone
+from .client_udp import DEFAULT_RETRIES, DEFAULT_UDP_TIMEOUT, UdpClient
 from .framing import FRAMINGS
 from .options import positive_seconds, program_version, whole_number
 
@@ -56,6 +60,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 _port = whole_number(1, 65535, "must be from 1 to 65535", "a port number")
+_retries = whole_number(0, 100, "must be from 0 to 100")
 
 
 def _host(text: str) -> str:
@@ -98,6 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("--token-file", metavar="FILE",
         help="authenticate with the first token in FILE (a server with --auth-token-file); "
         "default: the environment variable MUXSRV_TOKEN, if set")
+    add("--udp", action="store_true",
+        help="send each message as one datagram to a server with --udp (no framing); one "
+        "request in flight, sent again after each --timeout (default here: 1) with no reply")
+    add("--retries", type=_retries, default=None, metavar="N",
+        help="with --udp, how many times a request with no reply is sent again (default: 2)")
     add("--tls", action="store_true",
         help="speak TLS; the server's certificate and host name are verified")
     add("--tls-ca", metavar="FILE",
@@ -201,8 +211,11 @@ class _Session:
             else:  # not an answer: why the server closed the connection
                 self._closed(why or exc.message)
                 self.replace = True
-        except TimeoutError:
-            _say(f"error: {self.where}: timed out after {client.timeout or 0:g} s")
+        except TimeoutError as exc:
+            if isinstance(client, UdpClient):
+                _say(f"error: {self.where}: {exc}")  # how many tries of how long
+            else:
+                _say(f"error: {self.where}: timed out after {client.timeout or 0:g} s")
             self._drop()
         except (ReplyError, OSError) as exc:  # ConnectionClosed, ServerGone, a reset ...
             _say(f"error: {self.where}: {_reason(exc)}")
@@ -276,6 +289,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     interactive = not (command if exec_mode else options.messages) and sys.stdin.isatty()
     failure = EXEC_FAILURE if exec_mode else 1
     where = format_address((options.host, options.port))
+    if options.udp:
+        return _udp_main(parser, options, where, interactive)
+    if options.retries is not None:
+        parser.error("--retries is for --udp (TCP does not lose messages)")
     timeout = DEFAULT_TIMEOUT if options.timeout is None else options.timeout
     token = _token(parser, options.token_file)
     tls = _tls_context(parser, options)
@@ -309,6 +326,31 @@ def main(argv: Sequence[str] | None = None) -> int:
             if interactive:
                 print()
             client.abort()  # with --exec, the reset tells the server to kill the command
+            return INTERRUPTED
+
+
+def _udp_main(parser: argparse.ArgumentParser, options: argparse.Namespace, where: str,
+              interactive: bool) -> int:
+    for flag, given in (("--exec", options.exec is not None), ("--tls", options.tls),
+                        ("--tls-ca", options.tls_ca), ("--tls-cert", options.tls_cert),
+                        ("--token-file", options.token_file)):
+        if given:
+            parser.error(f"--udp cannot go with {flag} (it needs TCP)")
+    timeout = DEFAULT_UDP_TIMEOUT if options.timeout is None else options.timeout
+    retries = DEFAULT_RETRIES if options.retries is None else options.retries
+    try:
+        client = UdpClient(options.host, options.port, timeout=timeout, retries=retries)
+    except OSError as exc:
+        _say(f"error: cannot reach {where}: {_reason(exc)}")
+        return 1
+    with client:
+        # A lost datagram does not put later ones out of step: go on (on a new socket).
+        session = _Session(client, f"{where} (UDP)", survive=True, failure=1)
+        try:
+            return _messages_main(session, options, interactive)
+        except KeyboardInterrupt:
+            if interactive:
+                print()
             return INTERRUPTED
 
 

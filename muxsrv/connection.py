@@ -209,6 +209,9 @@ class Connection(Transport):
         self.last_active = self._loop.now
         self._maybe_finish()
 
+    def peer_validated(self) -> None:
+        """TCP's handshake validated the address already (the cap is ``--udp``'s)."""
+
     # -- events from the loop ---------------------------------------------
 
     def start(self) -> None:

@@ -57,13 +57,18 @@ same handler interface speaks for us, with two differences: a failed connect
 and an error frame from the server goes to ``error_received``.  A class may
 also declare its own command-line options with ``add_arguments`` and build
 its per-connection factory in ``configure``.
+
+Over UDP (``--udp``) the same handlers serve datagrams: one datagram is one
+message, a class handler gets one instance per peer address, and replies are
+capped at 3 times the datagram until ``conn.peer_validated()``; see
+``muxsrv.udp_peers``.
 """
 
 from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 if TYPE_CHECKING:
     from .codec import Buffer
@@ -155,13 +160,23 @@ class Conn(Protocol):
         """Undo one ``work_started``."""
         ...
 
+    def peer_validated(self) -> None:
+        """The peer proved it owns its address (``--udp``: it echoed back a token you sent
+        it): lift the 3x amplification cap for it.  Over TCP nothing to do (a no-op)."""
+        ...
+
 
 class Handler:
     """Base class for the class form; every method has a do-nothing default.
 
     Subclass it and override what you need.  ``configure`` returns the factory
     the server calls once per connection: the class itself by default.
+    ``udp_unsafe``: why this handler must not serve ``--udp`` (a forged source
+    address would make it act for someone else); the server refuses to start.
+    A function handler may carry the same attribute.
     """
+
+    udp_unsafe: ClassVar[str | None] = None
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:

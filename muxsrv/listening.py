@@ -36,13 +36,15 @@ class CannotListen(OSError):
         return f"cannot listen on {self.address}: {self.strerror}"
 
 
-def bind_addresses(host: str, port: int) -> list[tuple[int, int, int, tuple[Any, ...]]]:
+def bind_addresses(
+    host: str, port: int, kind: int = socket.SOCK_STREAM
+) -> list[tuple[int, int, int, tuple[Any, ...]]]:
     """``(family, type, proto, sockaddr)`` for each address ``host`` resolves to, once each.
 
     Raises OSError (``socket.gaierror`` if the name does not resolve).
     """
     try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        infos = socket.getaddrinfo(host, port, type=kind, flags=socket.AI_PASSIVE)
     except UnicodeError:  # "a..b", a label over 63 characters: no name at all (IDNA)
         raise socket.gaierror(socket.EAI_NONAME, "not a valid host name") from None
     seen = set()
@@ -55,16 +57,21 @@ def bind_addresses(host: str, port: int) -> list[tuple[int, int, int, tuple[Any,
 
 
 def bind_sockets(
-    host: str, port: int, reuse_port: bool, then: Callable[[socket.socket], object]
+    host: str, port: int, reuse_port: bool, then: Callable[[socket.socket], object],
+    kind: int = socket.SOCK_STREAM,
 ) -> list[socket.socket]:
     """A socket bound on every address ``host`` resolves to, all on one port (port 0:
-    the first's), ``then`` called on each after its bind; on OSError all are closed."""
+    the first's), ``then`` called on each after its bind; on OSError all are closed.
+    ``kind``: ``SOCK_STREAM``, or ``SOCK_DGRAM`` for the UDP endpoint."""
     socks: list[socket.socket] = []
     try:
-        for family, type_, proto, addr in bind_addresses(host, port):
+        for family, type_, proto, addr in bind_addresses(host, port, kind):
             sock = socket.socket(family, type_, proto)
             socks.append(sock)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if kind == socket.SOCK_STREAM:
+                # (Not for UDP: there, Linux lets a second socket share the port and
+                # steal its datagrams when both set it.)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if reuse_port:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             if family == socket.AF_INET6:

@@ -1,4 +1,5 @@
-"""MuxUser: a Locust user that speaks muxsrv's wire protocol over one connection (TCP or TLS).
+"""MuxUser: a Locust user that speaks muxsrv's wire protocol over one connection (TCP or TLS),
+or over UDP datagrams.
 
 Install with ``pip install 'muxsrv[loadtest]'``.  Each user owns a `MuxClient`
 (``muxsrv.locust_client``): one gevent socket (cooperative whether or not the
@@ -26,7 +27,11 @@ stayed silent past the timeout; the last kind fails every request in flight
 on it, and the next request reconnects (after a short, growing pause if
 connecting failed).  Not a failure: the goodbye of a draining server
 (``length`` framing): the client reconnects and resends the requests still in
-flight, in order.  A locustfile is a few lines: see README.md, "Load-testing
+flight, in order.  With ``--host udp://HOST:PORT`` (a server with ``--udp``) the user's client is a
+`UdpMuxClient` (``muxsrv.locust_udp``): one datagram per message, one in
+flight, and a reply not back within the ``timeout`` (``--mux-timeout`` in
+loadtest/locustfile.py) fails its request as a lost datagram (`LostDatagram`).
+A locustfile is a few lines: see README.md, "Load-testing
 your own handler", and loadtest/examples/.
 """
 
@@ -53,6 +58,7 @@ from .locust_client import (
     resolve,
 )
 from .locust_options import OptionError, Target, option, target
+from .locust_udp import LostDatagram, UdpMuxClient
 from .wire import (
     Check,
     Done,
@@ -71,12 +77,14 @@ __all__ = [
     "AuthenticationFailed",
     "Check",
     "Done",
+    "LostDatagram",
     "MuxClient",
     "MuxUser",
     "OptionError",
     "RepliesCheck",
     "ServerError",
     "Target",
+    "UdpMuxClient",
     "WrongReply",
     "parse_host",
     "parse_target",
@@ -102,6 +110,7 @@ class MuxUser(User):
     timeout = 30.0
     token_file: str | None = None
     tls_ca: str | None = None
+    client: MuxClient | UdpMuxClient
 
     def __init__(self, environment: Environment) -> None:
         super().__init__(environment)
@@ -115,6 +124,10 @@ class MuxUser(User):
             )
         except OptionError as exc:
             raise LocustError(str(exc)) from None
+        if where.udp:
+            self.client = UdpMuxClient(environment, where.address, request_type=self.handler,
+                                       timeout=self.timeout, context=self.context)
+            return
         self.client = MuxClient(
             environment,
             where.address,

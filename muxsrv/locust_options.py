@@ -47,11 +47,13 @@ class OptionError(ValueError):
 
 @dataclass(frozen=True)
 class Target:
-    """Where a MuxClient connects: ``address``; ``tls`` (a context) for tls://; ``token``."""
+    """Where a MuxClient connects: ``address``; ``tls`` (a context) for tls://; ``token``;
+    ``udp`` for udp:// (a UdpMuxClient: datagrams, no TLS, no token)."""
 
     address: tuple[str, int]
     tls: ssl.SSLContext | None = None
     token: bytes | None = field(default=None, repr=False)  # never shown
+    udp: bool = False
 
     @property
     def server_hostname(self) -> str:
@@ -89,13 +91,18 @@ def tls_context(ca: str | None) -> ssl.SSLContext:
 
 
 def target(host: str, token_file: str | None = None, tls_ca: str | None = None) -> Target:
-    """The Target for ``host`` (tcp:// or tls://); OptionError says what is wrong."""
+    """The Target for ``host`` (tcp://, tls:// or udp://); OptionError says what is wrong."""
     try:
         scheme, name, port = parse_target(host)
     except ValueError as exc:
         raise OptionError(str(exc)) from None
     if tls_ca is not None and scheme != "tls":
         raise OptionError(f"--mux-tls-ca is for tls:// hosts, not {host!r}")
+    if scheme == "udp":
+        if token_file is not None:
+            raise OptionError(f"--mux-token-file needs TCP: a udp:// host has no "
+                              f"authentication ({host!r})")
+        return Target((name, port), udp=True)
     context = tls_context(tls_ca) if scheme == "tls" else None
     token = token_from(token_file) if token_file is not None else None
     return Target((name, port), context, token)

@@ -69,6 +69,7 @@ AREAS: Final = {
     "muxsrv.auth": "authentication and lockouts",
     "muxsrv.proxy": "PROXY protocol headers",
     "muxsrv.outbound": "outbound connections",
+    "muxsrv.udp": "--udp: datagrams and replies dropped, peers' instances",
     "muxsrv.locust": "the Locust kit",
 }
 LEVELS: Final = ("debug", "info", "warning", "error")

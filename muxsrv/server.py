@@ -42,6 +42,11 @@ The whole-message deadline (``--frame-timeout``), the output limits
 over the connections (``muxsrv.limits``), nothing per message; the hard
 output limit also when a connection's output queue grows.
 
+With ``--udp`` the server also owns a :class:`~muxsrv.udp.DatagramEndpoint`
+bound on the TCP listeners' port (``--udp-only``: it alone); it counts toward
+no connection limit, and at shutdown it closes at once (datagrams owe no
+drain).
+
 The server is the connections' owner (``connection.Owner``); a connection
 never imports this module.
 """
@@ -75,6 +80,7 @@ from .staged import StagedConnection
 from .stats import Stats
 from .tls import RefusalAfterHandshake
 from .transport import LINGER_TIMEOUT
+from .udp import DEFAULT_MAX_PEERS, DEFAULT_MAX_QUEUE, DatagramEndpoint
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -125,6 +131,9 @@ class Settings:
     output_soft_seconds: float = DEFAULT_SOFT_SECONDS
     max_buffered: int = DEFAULT_MAX_BUFFERED  # 0: off
     handler_name: str = "echo"  # as the start-up line names it: "echo (built-in)"
+    udp: str = "off"  # "also" (--udp), "only" (--udp-only)
+    udp_max_peers: int = DEFAULT_MAX_PEERS
+    udp_max_queue: int = DEFAULT_MAX_QUEUE
 
 
 class _RateLimitedLog:
@@ -215,21 +224,44 @@ class Server:
         #: The counters (``muxsrv.stats``), and the latency histogram connections add to.
         self.stats = Stats(settings.handler_name.split(" ")[0], {}, _version())
         self.latency = self.stats.latency
+        #: --udp: the datagram endpoint, on the same host and port.
+        self.udp = None if settings.udp == "off" else DatagramEndpoint(
+            loop, function=function, factory=factory, max_peers=settings.udp_max_peers,
+            max_queue=settings.udp_max_queue, idle_timeout=settings.idle_timeout,
+            max_message=settings.max_frame,
+            loopback_only=gate is not None and gate.protected and gate.tokens is None)
 
     # -- listening ----------------------------------------------------------
 
     def listen(
-        self, sock: socket.socket | list[socket.socket] | None = None
+        self, sock: socket.socket | list[socket.socket] | None = None,
+        udp: list[socket.socket] | None = None,
     ) -> list[tuple[str, int]]:
         """Bind the listening sockets (or adopt ``sock``, one or a list); their addresses.
 
-        Raises CannotListen (an OSError) naming the address.
+        With ``--udp``, the UDP sockets too (or adopt ``udp``), on the TCP port
+        (``self.udp.addresses``); with ``--udp-only``, only them, and the
+        addresses are theirs.  Raises CannotListen (an OSError) naming the address.
         """
-        try:
-            socks = (_bind(self.settings) if sock is None
-                     else [sock] if isinstance(sock, socket.socket) else list(sock))
-        except OSError as exc:
-            raise CannotListen(self.settings.host, self.settings.port, exc) from exc
+        settings = self.settings
+        if settings.udp == "only":
+            socks = []
+        else:
+            try:
+                socks = (_bind(settings) if sock is None
+                         else [sock] if isinstance(sock, socket.socket) else list(sock))
+            except OSError as exc:
+                raise CannotListen(settings.host, settings.port, exc) from exc
+        if self.udp is not None:
+            port = socks[0].getsockname()[1] if socks else settings.port
+            try:
+                addresses = self.udp.listen(settings.host, port, udp)
+            except OSError as exc:
+                for lsock in socks:
+                    lsock.close()
+                raise CannotListen(settings.host, port, exc) from exc
+            if not socks:
+                return addresses
         for lsock in socks:
             lsock.setblocking(False)
             listener = _Listener(self, lsock)
@@ -484,6 +516,8 @@ class Server:
         log.info("shutting down: draining %d connections (up to %g s)",
                  len(self._conns), self.settings.drain_timeout)
         self.draining = True
+        if self.udp is not None:
+            self.udp.close()  # datagrams owe nothing: no drain
         self._limits.stop()
         self._stop_listening()
         for listener in self._listeners:
@@ -523,6 +557,8 @@ class Server:
     def run(self) -> None:
         """Run the loop until shutdown has drained, then let handlers clean up."""
         self.loop.run_forever()
+        if self.udp is not None:
+            self.udp.close()
         self._abort_all()
         self.loop.run_once(max_wait=0)  # connection_lost for what was just aborted
         outbound = connector_of(self.loop)

@@ -211,21 +211,22 @@ def encode(framing: str, payload: bytes) -> bytes:
 
 
 def parse_target(host: str) -> tuple[str, str, int]:
-    """``tcp://HOST:PORT`` or ``tls://HOST:PORT`` (also bare ``HOST:PORT``, taken as
-    tcp; IPv6 as ``[::1]:PORT``) to (scheme, host, port)."""
+    """``tcp://HOST:PORT``, ``tls://HOST:PORT`` or ``udp://HOST:PORT`` (also bare
+    ``HOST:PORT``, taken as tcp; IPv6 as ``[::1]:PORT``) to (scheme, host, port)."""
     url = urlsplit(host if "://" in host else f"tcp://{host}")
     try:
         port = url.port
     except ValueError:
         port = None
-    if (url.scheme not in ("tcp", "tls") or not url.hostname or port is None
+    if (url.scheme not in ("tcp", "tls", "udp") or not url.hostname or port is None
             or url.path not in ("", "/")):
-        raise ValueError(f"host {host!r} is not of the form tcp://HOST:PORT or tls://HOST:PORT")
+        raise ValueError(f"host {host!r} is not of the form tcp://HOST:PORT, tls://HOST:PORT "
+                         "or udp://HOST:PORT")
     return url.scheme, url.hostname, port
 
 
 def parse_host(host: str) -> tuple[str, int]:
-    """(host, port) of ``tcp://HOST:PORT`` or ``tls://HOST:PORT`` (see parse_target)."""
+    """(host, port) of ``tcp://``, ``tls://`` or ``udp://HOST:PORT`` (see parse_target)."""
     return parse_target(host)[1:]
 
 

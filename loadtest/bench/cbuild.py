@@ -12,7 +12,12 @@ import subprocess
 
 from servers import BUILD, HERE
 
-SOURCES = {"loadgen": HERE / "csrc" / "loadgen.c", "cecho": HERE / "csrc" / "cecho.c"}
+SOURCES = {
+    "loadgen": HERE / "csrc" / "loadgen.c",
+    "cecho": HERE / "csrc" / "cecho.c",
+    "udpgen": HERE / "csrc" / "udpgen.c",  # udp.py's generator and C peer
+    "cudpecho": HERE / "csrc" / "cudpecho.c",
+}
 CFLAGS = ("-O2", "-Wall", "-Wextra", "-std=gnu11")
 
 

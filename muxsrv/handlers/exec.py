@@ -128,6 +128,8 @@ class ExecService:
 class ExecHandler(Handler):
     """One connection's commands: queued, run one at a time, answered in order."""
 
+    udp_unsafe = "a forged source address would run commands for someone else"
+
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
         exec_config.add_arguments(parser)

@@ -1,0 +1,89 @@
+"""A fake UDP socket for the deterministic UDP tests (FakeSelector reports it ready)."""
+
+from __future__ import annotations
+
+import errno
+from collections import deque
+from typing import Any
+
+from muxsrv.codec import Buffer
+from muxsrv.loop import EventLoop
+from muxsrv.testing import FakeClock, FakeSelector, FakeSocket
+
+
+class FakeDatagramSocket(FakeSocket):
+    """A bound datagram socket: the test queues datagrams from addresses, reads what was sent.
+
+    ``capacity`` (bytes ``sendto`` may still take; None: no limit) makes
+    ``sendto`` raise ``BlockingIOError`` for a datagram that does not fit.
+    """
+
+    def __init__(self, address: Any = ("127.0.0.1", 9999)) -> None:
+        super().__init__(address)
+        self.inbox: deque[tuple[bytes, Any]] = deque()
+        #: Every datagram sent, with its destination, in order.
+        self.sent_to: list[tuple[bytes, Any]] = []
+        self.recv_calls = 0
+
+    def arrive(self, address: Any, *payloads: bytes) -> None:
+        self.inbox.extend((payload, address) for payload in payloads)
+
+    def replies_to(self, address: Any) -> list[bytes]:
+        return [data for data, to in self.sent_to if to == address]
+
+    @property
+    def readable(self) -> bool:
+        return bool(self.inbox)
+
+    def getsockname(self) -> Any:
+        return self._peer
+
+    def recvfrom_into(self, buffer: memoryview) -> tuple[int, Any]:
+        self._check()
+        if not self.inbox:
+            raise BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")
+        self.recv_calls += 1
+        payload, address = self.inbox.popleft()
+        buffer[: len(payload)] = payload
+        return len(payload), address
+
+    def sendto(self, data: Buffer, address: Any) -> int:
+        self._check()
+        data = bytes(data)
+        if self.capacity is not None:
+            if len(data) > self.capacity:
+                raise BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")
+            self.capacity -= len(data)
+        self.sent_to.append((data, address))
+        return len(data)
+
+
+class FakeLoop:
+    """An EventLoop on a FakeSelector and FakeClock."""
+
+    def __init__(self) -> None:
+        self.clock = FakeClock()
+        self.selector = FakeSelector(self.clock)
+        self.loop = EventLoop(selector=self.selector, clock=self.clock)
+
+    def turn(self) -> None:
+        self.loop.run_once(max_wait=0)
+
+    def run(self, max_turns: int = 10_000) -> int:
+        """Turns until nothing more can happen without time passing; how many."""
+        for turns in range(1, max_turns + 1):
+            self.loop.run_once()
+            if self.selector.settled:
+                return turns
+        raise AssertionError("the loop did not settle")
+
+    def advance(self, seconds: float) -> None:
+        """Let ``seconds`` pass, firing timers on the way, then settle."""
+        self.selector.until = self.clock.now + seconds
+        try:
+            self.run()
+        finally:
+            self.selector.until = None
+
+    def close(self) -> None:
+        self.loop.close()
