@@ -7,6 +7,7 @@ import os
 import re
 import signal
 import socket
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -25,7 +26,12 @@ from muxsrv.workerstats import PUBLISH_EVERY, RELAY_MAX_ITEMS, Relay
 ADMIN_RE = re.compile(r"admin port on (\S+):(\d+),")
 
 
+def _stats_dirs() -> set[str]:
+    return {p.name for p in Path(tempfile.gettempdir()).glob("muxsrv-stats-*")}
+
+
 def test_workers_2_one_admin_port_sums_and_keeps_a_dead_workers_counters() -> None:
+    dirs_before = _stats_dirs()
     with supervisor("--workers", "2", "--admin-port", "0") as srv:
         srv.wait_started()
         wait_for(lambda: len(worker_pids(srv)) == 2, what="two workers")
@@ -116,6 +122,10 @@ def test_workers_2_one_admin_port_sums_and_keeps_a_dead_workers_counters() -> No
         before = [w for w in got["workers"] if w["pid"] == victim]
         assert dead[0]["messages"]["in"] == before[0]["messages"]["in"] > 0
         assert http(admin, "/healthz")[0] == 200
+        assert _stats_dirs() - dirs_before  # (made by the supervisor) ...
+        srv.signal(signal.SIGTERM)
+        assert srv.wait(20) == 0
+    assert _stats_dirs() <= dirs_before  # ... and removed as it exits
 
 
 def test_a_relay_reads_another_workers_list_in_order_and_bounded(tmp_path: Path) -> None:
