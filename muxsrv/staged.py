@@ -18,7 +18,7 @@ close_notify) leave before the write side shuts.
 
 from __future__ import annotations
 
-from .connection import Connection
+from .connection import BODY_RECV_MAX, Connection
 from .loop import EVENT_READ
 from .transport import (
     CLOSED,
@@ -48,12 +48,18 @@ class StagedConnection(Connection):
             super().handle_event(mask)
             return
         self.last_active = self._loop.now
-        if self._decoder.want:  # inside a large message: the input budget's say first
+        size = RECV_SIZE
+        want = self._decoder.want
+        if want:  # inside a large message: the input budget's say first
             budget = getattr(self._owner, "input_budget", None)
             if budget is not None and not budget.admits(self, self._decoder.buffered):
                 return
+            # Up to the rest of its body at once, as a plain connection reads: the
+            # stages' fixed costs are per read (a TLS record's overhead makes the
+            # plaintext a little shorter, never longer, than the bytes read).
+            size = max(RECV_SIZE, min(want, BODY_RECV_MAX))
         try:
-            data = self._sock.recv(RECV_SIZE)
+            data = self._sock.recv(size)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:

@@ -182,3 +182,36 @@ def test_length_decoder_says_looks_like_tls() -> None:
     other = make_decoder("length", 16 << 20)
     other.feed(b"\x7f\x00\x00\x00")
     assert other.error is not None and "exceeds the limit" in other.error
+
+
+@pytest.mark.parametrize("cut", [1, 5, 40, -1], ids=["1", "5", "40", "all-but-1"])
+def test_records_and_a_partial_one_in_one_read(certs: Certs, cut: int) -> None:
+    """Reading stops once nothing is left inside OpenSSL, without waiting for an
+    SSLWantReadError: no whole record may be left behind, whatever the cut."""
+    stage = server_stage(certs)
+    client = Client(certs.client_context())
+    shuttle(client, stage)
+    records = []
+    for i in range(4):
+        client.obj.write(b"%d" % i * (3000 + i))
+        records.append(client.out())
+    head, tail = records[3][:cut], records[3][cut:]
+    got = stage.receive(b"".join(records[:3]) + head)
+    assert got == b"".join(b"%d" % i * (3000 + i) for i in range(3))
+    assert stage.receive(tail) == b"3" * 3003
+
+
+def test_large_buffers_go_through_unjoined_and_in_order(certs: Certs) -> None:
+    from muxsrv.stages import SEND_UNJOINED, StagePath
+
+    stage = server_stage(certs)
+    client = Client(certs.client_context())
+    shuttle(client, stage)
+    path = StagePath([stage])
+    big = bytearray(b"b" * (SEND_UNJOINED * 3 + 7))
+    out = [b"\x00\x01", memoryview(big), b"tail", b"more", bytes(SEND_UNJOINED)]
+    sent = path.send(out)
+    assert sent is not None
+    for ciphertext in sent:
+        client.feed(bytes(ciphertext))
+    assert client.read_all() == b"".join(bytes(part) for part in out)

@@ -2,6 +2,10 @@
 
 The idea: nothing is checked in but the sources; ``build/`` (git-ignored) is
 rebuilt whenever a source is newer than its binary, with ``$CC`` or cc/gcc.
+``loadgen-tls`` is the same generator built with OpenSSL (``-DLOADGEN_TLS``);
+where the OpenSSL headers or libraries are missing it is simply not built
+(``tls_missing`` says why) and the TLS servers are skipped with that note,
+while the plain ``loadgen``, which has none of the TLS code, is built as ever.
 """
 
 from __future__ import annotations
@@ -19,6 +23,12 @@ SOURCES = {
     "cudpecho": HERE / "csrc" / "cudpecho.c",
 }
 CFLAGS = ("-O2", "-Wall", "-Wextra", "-std=gnu11")
+TLS_NAME = "loadgen-tls"
+TLS_FLAGS = ("-DLOADGEN_TLS",)
+TLS_LIBS = ("-lssl", "-lcrypto")
+TLS_HINT = "install OpenSSL's headers (apt-get install libssl-dev) and run again"
+#: Why loadgen-tls could not be built in this process, or None.
+tls_missing: str | None = None
 
 
 def compiler() -> str:
@@ -37,6 +47,25 @@ def build_all(force: bool = False) -> None:
             continue
         cc = cc or compiler()
         subprocess.run([cc, *CFLAGS, "-o", str(out), str(src)], check=True)
+    build_tls(force)
+
+
+def build_tls(force: bool = False) -> bool:
+    """Build loadgen-tls if OpenSSL is there; False (and `tls_missing` set) if not."""
+    global tls_missing
+    out, src = BUILD / TLS_NAME, SOURCES["loadgen"]
+    if not force and out.exists() and out.stat().st_mtime >= src.stat().st_mtime:
+        tls_missing = None
+        return True
+    out.unlink(missing_ok=True)  # never a stale one beside a failed build
+    argv = [compiler(), *CFLAGS, *TLS_FLAGS, "-o", str(out), str(src), *TLS_LIBS]
+    done = subprocess.run(argv, capture_output=True, text=True)
+    if done.returncode != 0:
+        first = next((ln for ln in done.stderr.splitlines() if "error" in ln), done.stderr.strip())
+        tls_missing = f"{TLS_NAME} could not be built ({first.strip()[:160]}): {TLS_HINT}"
+        return False
+    tls_missing = None
+    return True
 
 
 def compiler_version() -> str:

@@ -8,6 +8,7 @@ time (which call paths cost).  Needs ``pip install py-spy``.
 
     python loadtest/bench/profile_muxsrv.py --scenario rr100 --seconds 5
     python loadtest/bench/profile_muxsrv.py --scenario pipe --handler upper
+    python loadtest/bench/profile_muxsrv.py --scenario bulk --tls   # muxsrv-tls
 
 Writes profile-<scenario>[-<handler>].md and the raw collapsed stacks next
 to it (.txt, loadable by speedscope or flamegraph.pl) into a new folder under
@@ -24,11 +25,13 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import cbuild
 import outdir
 import servers
-from scenarios import SCENARIOS, Generator
+import tlsfiles
+from scenarios import SCENARIOS, Generator, Scenario, generator_for, secure_args
 
 FRAME_RE = re.compile(r"^(?P<func>.*?) \((?P<file>[^:()]+)(?::\d+)?\)$")
 
@@ -88,6 +91,7 @@ def main() -> int:
     p.add_argument("--handler", default="echo", choices=["echo", "upper"])
     p.add_argument("--seconds", type=float, default=5.0)
     p.add_argument("--top", type=int, default=25)
+    p.add_argument("--tls", action="store_true", help="profile muxsrv-tls (echo over TLS)")
     outdir.add_arguments(p, "profile-*.md and .txt")
     args = p.parse_args()
     if shutil.which("py-spy") is None:
@@ -99,15 +103,31 @@ def main() -> int:
     spec = next(s for s in servers.SERVERS if s.name == "muxsrv")
     if args.handler == "upper":
         spec = next(s for s in servers.SERVERS if s.name == "muxsrv-upper")
+    if args.tls:
+        spec = next(s for s in servers.SERVERS if s.name == "muxsrv-tls")
+    files = tlsfiles.BenchFiles() if spec.needs_files else None
+    try:
+        return profile(args, sc, spec, files, results)
+    finally:
+        if files is not None:
+            files.close()
+
+
+def profile(
+    args: argparse.Namespace, sc: Scenario, spec: servers.ServerSpec,
+    files: tlsfiles.BenchFiles | None, results: Path,
+) -> int:  # fmt: skip
     cpus = sorted(os.sched_getaffinity(0))
     server_cpu, gen_cpu = (cpus[-1], cpus[0]) if len(cpus) > 1 else (None, None)
-    srv = servers.start(spec, server_cpu)
+    srv = servers.start(spec, server_cpu, files)
     stem = f"profile-{sc.key}" + ("" if args.handler == "echo" else f"-{args.handler}")
+    stem += "-tls" if args.tls else ""
     raw_path = results / f"{stem}.txt"
     gen_args = ["--port", str(srv.port), "--conns", str(sc.conns), "--depth", str(sc.depth)]
     gen_args += ["--size", str(sc.size), "--warmup", "0.5", "--duration", str(args.seconds + 1)]
     gen_args += ["--upper"] if spec.upper else []
-    gen = Generator(gen_args, gen_cpu, timeout=args.seconds + 90)
+    gen_args += secure_args(srv)
+    gen = Generator(gen_args, gen_cpu, timeout=args.seconds + 90, binary=generator_for(srv))
     try:
         gen.next("measure-start")
         spy = ["py-spy", "record", "--pid", str(srv.pid), "--duration", str(int(args.seconds))]

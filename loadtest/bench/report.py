@@ -21,6 +21,13 @@ from scenarios import Scenario
 
 C_SERVER = "c-epoll"
 UVLOOP = "uvloop-protocol"
+UVLOOP_TLS = "uvloop-protocol-tls"
+MUXSRV_TLS = "muxsrv-tls"
+MUXSRV_AUTH = "muxsrv-auth"
+MUXSRV_SECURED = (MUXSRV_TLS, MUXSRV_AUTH)
+#: An authenticated connection pays nothing per message: within the noise of a
+#: one-run ratio on a quiet machine (the plaintext path's own budget is 3%).
+AUTH_NEED = 0.97
 Runs = dict[str, dict[str, list[dict[str, Any]]]]  # server -> scenario key -> results
 
 
@@ -148,6 +155,32 @@ def ratio_table(
     return lines
 
 
+def cpu_cost(cell: Cell | None, unit: str) -> float | None:
+    """The server's CPU time per request in us (per MB of payload for GB/s), or None."""
+    if cell is None or not cell.ok or not cell.value or cell.server_cpu is None:
+        return None
+    per_second = cell.value * 1e3 if unit == "GB/s" else cell.value  # MB/s or req/s
+    return cell.server_cpu / per_second * 1e6
+
+
+def cost_table(
+    table: dict[str, dict[str, Cell]], servers: Sequence[str], scs: Sequence[Scenario]
+) -> list[str]:
+    """Server CPU per request: on a shared machine, steadier than throughput (a
+    neighbour takes the server's CPU away, and with it req/s, more than it changes
+    what each request costs)."""
+    load = [s for s in scs if s.kind == "load"]
+    units = {"req/s": "us/req", "GB/s": "us/MB"}
+    lines = _header("server", [f"{s.title} ({units.get(s.unit, '')})" for s in load])
+    for name in servers:
+        texts = []
+        for s in load:
+            cost = cpu_cost(table.get(name, {}).get(s.key), s.unit)
+            texts.append("" if cost is None else f"{cost:,.2f}" if cost < 100 else f"{cost:,.0f}")
+        lines.append(_row([name, *texts]))
+    return lines
+
+
 def latency_table(
     table: dict[str, dict[str, Cell]], servers: Sequence[str], scs: Sequence[Scenario]
 ) -> list[str]:
@@ -204,15 +237,40 @@ def _shaky(table: dict[str, dict[str, Cell]], key: str, *names: str) -> bool:
     return any(noisy(c) for n in names if (c := table.get(n, {}).get(key)) is not None)
 
 
-def _vs(table: dict[str, dict[str, Cell]], key: str, base: str, need: float, what: str) -> Target:
-    r = ratio(table, "muxsrv", base, key)
+def _vs(
+    table: dict[str, dict[str, Cell]], key: str, base: str, need: float, what: str,
+    server: str = "muxsrv",
+) -> Target:  # fmt: skip
+    r = ratio(table, server, base, key)
     return Target(
         what,
         f">= {need:.2f}x {base}",
         "n/a" if r is None else f"{r:.2f}x",
         None if r is None else r >= need,
-        _shaky(table, key, "muxsrv", base),
+        _shaky(table, key, server, base),
     )
+
+
+def secured_targets(table: dict[str, dict[str, Cell]], scs: Sequence[Scenario]) -> list[Target]:
+    """Issue 10's: muxsrv over TLS >= uvloop over TLS on each scenario; AUTH costs nothing."""
+    out: list[Target] = []
+    if MUXSRV_TLS in table or UVLOOP_TLS in table:
+        for s in scs:
+            if s.kind == "load":
+                what = f"TLS: {MUXSRV_TLS}, {s.title} {s.unit}"
+                out.append(_vs(table, s.key, UVLOOP_TLS, 1.0, what, MUXSRV_TLS))
+    if MUXSRV_AUTH in table:
+        known = [(r, s.title, s.key) for s in scs if s.kind == "load"
+                 if (r := ratio(table, MUXSRV_AUTH, "muxsrv", s.key)) is not None]  # fmt: skip
+        worst = min(known, default=None)
+        out.append(Target(
+            "authenticated connections vs plain muxsrv (worst case)",
+            f">= {AUTH_NEED:.2f}x muxsrv (about 1.0)",
+            "n/a" if worst is None else f"{worst[0]:.2f}x ({worst[1]})",
+            None if worst is None else worst[0] >= AUTH_NEED,
+            worst is not None and _shaky(table, worst[2], "muxsrv", MUXSRV_AUTH),
+        ))  # fmt: skip
+    return out
 
 
 def targets(table: dict[str, dict[str, Cell]], scs: Sequence[Scenario]) -> list[Target]:
@@ -262,7 +320,7 @@ def targets(table: dict[str, dict[str, Cell]], scs: Sequence[Scenario]) -> list[
             None if worst is None else worst[0] >= 0.90,
             worst is not None and _shaky(table, worst[2], "muxsrv", "muxsrv-upper"),
         ))  # fmt: skip
-    return out
+    return out + secured_targets(table, scs)
 
 
 def targets_table(rows: Sequence[Target]) -> list[str]:

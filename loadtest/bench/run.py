@@ -11,12 +11,15 @@ pass/fail line for each of muxsrv's performance targets.
     python loadtest/bench/run.py --quick          # one short repeat, for iterating
     python loadtest/bench/run.py --servers muxsrv,uvloop-protocol --scenarios rr100,pipe
     python loadtest/bench/run.py --max-conns --write-results   # replace the committed results
+    python loadtest/bench/run.py --tls            # TLS and AUTH: rr100, pipe, bulk (about 3 min)
 
 Writes latest.md, latest.json and latest.png (no chart without matplotlib)
 into a new folder under runs/, which git ignores, and prints where; only
 --write-results rewrites the committed ones in results/ (see outdir.py).
 Load repeats are interleaved (repeat 1 of every server, then repeat 2, ...)
 with a fresh server process each time; idle and max-conns run once per server.
+The TLS servers' certificate and the token file are made for the run in a
+private temporary folder (tlsfiles.py) and removed when it ends.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import json
 import os
 import resource
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -40,11 +44,13 @@ import outdir
 import report
 import scenarios
 import servers
+import tlsfiles
 from scenarios import SCENARIOS, Scenario, Settings
 from servers import SERVERS, ServerSpec
 
 sys.path.insert(0, str(servers.ROOT))  # so that the "muxsrv" spec finds its package
 QUICK = {"repeats": 1, "warmup": 0.3, "duration": 1.0, "idle_conns": 2000}
+TLS_SCENARIOS = ("rr100", "pipe", "bulk")  # issue 10's three
 NO_CHART = "no chart drawn (matplotlib is not installed)"
 
 
@@ -56,6 +62,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help=f"comma list (default all but c-epoll-blocking): {','.join(servers.NAMES)}",
     )
     p.add_argument("--scenarios", help=f"comma list (default all): {','.join(scenarios.KEYS)}")
+    p.add_argument(
+        "--tls",
+        action="store_true",
+        help=f"TLS and tokens: servers (unless --servers) {','.join(servers.TLS_NAMES)}; "
+        f"scenarios (unless --scenarios) {','.join(TLS_SCENARIOS)}",
+    )
     p.add_argument("--repeats", type=int, default=3, help="load repeats, median reported")
     p.add_argument("--warmup", type=float, default=0.5, help="seconds before measuring")
     p.add_argument("--duration", type=float, default=1.5, help="seconds measured per run")
@@ -160,7 +172,8 @@ class Bench:
             quiet_wait=args.quiet_wait,
             gen_poll=args.gen_poll,
         )
-        wanted = pick(args.scenarios, scenarios.KEYS, "scenarios")
+        wanted = pick(args.scenarios, scenarios.KEYS, "scenarios",
+                      TLS_SCENARIOS if args.tls else None)  # fmt: skip
         if not args.max_conns and "maxconns" not in (args.scenarios or ""):
             wanted = [k for k in wanted if k != "maxconns"]
         self.scenarios = [
@@ -172,7 +185,8 @@ class Bench:
         ]
         self.notes: list[str] = []
         self.specs: list[ServerSpec] = []
-        for name in pick(args.servers, servers.NAMES, "servers", servers.DEFAULT_NAMES):
+        default_names = servers.TLS_NAMES if args.tls else servers.DEFAULT_NAMES
+        for name in pick(args.servers, servers.NAMES, "servers", default_names):
             spec = next(s for s in SERVERS if s.name == name)
             why = spec.missing()
             if why:
@@ -182,6 +196,19 @@ class Bench:
                 self.specs.append(spec)
         self.runs: report.Runs = {s.name: {} for s in self.specs}
         self.goals: list[report.Target] = []
+        #: The certificate and tokens, while any server here needs them (see close).
+        self.files: tlsfiles.BenchFiles | None = None
+
+    def close(self) -> None:
+        """Remove the run's certificate and token files, if any were made."""
+        if self.files is not None:
+            self.files.close()
+            self.files = None
+
+    def files_for(self, spec: ServerSpec) -> tlsfiles.BenchFiles | None:
+        if spec.needs_files and self.files is None:
+            self.files = tlsfiles.BenchFiles()
+        return self.files if spec.needs_files else None
 
     def applies(self, spec: ServerSpec, sc: Scenario) -> bool:
         return sc.small or not spec.small_only
@@ -209,8 +236,8 @@ class Bench:
     def session(self, spec: ServerSpec, scs: list[Scenario], tag: str) -> None:
         """One fresh server process for `scs`; a failure costs only the rest of this session."""
         try:
-            srv = servers.start(spec, self.server_cpu)
-        except (RuntimeError, OSError) as exc:
+            srv = servers.start(spec, self.server_cpu, self.files_for(spec))
+        except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
             for sc in scs:
                 self.record(spec, sc, {"exception": f"start failed: {exc}", "ok": False}, tag)
             return
@@ -262,11 +289,34 @@ class Bench:
                     if self.applies(spec, sc):
                         self.session(spec, [sc], sc.key)
 
+    def secured_notes(self, names: list[str]) -> list[str]:
+        """How the TLS and token servers were driven, for the report's machine section."""
+        lines = []
+        specs = [s for s in self.specs if s.name in names]
+        if any(s.tls for s in specs):
+            results = [r for s in specs if s.tls for rs in self.runs[s.name].values() for r in rs]
+            seen = sorted({r["tls"] for r in results if r.get("tls")})
+            lines.append(
+                "- TLS servers: a self-signed EC P-256 certificate made for the run (checked by "
+                "the generator, loadgen-tls); negotiated " + (", ".join(seen) or "(unknown)")
+                + "; every connection's handshake happens before the measurement; requests "
+                "sent together are one SSL_write"
+            )
+        if any(s.auth for s in specs):
+            lines.append(
+                "- muxsrv-auth: --auth-token-file; every connection sends `AUTH <token>` once "
+                "(pipelined with its first echo) and gets `OK`, all before the measurement"
+            )
+        return lines
+
     def write(self, started: float, argv: list[str]) -> Written:
         out = outdir.choose(self.args)
         (out / "latest.json").write_text(json.dumps({"runs": self.runs}, indent=1, default=str))
         table = report.summarize(self.runs)
         names = [s.name for s in self.specs if s.name in table]
+        tls = [s.name for s in self.specs if s.name in table and s.tls]
+        plain = [n for n in names if n not in tls]
+        secured = [n for n in names if n in report.MUXSRV_SECURED]
         scs = self.scenarios
         goals = report.targets(table, scs)
         subtitle = f"{machine.cpu_model()}, median of {self.args.repeats}"
@@ -287,6 +337,7 @@ class Bench:
             + " (what muxsrv sets for itself at start; without it asyncio's 256 KiB reads "
             "are mapped and unmapped one by one)",
         ]
+        how += self.secured_notes(names)
         footnote = []
         if any(report.noisy(c) for cells in table.values() for c in cells.values()):
             footnote = [
@@ -301,7 +352,13 @@ class Bench:
             ("Ratio to the C epoll server (same run)",
              report.ratio_table(table, names, scs, report.C_SERVER)),
             ("Ratio to uvloop Protocol (same run)",
-             report.ratio_table(table, names, scs, report.UVLOOP)),
+             report.ratio_table(table, plain, scs, report.UVLOOP)),
+            *([("Ratio to uvloop Protocol over TLS (same run)",
+                report.ratio_table(table, tls, scs, report.UVLOOP_TLS))] if tls else []),
+            *([("TLS and tokens: ratio to plaintext muxsrv (same run)",
+                report.ratio_table(table, secured, scs, "muxsrv"))] if secured else []),
+            *([("Server CPU per request (median of repeats; lower is cheaper)",
+                report.cost_table(table, names, scs))] if tls or secured else []),
             ("Latency, us (median of repeats)", report.latency_table(table, names, scs)),
             ("Is the generator the bottleneck?", report.headroom_table(table, scs)),
             ("Targets (muxsrv)", report.targets_table(goals)),
@@ -351,7 +408,10 @@ def main(argv: list[str] | None = None) -> int:
     if not bench.specs or not bench.scenarios:
         print("nothing to run", file=sys.stderr)
         return 2
-    bench.run()
+    try:
+        bench.run()
+    finally:
+        bench.close()
     written = bench.write(started, argv)
     print()
     print(written.text)

@@ -13,6 +13,10 @@ and "measure-end" lines, and turns its JSON lines into one result dict.
 - max: generators (one per ~RLIMIT_NOFILE connections) open connections until
   the first one fails or the cap is reached; then every held connection must
   answer one more echo.  The result is the number that did.
+
+A TLS server is driven by ``loadgen-tls`` with ``--tls --tls-ca CERT`` (every
+connection's handshake is in the connect phase, never measured), a server
+with tokens gets ``--auth-token-file``: the same scenarios, the same checks.
 """
 
 from __future__ import annotations
@@ -24,10 +28,11 @@ import subprocess
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import cpuload
-from servers import BUILD, RunningServer, pinned
+from servers import BUILD, LOADGEN_TLS, RunningServer, pinned
 
 LOADGEN = BUILD / "loadgen"
 Result = dict[str, Any]
@@ -74,9 +79,11 @@ class Settings:
 class Generator:
     """One loadgen process; its JSON lines arrive on a queue; always reaped."""
 
-    def __init__(self, args: list[str], cpu: int | None, timeout: float) -> None:
+    def __init__(
+        self, args: list[str], cpu: int | None, timeout: float, binary: Path = LOADGEN
+    ) -> None:
         self.proc = subprocess.Popen(
-            pinned([str(LOADGEN), *args], cpu),
+            pinned([str(binary), *args], cpu),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -136,8 +143,10 @@ def run_load(server: RunningServer, sc: Scenario, st: Settings) -> Result:
     args += ["--size", str(sc.size), "--warmup", str(st.warmup), "--duration", str(st.duration)]
     args += ["--upper"] if server.spec.upper else []
     args += ["--spin", str(POLL_MODES.index(st.gen_poll))]
+    args += secure_args(server)
     background_before = cpuload.wait_quiet(st.quiet_wait)
-    gen = Generator(args, st.gen_cpu, timeout=60 + st.warmup + st.duration + 10)
+    timeout = 60 + st.warmup + st.duration + 10
+    gen = Generator(args, st.gen_cpu, timeout, binary=generator_for(server))
     try:
         gen.next("measure-start")
         t0, cpu0, busy0 = time.monotonic(), server.cpu_seconds(), cpuload.busy_seconds()
@@ -157,6 +166,20 @@ def run_load(server: RunningServer, sc: Scenario, st: Settings) -> Result:
     result["ok"] = status == 0 and server.alive()
     result["value"] = result["gbps"] if sc.unit == "GB/s" else result["rps"]
     return result
+
+
+def generator_for(server: RunningServer) -> Path:
+    return LOADGEN_TLS if server.spec.tls else LOADGEN
+
+
+def secure_args(server: RunningServer) -> list[str]:
+    """loadgen's TLS and token options for this server (its certificate is checked)."""
+    files, args = server.files, []
+    if files is not None and server.spec.tls:
+        args += ["--tls", "--tls-ca", str(files.cert)]
+    if files is not None and server.spec.auth:
+        args += ["--auth-token-file", str(files.tokens)]
+    return args
 
 
 def disturbed(sc: Scenario, r: Result) -> bool:
@@ -179,14 +202,16 @@ def _hold_args(server: RunningServer, conns: int, conn_timeout: float) -> list[s
     return [
         "--mode", "hold", "--port", str(server.port), "--conns", str(conns),
         "--src", str(src), "--window", "100", "--conn-timeout", str(conn_timeout),
-        "--connect-timeout", "120", "--hold-timeout", "300",
+        "--connect-timeout", "120", "--hold-timeout", "300", *secure_args(server),
     ]  # fmt: skip
 
 
 def run_idle(server: RunningServer, sc: Scenario, st: Settings) -> Result:
     conns = sc.conns
     rss0 = server.rss_bytes()
-    gen = Generator(_hold_args(server, conns, 10.0), st.gen_cpu, timeout=300)
+    gen = Generator(
+        _hold_args(server, conns, 10.0), st.gen_cpu, timeout=300, binary=generator_for(server)
+    )
     try:
         ready = gen.next("ready")
         time.sleep(0.5)  # let the server finish whatever the last connections started
@@ -218,7 +243,8 @@ def run_max(server: RunningServer, sc: Scenario, st: Settings) -> Result:
     try:
         while held < st.max_cap and server.alive():
             want = min(per_gen, st.max_cap - held)
-            gen = Generator(_hold_args(server, want, 3.0), st.gen_cpu, timeout=420)
+            gen = Generator(_hold_args(server, want, 3.0), st.gen_cpu, timeout=420,
+                            binary=generator_for(server))
             gens.append(gen)
             ready = gen.next("ready")
             held += ready["established"]

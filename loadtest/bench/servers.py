@@ -12,6 +12,11 @@ Every server gets the glibc malloc settings muxsrv gives itself at start
 so a server that reads with ``recv(256 KiB)`` (asyncio's transports) pays page
 faults on each read and runs at a third of its speed or at full speed depending
 on the allocator's history; the comparison is of code, not of that accident.
+
+The TLS servers (``tls``) and muxsrv with tokens (``auth``) name their files
+with placeholders that a `tlsfiles.BenchFiles` made for the run fills in; they
+are driven by ``loadgen-tls`` (the generator built with OpenSSL), and are
+skipped with a note where that could not be built.
 """
 
 from __future__ import annotations
@@ -29,10 +34,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import tlsfiles
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent  # the repository: muxsrv is imported from here
 PEERS = HERE / "peers"
 BUILD = HERE / "build"
+LOADGEN_TLS = BUILD / "loadgen-tls"
 LISTEN_RE = re.compile(r"listening on (\[[^\]]+\]|[^\s:]+):(\d+)")
 START_TIMEOUT = 30.0  # Twisted's import alone takes a second on a busy machine
 STOP_TIMEOUT = 15.0  # muxsrv drains for up to 5 s by default
@@ -52,6 +60,12 @@ class ServerSpec:
     upper: bool = False  # replies are the payload upper-cased
     small_only: bool = False  # only the small-message scenarios
     default: bool = True  # run unless --servers says otherwise
+    tls: bool = False  # speaks TLS: driven by loadgen-tls, which checks its certificate
+    auth: bool = False  # wants AUTH <token> first on every connection
+
+    @property
+    def needs_files(self) -> bool:
+        return tlsfiles.needs_files(self.argv)
 
     def missing(self) -> str | None:
         """Why this server cannot run here, or None."""
@@ -60,6 +74,10 @@ class ServerSpec:
                 return f"Python package {module!r} is not installed (pip install '.[bench]')"
         if self.argv[0] != sys.executable and not Path(self.argv[0]).exists():
             return f"{self.argv[0]} was not built"
+        if self.tls and not LOADGEN_TLS.exists():
+            return f"{LOADGEN_TLS.name} was not built (no OpenSSL headers? install libssl-dev)"
+        if self.needs_files:
+            return tlsfiles.missing()
         return None
 
 
@@ -68,9 +86,11 @@ def _py(script: str, *args: str) -> tuple[str, ...]:
 
 
 MUXSRV_ARGS = ("--port", "0", "--host", "127.0.0.1", "--max-conns", "200000", "--idle-timeout", "0")
+MUXSRV_ECHO = (sys.executable, "-m", "muxsrv", "--handler", "echo", *MUXSRV_ARGS)
+TLS_ARGS = ("--tls-cert", "{cert}", "--tls-key", "{key}")
 
 SERVERS: tuple[ServerSpec, ...] = (
-    ServerSpec("muxsrv", (sys.executable, "-m", "muxsrv", "--handler", "echo", *MUXSRV_ARGS)),
+    ServerSpec("muxsrv", MUXSRV_ECHO),
     ServerSpec(
         "muxsrv-upper",
         (sys.executable, "-m", "muxsrv", "--handler", "upper", *MUXSRV_ARGS),
@@ -88,9 +108,27 @@ SERVERS: tuple[ServerSpec, ...] = (
     ServerSpec("gevent-streamserver", _py("gevent_server.py"), ("gevent",)),
     ServerSpec("twisted-int32", _py("twisted_int32.py"), ("twisted",)),
     ServerSpec("tornado-iostream", _py("tornado_iostream.py"), ("tornado",)),
+    # --tls: the same echo over TLS, and muxsrv behind a token (AUTH once per connection).
+    ServerSpec("muxsrv-tls", (*MUXSRV_ECHO, *TLS_ARGS), tls=True, default=False),
+    ServerSpec(
+        "muxsrv-auth", (*MUXSRV_ECHO, "--auth-token-file", "{tokens}"), auth=True, default=False
+    ),
+    ServerSpec(
+        "uvloop-protocol-tls",
+        _py("asyncio_protocol.py", "--loop", "uvloop", *TLS_ARGS),
+        ("uvloop",),
+        tls=True,
+        default=False,
+    ),
+    ServerSpec(
+        "asyncio-protocol-tls", _py("asyncio_protocol.py", *TLS_ARGS), tls=True, default=False
+    ),
 )
 NAMES = tuple(s.name for s in SERVERS)
 DEFAULT_NAMES = tuple(s.name for s in SERVERS if s.default)
+#: What --tls runs: the TLS servers, muxsrv with tokens, and the plaintext pair beside them.
+TLS_NAMES = ("muxsrv", "muxsrv-auth", "muxsrv-tls", "uvloop-protocol", "uvloop-protocol-tls",
+             "asyncio-protocol-tls")  # fmt: skip
 
 
 def pinned(argv: tuple[str, ...] | list[str], cpu: int | None) -> list[str]:
@@ -103,14 +141,20 @@ def pinned(argv: tuple[str, ...] | list[str], cpu: int | None) -> list[str]:
 class RunningServer:
     """A started server process: its address, its stderr tail, its RSS and CPU time."""
 
-    def __init__(self, spec: ServerSpec, cpu: int | None) -> None:
+    def __init__(
+        self, spec: ServerSpec, cpu: int | None, files: tlsfiles.BenchFiles | None = None
+    ) -> None:
+        if spec.needs_files and files is None:
+            raise RuntimeError(f"{spec.name} needs its TLS or token files")
+        argv = files.expand(spec.argv) if files is not None else list(spec.argv)
         env = dict(os.environ)
         env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
         env["PYTHONUNBUFFERED"] = "1"
         env.update(MALLOC_ENV)
         self.spec = spec
+        self.files = files
         self.proc = subprocess.Popen(
-            pinned(spec.argv, cpu),
+            pinned(argv, cpu),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -176,8 +220,10 @@ class RunningServer:
         return self.proc.returncode
 
 
-def start(spec: ServerSpec, cpu: int | None) -> RunningServer:
-    server = RunningServer(spec, cpu)
+def start(
+    spec: ServerSpec, cpu: int | None, files: tlsfiles.BenchFiles | None = None
+) -> RunningServer:
+    server = RunningServer(spec, cpu, files)
     server.wait_started()
     time.sleep(0.2)  # let lazy start-up work finish before anything is measured
     return server

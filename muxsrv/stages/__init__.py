@@ -52,6 +52,9 @@ if TYPE_CHECKING:
 
 __all__ = ["Stage", "StagePath"]
 
+#: Output buffers at least this large pass through a lone stage unjoined.
+SEND_UNJOINED = 64 * 1024
+
 
 class Stage:
     """A stage that passes everything through; subclasses override what they need."""
@@ -94,6 +97,10 @@ class Stage:
         """Bytes going out in (``b""``: only what the stage itself has); bytes out."""
         return data
 
+    def send_buffer(self, data: Buffer) -> bytes:
+        """``send`` for one large buffer, which a stage may take without a copy."""
+        return self.send(bytes(data))
+
     def defer_refusal(self, reason: str) -> bool:
         """Take a refusal from a stage nearer the socket, to tell once ready; False: cannot."""
         return False
@@ -106,7 +113,7 @@ class Stage:
 class StagePath:
     """One connection's stages, nearest the socket first, run in both directions."""
 
-    __slots__ = ("error", "health_check", "parting", "peer", "stages", "tell_peer")
+    __slots__ = ("eof", "error", "health_check", "parting", "peer", "stages", "tell_peer")
 
     def __init__(self, stages: list[Stage]) -> None:
         self.stages = stages
@@ -121,16 +128,13 @@ class StagePath:
         #: The peer's address as the last stage to learn it said (None: the socket's).
         self.peer: Any = None
         self.health_check = False
+        #: A stage saw the peer end its stream (TLS close_notify); noted as it receives.
+        self.eof = False
 
     @property
     def ready(self) -> bool:
         """Every stage is ready: the handler may be told of the connection."""
         return all(stage.ready for stage in self.stages)
-
-    @property
-    def eof(self) -> bool:
-        """A stage saw the peer end its stream (TLS close_notify)."""
-        return any(stage.eof for stage in self.stages)
 
     @property
     def peer_cert(self) -> dict[str, Any] | None:
@@ -153,8 +157,12 @@ class StagePath:
     def receive(self, data: bytes) -> bytes:
         """Bytes from the socket through every stage; what reaches the codec."""
         stages = self.stages
+        done = False
         for i, stage in enumerate(stages):
             data = stage.receive(data)
+            done = done or stage.done
+            if stage.eof:
+                self.eof = True
             if stage.peer is not None and stage.peer is not self.peer:
                 self.peer = stage.peer
                 self.health_check = stage.health_check
@@ -166,7 +174,7 @@ class StagePath:
                 return b""
             if not data:
                 break
-        if any(stage.done for stage in stages):
+        if done:  # (only a stage that received can have finished)
             for stage in stages:
                 if stage.done:
                     self.parting += stage.parting()
@@ -175,7 +183,31 @@ class StagePath:
 
     def send(self, out: list[Buffer] | None) -> list[Buffer] | None:
         """Queued output through every stage, nearest the codec first."""
+        stages = self.stages
+        # (A large reply is a few buffers, a header and its payload; many buffers are
+        # many small replies, which one join serves best: not even looked at.)
+        if out and len(stages) == 1 and 1 < len(out) <= 4 and max(map(len, out)) >= SEND_UNJOINED:
+            return self._send_unjoined(stages[0], out)
         data = b"".join(out) if out else b""
-        for stage in reversed(self.stages):
+        for stage in reversed(stages):
             data = stage.send(data)
         return [data] if data else None
+
+    @staticmethod
+    def _send_unjoined(stage: Stage, out: list[Buffer]) -> list[Buffer] | None:
+        """A large buffer goes through the stage as it is, not copied into one join
+        (a 1 MiB echo is joined once less); the small ones around it are joined."""
+        sent: list[Buffer] = []
+        small: list[Buffer] = []
+        for buffer in out:
+            if len(buffer) < SEND_UNJOINED:
+                small.append(buffer)
+                continue
+            if small:
+                sent.append(stage.send(b"".join(small)))
+                small = []
+            sent.append(stage.send_buffer(buffer))
+        if small:
+            sent.append(stage.send(b"".join(small)))
+        kept = [data for data in sent if data]
+        return kept or None

@@ -29,9 +29,12 @@ from __future__ import annotations
 import logging
 import ssl
 from collections.abc import Callable
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from . import Stage
+
+if TYPE_CHECKING:
+    from ..codec import Buffer
 
 __all__ = ["TLS_RECORD_TYPES", "TLSStage", "looks_like_tls"]
 
@@ -124,6 +127,8 @@ class TLSStage(Stage):
     def _read(self) -> bytes:
         chunks = []
         read = self._ssl.read
+        decrypted = self._ssl.pending
+        incoming = self._incoming
         try:
             while True:  # until OpenSSL wants more ciphertext: nothing left inside
                 chunk = read(READ_SIZE)
@@ -131,6 +136,11 @@ class TLSStage(Stage):
                     self._close_notified()
                     break
                 chunks.append(chunk)
+                if not incoming.pending and not decrypted():
+                    # Every byte fed is inside OpenSSL and none of it is plaintext
+                    # waiting: at most part of a record, which needs more bytes.  A read
+                    # now would only raise SSLWantReadError (costly: a few us a time).
+                    break
         except ssl.SSLWantReadError:
             pass
         except ssl.SSLZeroReturnError:
@@ -165,11 +175,19 @@ class TLSStage(Stage):
                 self._pending.append(data)  # e.g. a refusal queued before the handshake
         return self._outgoing.read() if self._outgoing.pending else b""
 
-    def _write(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view:  # write() takes at most what fits the records it makes
-            written = self._ssl.write(view)
-            view = view[written:]
+    def send_buffer(self, data: Buffer) -> bytes:
+        """``send`` for one large buffer: written into OpenSSL as it is, no join."""
+        if not self.ready or self._closed:
+            return self.send(bytes(data))
+        self._write(data)
+        return self._outgoing.read() if self._outgoing.pending else b""
+
+    def _write(self, data: Buffer) -> None:
+        written = self._ssl.write(data)
+        if written < len(data):  # write() takes at most what fits the records it makes
+            view = memoryview(data)[written:]
+            while view:
+                view = view[self._ssl.write(view):]
 
     def finish(self) -> bytes:
         """The connection is closing: our close_notify (once, after a handshake)."""

@@ -27,6 +27,14 @@
  *                 --hold-timeout), then ask every connection for one more
  *                 echo and report how many answered.
  *
+ * Built with -DLOADGEN_TLS (and -lssl -lcrypto) it can speak TLS (--tls): each
+ * connection does its handshake in the connect phase, on memory BIOs so the
+ * socket I/O stays ours; pipelined requests that go out together are
+ * encrypted with one SSL_write, as a real client would send them.  The plain
+ * build has none of this code.  --auth-token-file FILE sends `AUTH <token>`
+ * (the file's first token line) as each connection's first frame, pipelined
+ * with its first echo, and expects the frame `OK` before any echo.
+ *
  * Output is one JSON object per line on stdout.  The exit status is 0 only if
  * nothing failed.  Every phase has a deadline; the program always ends.
  */
@@ -50,6 +58,10 @@
 #include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
+#ifdef LOADGEN_TLS
+#include <openssl/err.h>
+#include <openssl/ssl.h>
+#endif
 
 #ifndef IP_BIND_ADDRESS_NO_PORT
 #define IP_BIND_ADDRESS_NO_PORT 24
@@ -62,13 +74,15 @@
 #define HIST_BUCKETS (HIST_SUB + 40 * 32)
 #define NO_CAP UINT64_MAX
 
-enum state { ST_FREE, ST_CONNECTING, ST_FIRST, ST_READY, ST_DEAD };
+enum state { ST_FREE, ST_CONNECTING, ST_HANDSHAKE, ST_FIRST, ST_READY, ST_DEAD };
+#define CONNECT_PHASE(st) ((st) == ST_CONNECTING || (st) == ST_HANDSHAKE || (st) == ST_FIRST)
 
 struct conn {
     int fd;
     uint8_t state;
     uint8_t hdr_got;
     uint8_t want_out;    /* EPOLLOUT currently registered */
+    uint8_t auth_wait;   /* AUTH sent, its OK not yet read */
     uint8_t hdr[4];
     uint32_t body_len;   /* payload length of the reply being read */
     uint32_t body_pos;
@@ -77,14 +91,19 @@ struct conn {
     uint64_t recv_seq;   /* next reply expected */
     uint64_t cap;        /* never send a request with seq >= cap */
     double started;      /* connect-phase start, for its timeout */
+#ifdef LOADGEN_TLS
+    SSL *ssl;            /* NULL without --tls */
+    unsigned char *cout; /* ciphertext not yet sent: cout[cout_off..cout_len) */
+    size_t cout_off, cout_len, cout_cap;
+#endif
 };
 
 static struct {
-    const char *host;
-    int port, conns, depth, window, src, upper, hold, spin;
+    const char *host, *auth_file, *tls_ca;
+    int tls, port, conns, depth, window, src, upper, hold, spin;
     size_t size;
     double warmup, duration, connect_timeout, conn_timeout, drain_timeout, hold_timeout;
-} opt = {"127.0.0.1", 0, 1, 1, 100, 0, 0, 0, 2, 64, 0.5, 3.0, 60.0, 5.0, 5.0, 120.0};
+} opt = {"127.0.0.1", NULL, NULL, 0, 0, 1, 1, 100, 0, 0, 0, 2, 64, 0.5, 3.0, 60.0, 5.0, 5.0, 120.0};
 
 static struct conn *conns;
 static double *sent_at;          /* conns * depth send timestamps */
@@ -99,6 +118,8 @@ static int spinning;             /* poll without sleeping: no wake-up latency on
 static uint64_t completed, bytes_in, hist[HIST_BUCKETS];
 static long n_established, n_failed, n_error_frames, n_mismatch, n_closed, n_in_connect;
 static char first_error[160];
+static unsigned char auth_msg[4 + 5 + 1024]; /* the AUTH frame, if --auth-token-file */
+static size_t auth_len;
 
 static double cpu_seconds(void) {
     struct rusage ru;
@@ -164,7 +185,7 @@ static void set_events(struct conn *c, int want_out) {
 
 static void kill_conn(struct conn *c, const char *why, int err) {
     note_error(why, err);
-    if (c->state == ST_CONNECTING || c->state == ST_FIRST) {
+    if (CONNECT_PHASE(c->state)) {
         n_in_connect--;
         n_failed++;
     } else if (c->state == ST_READY) {
@@ -173,6 +194,13 @@ static void kill_conn(struct conn *c, const char *why, int err) {
     if (c->fd >= 0) close(c->fd);
     c->fd = -1;
     c->state = ST_DEAD;
+#ifdef LOADGEN_TLS
+    SSL_free(c->ssl);
+    c->ssl = NULL;
+    free(c->cout);
+    c->cout = NULL;
+    c->cout_off = c->cout_len = c->cout_cap = 0;
+#endif
 }
 
 static uint64_t send_limit(const struct conn *c) {
@@ -180,8 +208,18 @@ static uint64_t send_limit(const struct conn *c) {
     return lim < c->cap ? lim : c->cap;
 }
 
+#ifdef LOADGEN_TLS
+static void pump_tls(struct conn *c);
+#endif
+
 /* Send every request the window allows; register for EPOLLOUT only if some is left. */
 static void pump(struct conn *c) {
+#ifdef LOADGEN_TLS
+    if (c->ssl) {
+        pump_tls(c);
+        return;
+    }
+#endif
     while (c->state == ST_FIRST || c->state == ST_READY) {
         uint64_t lim = send_limit(c);
         if (c->send_seq >= lim) break;
@@ -253,7 +291,13 @@ static int consume(struct conn *c, const unsigned char *p, size_t n) {
                 kill_conn(c, "error frame from server", 0);
                 return -1;
             }
-            if (len != opt.size || c->recv_seq >= c->send_seq + (c->send_off ? 1 : 0)) {
+            if (c->auth_wait) {
+                if (len != 2) {
+                    n_mismatch++;
+                    kill_conn(c, "AUTH answered with something other than OK", 0);
+                    return -1;
+                }
+            } else if (len != opt.size || c->recv_seq >= c->send_seq + (c->send_off ? 1 : 0)) {
                 n_mismatch++;
                 kill_conn(c, "reply length or unsolicited reply", 0);
                 return -1;
@@ -267,23 +311,33 @@ static int consume(struct conn *c, const unsigned char *p, size_t n) {
             continue;
         }
         size_t k = c->body_len - c->body_pos < n ? c->body_len - c->body_pos : n;
-        const unsigned char *want = expect + payload_off(c, c->recv_seq) + c->body_pos;
+        const unsigned char *want = c->auth_wait
+                                        ? (const unsigned char *)"OK" + c->body_pos
+                                        : expect + payload_off(c, c->recv_seq) + c->body_pos;
         if (memcmp(p, want, k) != 0) {
             n_mismatch++;
-            kill_conn(c, "reply bytes differ", 0);
+            kill_conn(c, c->auth_wait ? "AUTH answered with something other than OK"
+                                      : "reply bytes differ", 0);
             return -1;
         }
-        if (measuring) bytes_in += k;
+        if (measuring && !c->auth_wait) bytes_in += k;
         c->body_pos += (uint32_t)k;
         p += k;
         n -= k;
         if (c->body_pos == c->body_len) {
             c->hdr_got = 0;
-            reply_done(c);
+            if (c->auth_wait)
+                c->auth_wait = 0;
+            else
+                reply_done(c);
         }
     }
     return 0;
 }
+
+#ifdef LOADGEN_TLS
+static void on_readable_tls(struct conn *c, ssize_t r);
+#endif
 
 static void on_readable(struct conn *c) {
     ssize_t r = read(c->fd, rbuf, sizeof rbuf);
@@ -295,8 +349,206 @@ static void on_readable(struct conn *c) {
         if (errno != EAGAIN && errno != EINTR) kill_conn(c, "recv", errno);
         return;
     }
+#ifdef LOADGEN_TLS
+    if (c->ssl) {
+        on_readable_tls(c, r);
+        return;
+    }
+#endif
     if (consume(c, rbuf, (size_t)r) == 0) pump(c);
 }
+
+/* Connected (and through the TLS handshake): AUTH if asked, then the first echo. */
+static void start_first(struct conn *c) {
+    c->state = ST_FIRST;
+    c->cap = 1;
+    if (auth_len) {
+        c->auth_wait = 1;
+#ifdef LOADGEN_TLS
+        if (c->ssl) {
+            if (SSL_write(c->ssl, auth_msg, (int)auth_len) <= 0) {
+                kill_conn(c, "SSL_write (AUTH)", 0);
+                return;
+            }
+        } else
+#endif
+        if (write(c->fd, auth_msg, auth_len) != (ssize_t)auth_len) {
+            kill_conn(c, "sending AUTH", errno);
+            return;
+        }
+    }
+    pump(c);
+}
+
+#ifdef LOADGEN_TLS
+static SSL_CTX *tls_ctx;
+static unsigned char pbuf[RBUF_SIZE];  /* plaintext out of SSL_read */
+static unsigned char *gbuf;            /* requests gathered for one SSL_write */
+static size_t gbuf_cap;
+
+static void tls_fail(struct conn *c, const char *what) {
+    char msg[140];
+    unsigned long e = ERR_get_error();
+    const char *why = e ? ERR_reason_error_string(e) : NULL;
+    snprintf(msg, sizeof msg, "%s: %s", what, why ? why : "failed");
+    ERR_clear_error();
+    kill_conn(c, msg, 0);
+}
+
+/* Queue what OpenSSL wrote, send what the socket takes: 1 all sent, 0 some left, -1 dead. */
+static int tls_flush(struct conn *c) {
+    BIO *w = SSL_get_wbio(c->ssl);
+    size_t pend = BIO_ctrl_pending(w);
+    if (pend) {
+        if (c->cout_off == c->cout_len) c->cout_off = c->cout_len = 0;
+        if (c->cout_len + pend > c->cout_cap) {
+            if (c->cout_off) {
+                memmove(c->cout, c->cout + c->cout_off, c->cout_len - c->cout_off);
+                c->cout_len -= c->cout_off;
+                c->cout_off = 0;
+            }
+            if (c->cout_len + pend > c->cout_cap) {
+                size_t cap = c->cout_len + pend + 64 * 1024;
+                unsigned char *p = realloc(c->cout, cap);
+                if (!p) {
+                    kill_conn(c, "out of memory", 0);
+                    return -1;
+                }
+                c->cout = p;
+                c->cout_cap = cap;
+            }
+        }
+        int got = BIO_read(w, c->cout + c->cout_len, (int)pend);
+        if (got > 0) c->cout_len += (size_t)got;
+    }
+    while (c->cout_off < c->cout_len) {
+        ssize_t s = send(c->fd, c->cout + c->cout_off, c->cout_len - c->cout_off, MSG_NOSIGNAL);
+        if (s < 0) {
+            if (errno == EAGAIN || errno == EINTR) return 0;
+            kill_conn(c, "send", errno);
+            return -1;
+        }
+        c->cout_off += (size_t)s;
+    }
+    return 1;
+}
+
+/* pump for TLS: encrypt only when the ciphertext queue is empty (our send-side flow
+   control); requests that go out together are one SSL_write. */
+static void pump_tls(struct conn *c) {
+    size_t frame = 4 + opt.size;
+    for (;;) {
+        int f = tls_flush(c);
+        if (f < 0) return;
+        if (f == 0) {
+            set_events(c, 1);
+            return;
+        }
+        if (c->state != ST_FIRST && c->state != ST_READY) break;
+        uint64_t lim = send_limit(c), s = c->send_seq;
+        if (s >= lim) break;
+        size_t len = 0;
+        for (; s < lim && len + frame <= gbuf_cap; s++) {
+            memcpy(gbuf + len, hdr_req, 4);
+            memcpy(gbuf + len + 4, pat + payload_off(c, s), opt.size);
+            sent_at[(size_t)(c - conns) * (size_t)opt.depth + s % (uint64_t)opt.depth] = now;
+            len += frame;
+        }
+        if (SSL_write(c->ssl, gbuf, (int)len) <= 0) {
+            tls_fail(c, "SSL_write");
+            return;
+        }
+        c->send_seq = s;
+    }
+    set_events(c, 0);
+}
+
+static void on_readable_tls(struct conn *c, ssize_t r) {
+    BIO_write(SSL_get_rbio(c->ssl), rbuf, (int)r);
+    if (c->state == ST_HANDSHAKE) {
+        int h = SSL_do_handshake(c->ssl);
+        if (h != 1) {
+            if (SSL_get_error(c->ssl, h) != SSL_ERROR_WANT_READ) {
+                tls_fail(c, "TLS handshake");
+                return;
+            }
+            pump_tls(c);  /* whatever the handshake has to say */
+            return;
+        }
+        start_first(c);
+        if (c->state == ST_DEAD) return;
+    }
+    for (;;) {
+        int n = SSL_read(c->ssl, pbuf, (int)sizeof pbuf);
+        if (n <= 0) {
+            int e = SSL_get_error(c->ssl, n);
+            if (e == SSL_ERROR_WANT_READ) break;
+            if (e == SSL_ERROR_ZERO_RETURN) {
+                kill_conn(c, "server sent close_notify", 0);
+                return;
+            }
+            tls_fail(c, "SSL_read");
+            return;
+        }
+        if (consume(c, pbuf, (size_t)n) < 0) return;
+    }
+    pump_tls(c);
+}
+
+static void start_tls(struct conn *c) {
+    c->ssl = SSL_new(tls_ctx);
+    if (!c->ssl) {
+        tls_fail(c, "SSL_new");
+        return;
+    }
+    SSL_set_bio(c->ssl, BIO_new(BIO_s_mem()), BIO_new(BIO_s_mem()));
+    if (opt.tls_ca) SSL_set1_host(c->ssl, opt.host);
+    SSL_set_connect_state(c->ssl);
+    c->state = ST_HANDSHAKE;
+    int h = SSL_do_handshake(c->ssl);
+    if (h != 1 && SSL_get_error(c->ssl, h) != SSL_ERROR_WANT_READ) {
+        tls_fail(c, "TLS handshake");
+        return;
+    }
+    pump_tls(c);  /* the ClientHello */
+}
+
+static void setup_tls(void) {
+    tls_ctx = SSL_CTX_new(TLS_client_method());
+    if (!tls_ctx) {
+        fprintf(stderr, "loadgen: SSL_CTX_new failed\n");
+        exit(2);
+    }
+    SSL_CTX_set_min_proto_version(tls_ctx, TLS1_2_VERSION);
+    if (opt.tls_ca) {
+        if (SSL_CTX_load_verify_locations(tls_ctx, opt.tls_ca, NULL) != 1) {
+            fprintf(stderr, "loadgen: cannot load --tls-ca %s\n", opt.tls_ca);
+            exit(2);
+        }
+        SSL_CTX_set_verify(tls_ctx, SSL_VERIFY_PEER, NULL);
+    } else {
+        SSL_CTX_set_verify(tls_ctx, SSL_VERIFY_NONE, NULL);
+    }
+    size_t frame = 4 + opt.size;
+    gbuf_cap = frame > RBUF_SIZE ? frame : RBUF_SIZE;
+    gbuf = malloc(gbuf_cap);
+    if (!gbuf) {
+        perror("malloc");
+        exit(2);
+    }
+}
+
+/* The version and cipher of some established connection, for the report. */
+static void print_tls(void) {
+    for (int i = 0; i < opt.conns; i++) {
+        if (conns[i].ssl && conns[i].state == ST_READY) {
+            printf(",\"tls\":\"%s %s\"", SSL_get_version(conns[i].ssl),
+                   SSL_get_cipher_name(conns[i].ssl));
+            return;
+        }
+    }
+}
+#endif
 
 static void on_connected(struct conn *c) {
     int err = 0;
@@ -306,9 +558,13 @@ static void on_connected(struct conn *c) {
         kill_conn(c, "connect", err);
         return;
     }
-    c->state = ST_FIRST;
-    c->cap = 1;
-    pump(c);
+#ifdef LOADGEN_TLS
+    if (opt.tls) {
+        start_tls(c);
+        return;
+    }
+#endif
+    start_first(c);
 }
 
 static void dispatch(int timeout_ms) {
@@ -385,10 +641,10 @@ static long connect_phase(struct sockaddr_in *dst, int stop_at_first_failure) {
         int kept = 0;
         for (int j = 0; j < n_inprog; j++) {
             struct conn *c = &conns[inprog[j]];
-            if ((c->state == ST_CONNECTING || c->state == ST_FIRST) &&
+            if (CONNECT_PHASE(c->state) &&
                 (now - c->started > opt.conn_timeout || now > deadline + opt.conn_timeout))
                 kill_conn(c, "no answer to the first echo in time", 0);
-            if (c->state == ST_CONNECTING || c->state == ST_FIRST) inprog[kept++] = inprog[j];
+            if (CONNECT_PHASE(c->state)) inprog[kept++] = inprog[j];
         }
         n_inprog = kept;
         while (!stop_opening && next < opt.conns && n_inprog < opt.window) {
@@ -445,7 +701,7 @@ static void usage(void) {
             "usage: loadgen --port P [--host H] [--mode load|hold] [--conns N] [--depth D]\n"
             "  [--size BYTES] [--warmup S] [--duration S] [--upper] [--src K] [--window W]\n"
             "  [--connect-timeout S] [--conn-timeout S] [--drain-timeout S] [--hold-timeout S]\n"
-            "  [--spin 0|1|2] [--no-spin]\n");
+            "  [--spin 0|1|2] [--no-spin] [--auth-token-file F] [--tls [--tls-ca PEM]]\n");
     exit(2);
 }
 
@@ -457,7 +713,8 @@ static void parse_args(int argc, char **argv) {
         {"src", 1, 0, 'S'}, {"window", 1, 0, 'W'}, {"connect-timeout", 1, 0, 'C'},
         {"conn-timeout", 1, 0, 'T'}, {"drain-timeout", 1, 0, 'D'},
         {"hold-timeout", 1, 0, 'H'}, {"no-spin", 0, 0, 'N'},
-        {"spin", 1, 0, 'Y'}, {0, 0, 0, 0}};
+        {"spin", 1, 0, 'Y'}, {"auth-token-file", 1, 0, 'A'}, {"tls", 0, 0, 'L'},
+        {"tls-ca", 1, 0, 'R'}, {0, 0, 0, 0}};
     int ch;
     while ((ch = getopt_long(argc, argv, "", longopts, NULL)) != -1) {
         switch (ch) {
@@ -478,12 +735,57 @@ static void parse_args(int argc, char **argv) {
         case 'H': opt.hold_timeout = atof(optarg); break;
         case 'N': opt.spin = 0; break;
         case 'Y': opt.spin = atoi(optarg); break;
+        case 'A': opt.auth_file = optarg; break;
+        case 'L': opt.tls = 1; break;
+        case 'R': opt.tls_ca = optarg; break;
         default: usage();
         }
     }
     if (opt.port <= 0 || opt.conns < 1 || opt.depth < 1 || opt.window < 1 ||
         opt.size > 0x7fffffffu || opt.src < 0 || opt.src > 250)
         usage();
+#ifndef LOADGEN_TLS
+    if (opt.tls) {
+        fprintf(stderr, "loadgen: built without OpenSSL: --tls needs the loadgen-tls build\n");
+        exit(2);
+    }
+#endif
+}
+
+/* The AUTH frame from the first token line of --auth-token-file (blank and # lines skipped). */
+static void load_auth(void) {
+    FILE *f = fopen(opt.auth_file, "r");
+    if (!f) {
+        fprintf(stderr, "loadgen: cannot open --auth-token-file: %s\n", strerror(errno));
+        exit(2);
+    }
+    char line[1100];
+    size_t n = 0;
+    const char *tok = NULL;
+    while (fgets(line, sizeof line, f)) {
+        char *p = line, *end = line + strlen(line);
+        while (p < end && (*p == ' ' || *p == '\t' || *p == '\r' || *p == '\n')) p++;
+        while (end > p && (end[-1] == ' ' || end[-1] == '\t' || end[-1] == '\r' || end[-1] == '\n'))
+            end--;
+        if (p == end || *p == '#') continue;
+        tok = p;
+        n = (size_t)(end - p);
+        break;
+    }
+    fclose(f);
+    if (!tok || n > 1024) {
+        fprintf(stderr, "loadgen: no usable token in --auth-token-file\n");
+        exit(2);
+    }
+    uint32_t len = (uint32_t)(5 + n);
+    auth_msg[0] = (unsigned char)(len >> 24);
+    auth_msg[1] = (unsigned char)(len >> 16);
+    auth_msg[2] = (unsigned char)(len >> 8);
+    auth_msg[3] = (unsigned char)len;
+    memcpy(auth_msg + 4, "AUTH ", 5);
+    memcpy(auth_msg + 9, tok, n);
+    auth_len = 4 + len;
+    memset(line, 0, sizeof line);
 }
 
 static void make_pattern(void) {
@@ -530,6 +832,10 @@ int main(int argc, char **argv) {
     parse_args(argc, argv);
     rlim_t nofile = raise_nofile();
     make_pattern();
+    if (opt.auth_file) load_auth();
+#ifdef LOADGEN_TLS
+    if (opt.tls) setup_tls();
+#endif
     conns = calloc((size_t)opt.conns, sizeof *conns);
     sent_at = calloc((size_t)opt.conns * (size_t)opt.depth, sizeof *sent_at);
     if (!conns || !sent_at) {
@@ -560,11 +866,15 @@ int main(int argc, char **argv) {
         print_common("done", attempted, nofile);
         printf(",\"depth\":%d,\"size\":%zu,\"elapsed\":%.4f,\"completed\":%llu,\"rps\":%.1f,"
                "\"gbps\":%.5f,\"p50_us\":%.2f,\"p99_us\":%.2f,\"p999_us\":%.2f,"
-               "\"max_us\":%.2f,\"undrained\":%ld,\"cpu_s\":%.4f,\"spare\":%.4f}\n",
+               "\"max_us\":%.2f,\"undrained\":%ld,\"cpu_s\":%.4f,\"spare\":%.4f",
                opt.depth, opt.size, elapsed, (unsigned long long)completed,
                (double)completed / elapsed, (double)bytes_in / elapsed / 1e9,
                percentile_us(0.50), percentile_us(0.99), percentile_us(0.999),
                percentile_us(1.0), undrained, cpu, spare / elapsed);
+#ifdef LOADGEN_TLS
+        if (opt.tls) print_tls();
+#endif
+        printf("}\n");
         int ok = !n_failed && !n_closed && !n_error_frames && !n_mismatch && !undrained;
         return ok ? 0 : 1;
     }
