@@ -47,7 +47,7 @@ from .address import format_address
 from .codec import SHUTTING_DOWN, Buffer, Decoder, as_payload
 from .loop import EVENT_READ, EVENT_WRITE
 from .stages import StagePath
-from .stats import EXACT_US, MAX_US, SUB_BITS, TOP_BUCKET, Histogram
+from .stats import Histogram
 from .transport import (
     _QUIET_ERRNOS,
     CLOSED,
@@ -105,6 +105,7 @@ class Connection(Transport):
         "_fn",
         "_handler",
         "_held",
+        "_lat",
         "_ndone",
         "_nin",
         "_nout",
@@ -129,6 +130,8 @@ class Connection(Transport):
         if not hasattr(owner, "latency"):  # an owner from before the counters: one of its own
             owner.latency = Histogram()
         self._owner = owner
+        self._lat = owner.latency
+        owner.loop.add_tally(self._lat)
         self._decoder = decoder
         self._fn = function
         self._handler = handler
@@ -273,13 +276,8 @@ class Connection(Transport):
             self._flush()
             if n:
                 self._nin += n
-                if self._backlog is None:  # all with the kernel: one clock read per batch
-                    loop = self._loop
-                    us = int((loop.clock() - loop.now) * 1e6)  # (Histogram.add_us, inline)
-                    if us >= EXACT_US:
-                        shift = us.bit_length() - SUB_BITS - 1
-                        us = (shift << SUB_BITS) + (us >> shift) if us < MAX_US else TOP_BUCKET
-                    self._owner.latency.counts[us] += n
+                if self._backlog is None:  # all with the kernel: timed by this turn's end
+                    self._lat.turn += n
                 else:
                     self._replies_queued(n)
             return
@@ -309,7 +307,7 @@ class Connection(Transport):
             return
         done = self._nout if self._nout < self._nin or self._fn else self._nin
         if done > self._ndone:
-            self._owner.latency.add(self._loop.clock() - self._t_in, done - self._ndone)
+            self._lat.add(self._loop.clock() - self._t_in, done - self._ndone)
         self._ndone = done
 
     def _messages_in(self, n: int) -> None:

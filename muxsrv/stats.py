@@ -68,10 +68,19 @@ class Histogram:
     the buckets when asked.
     """
 
-    __slots__ = ("counts",)
+    __slots__ = ("counts", "turn")
 
     def __init__(self) -> None:
         self.counts = [0] * _SIZE
+        #: Messages answered in full in this loop turn by the read that brought them
+        #: (connections add; the loop calls ``turn_ended`` once per turn: ``EventLoop.add_tally``).
+        self.turn = 0
+
+    def turn_ended(self, seconds: float) -> None:
+        """This turn's messages, all timed by the turn's duration (one clock read)."""
+        count, self.turn = self.turn, 0
+        self.add(seconds, count)
+
     def add(self, seconds: float, count: int = 1) -> None:
         self.add_us(int(seconds * 1e6), count)
 
