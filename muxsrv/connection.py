@@ -99,7 +99,6 @@ class Connection(Transport):
     takes_stages = False
 
     __slots__ = (
-        "_bin",
         "_born",
         "_decoder",
         "_fn",
@@ -144,7 +143,7 @@ class Connection(Transport):
         self._work = 0
         # The counters (muxsrv.stats): bytes read; messages read, replies queued, replies
         # whose latency was recorded; when the oldest unanswered message was read.
-        self._bin = self._nin = self._nout = self._ndone = 0
+        self._nin = self._nout = self._ndone = 0
         self._t_in = self._born = owner.loop.now
         #: A number for /clients (the server's count of accepted connections).
         self.id = 0
@@ -259,7 +258,8 @@ class Connection(Transport):
         if not data:
             self._read_eof()
             return
-        self._bin += len(data)
+        if self._counted:  # (not over TCP: the kernel counts those)
+            self._bin += len(data)
         fn = self._fn
         if fn is not None:  # the function form: decode, call, encode in one pass
             out = self._out
@@ -525,8 +525,8 @@ class Connection(Transport):
         """Bytes in, bytes out, messages in, messages out (replies and error frames)."""
         d = self._decoder
         if self._fn is not None:  # _nin: the frames its replies queued
-            return (self._bin, self._bout, self._nin + d.silent - d.extra, self._nin - d.extra)
-        return self._bin, self._bout, self._nin, self._nout
+            return (*self.byte_counts(), self._nin + d.silent - d.extra, self._nin - d.extra)
+        return (*self.byte_counts(), self._nin, self._nout)
 
     @property
     def buffered_input(self) -> int:

@@ -4,6 +4,9 @@ and the counters of one connection driven over a fake socket."""
 from __future__ import annotations
 
 import random
+import socket
+import time
+from collections.abc import Callable
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -12,6 +15,7 @@ from muxsrv.httphead import MAX_HEAD, BadRequest, HeadReader, Request
 from muxsrv.promtext import render
 from muxsrv.stats import MAX_US, Histogram, Stats, bucket_of, bucket_range, merge_snapshots
 from muxsrv.testing import Harness
+from muxsrv.transport import _kernel_bytes
 
 
 def test_buckets_tile_the_range_within_one_percent() -> None:
@@ -132,3 +136,33 @@ def test_connection_counts_bytes_messages_and_latency() -> None:
         assert (b_in, b_out, m_in, m_out) == (sum(map(len, frames)), 13, 3, 2)
         assert h.latency.count == 2  # the fake clock stood still: both at 0 µs
         assert h.latency.percentile(100) == 0
+
+
+def _wait(cond: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + 5
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)  # (polling a condition with a deadline)
+
+
+def test_kernel_byte_counts_over_tcp_exclude_unread_input_and_each_fin() -> None:
+    """The TCP path's counts (no per-read work): read and taken, exact, FINs not counted."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = socket.create_connection(listener.getsockname())
+        server, _ = listener.accept()
+        with client, server:
+            client.sendall(b"x" * 1000)
+            got = b""
+            while len(got) < 600:
+                got += server.recv(600 - len(got))
+            _wait(lambda: _kernel_bytes(server, 0, 0, False, False)[0] == 600)
+            server.sendall(b"y" * 300)
+            assert _kernel_bytes(server, 0, 0, False, False) == (600, 300)  # 400 unread
+            client.shutdown(socket.SHUT_WR)
+            _wait(lambda: _kernel_bytes(server, 0, 0, False, False)[0] == 600)  # FIN unread
+            while server.recv(4096):
+                pass
+            server.shutdown(socket.SHUT_WR)
+            _wait(lambda: client.recv(4096) == b"")  # (the 300 bytes, then EOF)
+            assert _kernel_bytes(server, 0, 0, True, True) == (1000, 300)
+    assert _kernel_bytes(server, 7, 8, False, False) == (7, 8)  # closed: what it was given
