@@ -274,12 +274,11 @@ class Connection(Transport):
             if decoder.more or decoder.error is not None:
                 self._cut_short()
             self._flush()
-            if n:
-                self._nin += n
-                if self._backlog is None:  # all with the kernel: timed by this turn's end
-                    self._lat.turn += n
-                else:
-                    self._replies_queued(n)
+            self._nin += n
+            if self._backlog is None:  # all with the kernel: timed by this turn's end
+                self._lat.turn += n
+            else:
+                self._replies_queued(n)
             return
         self._decode(data)
         self._flush()

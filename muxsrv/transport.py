@@ -404,8 +404,11 @@ def _kernel_bytes(
     try:
         info = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, _TCP_INFO_LEN)
         fd = sock.fileno()
-        (inq,) = _INT.unpack(fcntl.ioctl(fd, termios.FIONREAD, bytes(4)))  # SIOCINQ
-        (outq,) = _INT.unpack(fcntl.ioctl(fd, termios.TIOCOUTQ, bytes(4)))  # SIOCOUTQ
+        buf = bytearray(4)  # (mutable: ioctl fills it in place)
+        fcntl.ioctl(fd, termios.FIONREAD, buf)  # SIOCINQ
+        (inq,) = _INT.unpack(buf)
+        fcntl.ioctl(fd, termios.TIOCOUTQ, buf)  # SIOCOUTQ
+        (outq,) = _INT.unpack(buf)
     except OSError:
         return b_in, b_out
     if len(info) < _TCP_INFO_LEN:
