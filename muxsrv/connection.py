@@ -20,12 +20,15 @@ The guarantees handlers get (the handler guide repeats them):
 * ``connection_lost`` runs exactly once, from the loop, never inside another
   handler callback (``abort()`` inside ``message_received`` returns first).
 
-The counters (``muxsrv.stats``) cost nothing per message: per read batch the
-bytes read, the messages (the function form: the frames its replies queued;
-the decoder counts the rare replies of None and replies framed in two
-buffers apart), and, once the batch's replies are all with the kernel, one
-clock read and one latency bucket bumped.  A reply sent later (a timer, the
-handler form) is timed from the read of the oldest message still unanswered.
+The counters (``muxsrv.stats``) cost nothing per message: per read batch
+two additions, the messages (the function form: the frames its replies
+queued; the decoder counts the rare replies of None and replies framed in
+two buffers apart) and, when the batch's replies are all with the kernel,
+the histogram's count for this loop turn; the loop reads the clock once at
+the turn's end for all of them (``EventLoop.add_tally``).  Over TCP the
+bytes are the kernel's (``Transport.byte_counts``).  A reply sent later (a
+timer, the handler form) reads the clock itself and is timed from the read
+of the oldest message still unanswered.
 Why a connection closed is noted where it is decided (``_why``).
 
 Closing on purpose stops handing input to the handler, then closes the

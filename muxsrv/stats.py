@@ -1,8 +1,8 @@
 """Counters and latency histograms: plain data, no I/O, nothing imported from above.
 
-What costs nothing per message: a connection counts its own bytes and messages
-per read batch and per send (``Connection``: the decoder already knows how many
-messages a call handed over, ``recv``/``send`` return the byte counts), and the
+What costs nothing per message: a connection counts its own messages per read
+batch (``Connection``: how many replies a call queued), the kernel counts its
+bytes over TCP (``Transport.byte_counts``: elsewhere ``recv``/``send``'s), and the
 server-wide totals are summed only when someone asks (``Stats.snapshot``): what
 closed connections had counted (``retire``) plus what the open ones have now.
 Events that happen once per connection or less often (accepted, refused,
@@ -11,8 +11,9 @@ closed by reason, EMFILE, flow-control pauses) are counted where they happen.
 Latency is a log-linear :class:`Histogram` (the HdrHistogram scheme): values in
 whole microseconds, exact below 256 µs, then 128 buckets per power of two (so
 within 1%, about two significant digits) up to 100 s.  A batch of messages read
-and answered together is recorded once with its count: one clock read per
-send completion, none per message (see README, "What the latency covers").
+answered in the same loop turn is counted in ``Histogram.turn`` and recorded
+once at the turn's end (one clock read per turn); a reply sent later reads
+the clock itself (see README, "What the latency covers").
 """
 
 from __future__ import annotations

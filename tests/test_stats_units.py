@@ -166,3 +166,22 @@ def test_kernel_byte_counts_over_tcp_exclude_unread_input_and_each_fin() -> None
             _wait(lambda: client.recv(4096) == b"")  # (the 300 bytes, then EOF)
             assert _kernel_bytes(server, 0, 0, True, True) == (1000, 300)
     assert _kernel_bytes(server, 7, 8, False, False) == (7, 8)  # closed: what it was given
+
+
+def test_a_reply_sent_in_its_turn_is_timed_by_the_turns_end_once() -> None:
+    """The function form's fast path: no clock read per batch; the turn's end times it."""
+    holder: list[Harness] = []
+
+    def slow(payload: bytes) -> bytes:
+        holder[0].clock.advance(0.005)  # the handler "takes" 5 ms of the turn
+        return payload
+
+    with Harness(function=slow) as h:
+        holder.append(h)
+        h.peer_sends(b"\x00\x00\x00\x02hi\x00\x00\x00\x02ho")
+        h.run()
+        assert h.replies() == [b"hi", b"ho"]
+        assert h.latency.turn == 0  # settled at the turn's end
+        assert h.latency.count == 2
+        # Both timed by the whole turn (10 ms: two 5 ms calls), the bucket's 1%.
+        assert 10_000 <= h.latency.percentile(50) <= 10_100
