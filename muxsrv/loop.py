@@ -209,7 +209,7 @@ class EventLoop:
         ``seconds``: from the turn's clock reading (``now``) to the end of its
         events, one clock read for all tallies; the tally resets ``turn`` itself.
         """
-        if not any(t is tally for t in self._tallies):
+        if tally not in self._tallies:  # (identity: a tally has no __eq__)
             self._tallies.append(tally)
 
     def call_soon(self, callback: Callable[..., object], *args: Any) -> Handle:
