@@ -173,6 +173,7 @@ class Connection(Transport):
         else:
             self._decoder.encode(out, as_payload(payload))
         self._nout += 1
+        self._asked = -1.0  # (perhaps from a timer: no event marks the bytes sent)
         self._flush()
         if self._nout != self._ndone:
             self._answered()
@@ -185,6 +186,7 @@ class Connection(Transport):
                         self._peer_text(), self.framing, text, extra=self._extra())
         else:
             self._nout += 1
+        self._asked = -1.0
         self._flush()
 
     def close(self) -> None:
@@ -459,6 +461,7 @@ class Connection(Transport):
         frame = self._decoder.error_frame(text)
         if frame is None:
             return False
+        self._asked = -1.0  # (perhaps from a timer: the kernel's counts are asked again)
         out = self._out
         if out is None:
             out = self._out = []

@@ -96,6 +96,7 @@ class Transport:
     """A socket with an output queue and a lingering close; subclasses read."""
 
     __slots__ = (
+        "_asked",
         "_backlog",
         "_bin",
         "_bout",
@@ -126,6 +127,10 @@ class Transport:
         # Wire bytes read and taken by the kernel: the kernel's own counts over TCP
         # (``_counted`` False), else counted here; kept from the kernel at the close.
         self._bin = self._bout = 0
+        # When the kernel was last asked (loop time): without an event since (every
+        # read, and every send but a handler's from a timer, which resets it), the
+        # counts it gave still hold: a scrape asks the kernel of busy connections only.
+        self._asked = -1.0
         self._counted = not (_TCP_INFO and isinstance(sock, _socket.socket)
                              and sock.family in _IP_FAMILIES)
         self._why: str | None = None  # why it closed, once known (muxsrv.stats)
@@ -159,10 +164,12 @@ class Transport:
 
     def byte_counts(self) -> tuple[int, int]:
         """Wire bytes read and taken by the kernel so far (framing, TLS records included)."""
-        if self._counted or self._state == CLOSED:
-            return self._bin, self._bout
-        return _kernel_bytes(self._sock, self._bin, self._bout, self._state == LINGER,
-                             bool(self._flags & EOF))
+        if self._counted or self._state == CLOSED or self.last_active < self._asked:
+            return self._bin, self._bout  # (over TCP: unchanged since asked, no event since)
+        self._asked = self._loop.now
+        self._bin, self._bout = _kernel_bytes(self._sock, self._bin, self._bout,
+                                              self._state == LINGER, bool(self._flags & EOF))
+        return self._bin, self._bout
 
     @property
     def peer(self) -> Any:

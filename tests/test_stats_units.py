@@ -12,10 +12,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from muxsrv.httphead import MAX_HEAD, BadRequest, HeadReader, Request
+from muxsrv.loop import EventLoop
 from muxsrv.promtext import render
 from muxsrv.stats import MAX_US, Histogram, Stats, bucket_of, bucket_range, merge_snapshots
 from muxsrv.testing import Harness
-from muxsrv.transport import _kernel_bytes
+from muxsrv.transport import Transport, _kernel_bytes
 
 
 def test_buckets_tile_the_range_within_one_percent() -> None:
@@ -185,3 +186,28 @@ def test_a_reply_sent_in_its_turn_is_timed_by_the_turns_end_once() -> None:
         assert h.latency.count == 2
         # Both timed by the whole turn (10 ms: two 5 ms calls), the bucket's 1%.
         assert 10_000 <= h.latency.percentile(50) <= 10_100
+
+
+def test_kernel_counts_are_asked_again_only_after_an_event() -> None:
+    """A scrape asks the kernel of busy connections only; idle ones give what it said."""
+    loop = EventLoop()
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = socket.create_connection(listener.getsockname())
+        server, _ = listener.accept()
+        t = Transport(loop, server, None)
+        try:
+            client.sendall(b"x" * 10)
+            assert server.recv(10) == b"x" * 10
+            loop.now = t.last_active + 1  # a later turn than the read's event
+            assert t.byte_counts() == (10, 0)
+            client.sendall(b"y" * 5)
+            assert server.recv(5) == b"y" * 5  # (no event marked it: as if still idle)
+            loop.now += 1
+            assert t.byte_counts() == (10, 0)  # not asked again
+            t.last_active = loop.now  # an event in this turn: asked again
+            assert t.byte_counts() == (15, 0)
+            assert t.byte_counts() == (15, 0)  # (and again in the same turn: it may move)
+        finally:
+            client.close()
+            server.close()
+            loop.close()
