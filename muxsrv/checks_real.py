@@ -37,6 +37,7 @@ from .codec import MAX_FRAME_LIMIT
 from .connection import Connection
 from .framing import LengthDecoder, make_decoder
 from .loop import EventLoop
+from .stats import Histogram
 from .testing import _drain
 
 __all__ = ["check_real"]
@@ -62,6 +63,7 @@ class RealHarness:
         self.client.setblocking(False)
         self.server = server
         self.closed = 0
+        self.latency = Histogram()  # (a connection's owner keeps one)
         self.received = bytearray()
         self._seen = 0
         self._decoder: Any = (

@@ -38,6 +38,7 @@ from .limits import (
 from .loop import EventLoop
 from .options import (
     max_frame,
+    options_in_force,
     parse_size,
     positive_int,
     program_version,
@@ -57,6 +58,7 @@ from .tls import (
     load_context,
 )
 from .tuning import keep_large_buffers_mapped, raise_open_files_limit
+from .workerstats import WorkerAdmin, admin_listener, take_from_env
 
 __all__ = ["main", "parse_size", "positive_int", "seconds", "whole_number"]
 
@@ -162,6 +164,12 @@ def build_parser(handler: plugins.LoadedPlugin | None = None) -> argparse.Argume
     add("--proxy-from", type=_networks, default=DEFAULT_PROXY_FROM, metavar="CIDR[,CIDR...]",
         help="with --proxy-protocol, who may send the header; connections from anywhere "
              "else are closed (default: loopback only, 127.0.0.0/8,::1/128)")
+    add("--admin-port", type=_port, default=None, metavar="PORT",
+        help="serve /metrics, /stats, /clients and /healthz over HTTP on this port "
+             "(default: off; 9998 is the port the docs suggest)")
+    add("--admin-host", type=_host, default="127.0.0.1",
+        help="address of the admin port (default: 127.0.0.1); with --auth-token-file it "
+             "asks for Authorization: Bearer <token>")
     add("--pid-file", metavar="FILE",
         help="write the server's PID (with --workers: the parent's) to FILE once listening; "
              "removed on exit")
@@ -219,6 +227,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _main(args: list[str], handed: Handover) -> int:
     worker = handed if handed.socks is not None else None
+    shared_admin = take_from_env(worker is not None)
     pre = _Parser(prog="muxsrv", add_help=False, allow_abbrev=False)
     pre.add_argument("--handler", default="echo")
     known, _rest = pre.parse_known_args(args)
@@ -239,6 +248,10 @@ def _main(args: list[str], handed: Handover) -> int:
         log.debug("not a --workers worker: %s; listening on a port of its own", handed.ignored)
     tls = tls_from(options)
     gate = gate_from(options)
+    if (options.admin_port is not None and worker is None and not is_loopback(options.admin_host)
+            and (gate is None or gate.tokens is None)):
+        log.warning("the admin port listens on %s without --auth-token-file: whoever reaches "
+                    "it sees every client's address and the options", options.admin_host)
     proxying = Proxying(options.proxy_from) if options.proxy_protocol else None
     function: HandlerFunction | None = None
     factory: HandlerFactory | None = None
@@ -258,10 +271,14 @@ def _main(args: list[str], handed: Handover) -> int:
     try:
         if worker is not None or options.workers == 1:
             return serve(settings, function=function, factory=factory, gate=gate, tls=tls,
-                         proxying=proxying, pid_file=pid_file, worker=worker)
+                         proxying=proxying, pid_file=pid_file, worker=worker,
+                         admin=(options.admin_host, options.admin_port), options=options,
+                         shared_admin=shared_admin)
         count = options.workers or os.cpu_count() or 1
+        admin = ((options.admin_host, options.admin_port) if options.admin_port is not None
+                 else None)
         return supervise(settings, count, args, on_listening=pid_file.write,
-                         log_file=log_file is not None)
+                         log_file=log_file is not None, admin=admin)
     except CannotListen as exc:
         sys.stderr.write(f"muxsrv: error: {exc}\n")
         return 2 if exc.mistake else 1
@@ -362,6 +379,9 @@ def serve(
     proxying: Proxying | None = None,
     pid_file: PidFile | None = None,
     worker: Handover | None = None,
+    admin: tuple[str, int | None] = ("127.0.0.1", None),
+    options: argparse.Namespace | None = None,
+    shared_admin: WorkerAdmin | None = None,
 ) -> int:
     """Listen and serve until a signal has drained; the exit status.
 
@@ -396,6 +416,12 @@ def serve(
             loop.add_signal_handler(signal.SIGHUP, logs.worker_sighup)
         listening = server.listen(worker.socks if worker is not None else None)
         where = ", ".join(format_address(address) for address in listening)
+        if options is not None:
+            server.stats.options = options_in_force(options)
+        admin_server = admin_listener(loop, server, admin,
+                                      gate.tokens if gate is not None else None, shared_admin)
+        if admin_server is not None and admin_server.sock is not None:
+            admin_where = admin_server.sock.getsockname()
         if pid_file is not None:
             pid_file.write()
         if worker is not None and worker.ready_fd >= 0:
@@ -409,6 +435,8 @@ def serve(
             details += ", protected mode on: loopback clients only"
         if proxying is not None:
             details += ", PROXY protocol from " + ",".join(map(str, proxying.trusted))
+        if admin_server is not None:  # (before the worker's pid: a line's end names it)
+            details = f", admin on {format_address(admin_where)}{details}"
         framing = f"framing {settings.framing}"
         if server.udp is not None:
             framing = ("UDP only, framing does not apply: one datagram is one message"
@@ -424,6 +452,8 @@ def serve(
             log.info("%s", started)
         log.debug("open files limit: %d; allocator thresholds raised: %s", soft, tuned)
         server.run()
+        if admin_server is not None and admin_server.publisher is not None:
+            admin_server.publisher.publish(again=False)  # the last counters, for the others
     finally:
         loop.close()
     log.info("stopped")

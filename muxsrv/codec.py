@@ -61,7 +61,7 @@ class ErrorFrame(bytes):
 class Decoder:
     """Base decoder: byte stream in, list of messages out.  Subclasses fill in."""
 
-    __slots__ = ("completions", "error", "max_frame", "more")
+    __slots__ = ("completions", "error", "extra", "max_frame", "more", "silent")
 
     #: The framing's name, as ``--framing`` takes it.
     framing: str = ""
@@ -81,6 +81,9 @@ class Decoder:
         #: still and ``buffered`` is not 0, the same message is still unfinished
         #: (``muxsrv.limits``'s frame deadline compares it).
         self.completions = 0
+        #: For the counters (muxsrv.stats), kept off the common path: messages whose
+        #: function returned None, and buffers beyond one that a reply was framed in.
+        self.silent = self.extra = 0
 
     def feed(self, data: Buffer) -> list[bytes]:
         """The next bytes of the stream; every message they complete, in order."""
@@ -127,11 +130,14 @@ class Decoder:
         except Exception as exc:
             return failed(exc)
         if reply is None:
+            self.silent += 1
             return True
+        n = len(out)
         try:
             self.encode(out, as_payload(reply, returned=True))
         except (TypeError, ValueError) as exc:
             return failed(exc)
+        self.extra += len(out) - n - 1
         return True
 
     @property

@@ -20,6 +20,17 @@ The guarantees handlers get (the handler guide repeats them):
 * ``connection_lost`` runs exactly once, from the loop, never inside another
   handler callback (``abort()`` inside ``message_received`` returns first).
 
+The counters (``muxsrv.stats``) cost nothing per message: per read batch
+two additions, the messages (the function form: the frames its replies
+queued; the decoder counts the rare replies of None and replies framed in
+two buffers apart) and, when the batch's replies are all with the kernel,
+the histogram's count for this loop turn; the loop reads the clock once at
+the turn's end for all of them (``EventLoop.add_tally``).  Over TCP the
+bytes are the kernel's (``Transport.byte_counts``).  A reply sent later (a
+timer, the handler form) reads the clock itself and is timed from the read
+of the oldest message still unanswered.
+Why a connection closed is noted where it is decided (``_why``).
+
 Closing on purpose stops handing input to the handler, then closes the
 transport's way: nothing queued is lost.  A handler that raises in
 ``message_received`` is answered with an error frame; in ``connection_made``,
@@ -35,11 +46,14 @@ import logging
 from collections import deque
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
+from .address import format_address
 from .codec import SHUTTING_DOWN, Buffer, Decoder, as_payload
 from .limits import HELD_BACK
 from .loop import EVENT_READ, EVENT_WRITE
 from .stages import StagePath
+from .stats import Histogram
 from .transport import (
+    _QUIET_ERRNOS,
     CLOSED,
     EOF,
     EOF_TOLD,
@@ -77,6 +91,8 @@ class Owner(Protocol):
 
     loop: EventLoop
 
+    latency: Histogram
+
     def connection_closed(self, conn: Connection) -> None: ...
 
 
@@ -87,13 +103,20 @@ class Connection(Transport):
     takes_stages = False
 
     __slots__ = (
+        "_born",
         "_decoder",
         "_fn",
         "_handler",
         "_held",
+        "_lat",
+        "_ndone",
+        "_nin",
+        "_nout",
         "_owner",
         "_stages",
+        "_t_in",
         "_work",
+        "id",
     )
 
     def __init__(
@@ -107,7 +130,11 @@ class Connection(Transport):
         stages: list[Stage] | None = None,
     ) -> None:
         super().__init__(owner.loop, sock, peer)
+        if not hasattr(owner, "latency"):  # an owner from before the counters: one of its own
+            owner.latency = Histogram()
         self._owner = owner
+        self._lat = owner.latency
+        owner.loop.add_tally(self._lat)
         self._decoder = decoder
         self._fn = function
         self._handler = handler
@@ -118,6 +145,12 @@ class Connection(Transport):
             self._stages = StagePath(stages)
         self._held: deque[bytes] | None = None  # received while the handler paused
         self._work = 0
+        # The counters (muxsrv.stats): bytes read; messages read, replies queued, replies
+        # whose latency was recorded; when the oldest unanswered message was read.
+        self._nin = self._nout = self._ndone = 0
+        self._t_in = self._born = owner.loop.now
+        #: A number for /clients (the server's count of accepted connections).
+        self.id = 0
 
     # -- the Conn API for handlers --------------------------------------------
 
@@ -140,7 +173,11 @@ class Connection(Transport):
             self._decoder.encode_parts(out, [as_payload(p) for p in (payload, *more)])
         else:
             self._decoder.encode(out, as_payload(payload))
+        self._nout += 1
+        self._asked = -1.0  # (perhaps from a timer: no event marks the bytes sent)
         self._flush()
+        if self._nout != self._ndone:
+            self._answered()
 
     def send_error(self, text: str) -> None:
         if self._state != OPEN:
@@ -148,6 +185,9 @@ class Connection(Transport):
         if not self._queue_error(text):
             log.warning("error for %s (no error channel with %s framing): %s",
                         self._peer_text(), self.framing, text, extra=self._extra())
+        else:
+            self._nout += 1
+        self._asked = -1.0
         self._flush()
 
     def close(self) -> None:
@@ -193,6 +233,8 @@ class Connection(Transport):
         self.last_active = self._loop.now
         if not mask & EVENT_READ:
             self._flush()
+            if self._nout != self._ndone:
+                self._answered()
             return
         if self._state != OPEN:
             if self._state == CLOSED:
@@ -222,18 +264,61 @@ class Connection(Transport):
         if not data:
             self._read_eof()
             return
+        if self._counted:  # (not over TCP: the kernel counts those)
+            self._bin += len(data)
         fn = self._fn
         if fn is not None:  # the function form: decode, call, encode in one pass
             out = self._out
             if out is None:
                 out = self._out = []
-            decoder.respond(data, fn, out, self._handler_failed)
+                decoder.respond(data, fn, out, self._handler_failed)
+                n = len(out)  # replies and error frames: one per message, nearly
+            else:
+                n = len(out)
+                decoder.respond(data, fn, out, self._handler_failed)
+                n = len(out) - n
             if decoder.more or decoder.error is not None:
                 self._cut_short()
-        else:
-            self._decode(data)
+            self._flush()
+            self._nin += n
+            if self._backlog is None:  # all with the kernel: timed by this turn's end
+                self._lat.turn += n
+            else:
+                self._replies_queued(n)
+            return
+        self._decode(data)
         self._flush()
+        if self._nout != self._ndone:
+            self._answered()
 
+    def _replies_queued(self, n: int) -> None:
+        """The function form, replies not all sent: timed as the handler form's are."""
+        if self._nout <= self._ndone:
+            self._t_in = self._loop.now
+        self._nout += n
+
+    def _drained(self) -> None:
+        if self._nout != self._ndone:
+            self._answered()
+
+    def _answered(self) -> None:
+        """Once all output is with the kernel: the latency of the replies just sent.
+
+        Replies are matched to messages in order (a push beyond them is none); a
+        batch of them is recorded once, from the read that began the oldest
+        unanswered one (``_t_in``, the loop turn's clock) to now.
+        """
+        if self._backlog is not None or self._state == CLOSED:
+            return
+        done = self._nout if self._nout < self._nin or self._fn else self._nin
+        if done > self._ndone:
+            self._lat.add(self._loop.clock() - self._t_in, done - self._ndone)
+        self._ndone = done
+
+    def _messages_in(self, n: int) -> None:
+        if self._nout <= self._ndone:
+            self._t_in = self._loop.now
+        self._nin += n
     def _decode(self, data: bytes) -> None:
         """Cut messages out of ``data``; hand them over; note what stopped the cutting."""
         decoder = self._decoder
@@ -242,10 +327,16 @@ class Connection(Transport):
             out = self._out
             if out is None:
                 out = self._out = []
+            n = len(out)
             decoder.respond(data, fn, out, self._handler_failed)
+            n = len(out) - n
+            if n:
+                self._nin += n
+                self._replies_queued(n)
         else:
             messages = decoder.feed(data)
             if messages:
+                self._messages_in(len(messages))
                 self._deliver(messages)
         self._cut_short()
 
@@ -266,9 +357,14 @@ class Connection(Transport):
             if out is None:
                 out = self._out = []
             reply = self._decoder.reply
-            for payload in messages:
-                if not reply(fn, payload, out, self._handler_failed):
-                    return
+            n = len(out)
+            try:
+                for payload in messages:
+                    if not reply(fn, payload, out, self._handler_failed):
+                        return
+            finally:
+                self._nin += len(out) - n
+                self._replies_queued(len(out) - n)
             return
         handler = self._handler
         assert handler is not None
@@ -304,6 +400,8 @@ class Connection(Transport):
                                                      and not self._flags & EOF_TOLD):
                 self._input_done()
         self._flush()
+        if self._nout != self._ndone:
+            self._answered()
         self._finish_if_owed_nothing()
 
     def _schedule_step(self) -> None:
@@ -315,6 +413,7 @@ class Connection(Transport):
         """Every message before it was handed over: act on what ended the input."""
         decoder = self._decoder
         if decoder.error is not None:
+            self._why = _framing_reason(decoder.error)
             self._violation(decoder.error)
             return
         self._flags |= EOF_TOLD
@@ -330,6 +429,7 @@ class Connection(Transport):
         self._update_mask()
         messages = self._decoder.eof()
         if messages:
+            self._messages_in(len(messages))
             self._deliver(messages)
         if not (self._held or self._flags & PAUSED) and self._state == OPEN:
             self._input_done()  # else once the handler resumes reading
@@ -339,8 +439,14 @@ class Connection(Transport):
         """Log a failing handler; answer with an error frame.  False: connection ends."""
         log.error("handler failed on a message from %s", self._peer_text(), exc_info=exc,
                   extra=self._extra())
+        stats = getattr(self._owner, "stats", None)
+        if stats is not None:
+            stats.handler_errors += 1
         if self._queue_error(_handler_error(exc)):
+            if self._fn is None:  # (the function form counts the frames it queued)
+                self._nout += 1
             return True
+        self._why = "error"
         self.close()
         return False
 
@@ -356,6 +462,7 @@ class Connection(Transport):
         frame = self._decoder.error_frame(text)
         if frame is None:
             return False
+        self._asked = -1.0  # (perhaps from a timer: the kernel's counts are asked again)
         out = self._out
         if out is None:
             out = self._out = []
@@ -400,6 +507,10 @@ class Connection(Transport):
                     or self._decoder.more)
 
     def _tell_writing(self, paused: bool) -> None:
+        if paused:
+            stats = getattr(self._owner, "stats", None)
+            if stats is not None:
+                stats.pauses += 1
         handler = self._handler
         if handler is None or not self._flags & MADE:
             return
@@ -410,6 +521,42 @@ class Connection(Transport):
                 handler.resume_writing(self)
         except Exception as exc:
             self._fatal(exc, "handler pause_writing" if paused else "handler resume_writing")
+
+    @property
+    def close_reason(self) -> str:
+        """Why it closed (``muxsrv.stats``'s names), once it has."""
+        return self._why or "server"
+
+    def counts(self) -> tuple[int, int, int, int]:
+        """Bytes in, bytes out, messages in, messages out (replies and error frames)."""
+        d = self._decoder
+        if self._fn is not None:  # _nin: the frames its replies queued
+            return (*self.byte_counts(), self._nin + d.silent - d.extra, self._nin - d.extra)
+        return (*self.byte_counts(), self._nin, self._nout)
+
+    @property
+    def buffered_input(self) -> int:
+        """Bytes of unfinished messages held."""
+        return self._decoder.buffered if self._state == OPEN else 0
+
+    def describe(self, now: float, handler: str) -> dict[str, Any]:
+        """This connection as /clients lists it."""
+        b_in, b_out, m_in, m_out = self.counts()
+        flags = self._flags
+        peer = self._peer
+        if peer is None:  # asked, not kept: a plain connection keeps no address (memory)
+            try:
+                peer = self._sock.getpeername()
+            except OSError:
+                peer = None
+        return {"id": self.id, "peer": format_address(peer), "age": round(now - self._born, 3),
+                "idle": round(now - self.last_active, 3),
+                "state": ("open", "closing", "linger", "closed")[self._state],
+                "handler": handler, "bytes_in": b_in, "bytes_out": b_out,
+                "messages_in": m_in, "messages_out": m_out, "pending_output": self.pending,
+                "buffered_input": self.buffered_input,
+                "paused": bool(flags & (PAUSED | WRITING_PAUSED | STALLED)),
+                "writing_paused": bool(flags & WRITING_PAUSED)}
 
     def owes_nothing(self) -> bool:
         """Nothing queued, nothing in progress, nothing received and not yet handed over."""
@@ -435,6 +582,7 @@ class Connection(Transport):
                 and self._state == OPEN):
             log.log(self._info, "closing %s: idle for %.3g s", self._peer_text(), timeout,
                     extra=self._extra())
+            self._why = "idle"
             self._queue_error(f"idle timeout ({timeout:g} s)")
             self.close()
 
@@ -462,6 +610,7 @@ class Connection(Transport):
         """Output queued past a limit: dropped at once (what is queued cannot go first)."""
         limits_log.warning("closing %s: %d bytes of output queued, %s", self._peer_text(),
                            self.pending, limit, extra=self._extra())
+        self._why = "max_output" if "--max-output" in limit else "output_soft"
         self.abort()
 
     def held_bytes(self) -> int:
@@ -488,6 +637,7 @@ class Connection(Transport):
                            "server is over --max-buffered (%d bytes)", self._peer_text(), held,
                            limit, extra=self._extra())
         self._decoder.discard()  # the memory goes back now, not after the lingering close
+        self._why = "max_buffered"
         self._queue_error(OVER_BUDGET)
         self.close()
 
@@ -498,6 +648,7 @@ class Connection(Transport):
     def frame_timed_out(self, timeout: float) -> None:
         """A message not complete ``timeout`` s after its first byte: error frame, close."""
         if self._state == OPEN:
+            self._why = "frame_timeout"
             self._violation(f"frame timeout: message not complete within {timeout:g} s")
 
     def at_rest(self, now: float, quiet: float) -> bool:
@@ -515,6 +666,7 @@ class Connection(Transport):
         """
         if self._state != OPEN:
             return
+        self._why = "drain"
         if self._work:
             log.info("closing %s: work still in progress at the drain's end", self._peer_text(),
                      extra=self._extra())
@@ -530,6 +682,8 @@ class Connection(Transport):
 
     def _closed(self, exc: BaseException | None) -> None:
         self._held = None
+        if self._why is None:
+            self._why = _close_reason(exc, self._flags)
         self._owner.connection_closed(self)
         if self._handler is not None and self._flags & MADE:
             self._loop.call_soon(self._connection_lost, exc)
@@ -541,6 +695,22 @@ class Connection(Transport):
         except Exception:
             log.exception("%s: handler connection_lost failed", self._peer_text(),
                           extra=self._extra())
+
+
+def _framing_reason(error: str) -> str:
+    """The close reason (muxsrv.stats) of a framing violation."""
+    if error.startswith(("frame of", "line of", "line longer")) or "exceeds" in error:
+        return "frame_too_large"
+    return "bad_framing"
+
+
+def _close_reason(exc: BaseException | None, flags: int) -> str:
+    """Why a connection closed, when nothing said so before."""
+    if exc is None:
+        return "eof" if flags & EOF else "server"
+    if isinstance(exc, OSError) and exc.errno in _QUIET_ERRNOS:
+        return "reset"
+    return "error"
 
 
 def _handler_error(exc: Exception) -> str:

@@ -230,7 +230,7 @@ class LengthDecoder(Decoder):
                 return False
             if type(reply) is bytes and (m := len(reply)) <= _CONCAT_MAX:
                 out.append(headers[m] + reply)
-            elif reply is not None and not self._reply_of(reply, out, failed):
+            elif not self._reply_of(reply, out, failed):
                 self._tail = b""
                 return False
         else:
@@ -243,10 +243,15 @@ class LengthDecoder(Decoder):
 
     def _reply_of(self, reply: object, out: list[Any], failed: Failed) -> bool:
         """Frame a reply the inline path does not take; False: the connection ends."""
+        if reply is None:
+            self.silent += 1
+            return True
+        n = len(out)
         try:
             encode_length(out, as_payload(reply, returned=True))
         except (TypeError, ValueError) as exc:
             return failed(exc)
+        self.extra += len(out) - n - 1
         return True
 
     def _finish_body(

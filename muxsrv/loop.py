@@ -13,7 +13,10 @@ loop over fake sockets and a fake clock).  One turn of the loop:
    callbacks are ready, no limit when there is nothing to wait for);
 2. read the clock once (``loop.now``) for everything this turn does;
 3. call ``handle_event(mask)`` for every ready descriptor;
-4. run the timers that are due, then the callbacks queued with ``call_soon``.
+4. if a tally counted something (``add_tally``: the latency of the replies sent
+   in full by the read that brought their messages), read the clock once and
+   settle it;
+5. run the timers that are due, then the callbacks queued with ``call_soon``.
 
 Signals arrive through ``signal.set_wakeup_fd`` on a socket pair, so a SIGTERM
 wakes ``select()`` at once; its handler runs as an ordinary loop callback.
@@ -66,6 +69,14 @@ class EventSource(Protocol):
     """What the loop calls when a registered descriptor is ready."""
 
     def handle_event(self, mask: int) -> None: ...
+
+
+class Tally(Protocol):
+    """Something counted during a turn and settled once at its end (``add_tally``)."""
+
+    turn: int
+
+    def turn_ended(self, seconds: float) -> None: ...
 
 
 def _cancelled() -> None:
@@ -167,6 +178,10 @@ class EventLoop:
     ) -> None:
         self._selector = selector if selector is not None else selectors.DefaultSelector()
         self._clock = clock
+        #: The clock itself (``time()`` without the method call, for the rare path).
+        self.clock = clock
+        #: Per-turn tallies (``add_tally``): read at the end of every turn that had events.
+        self._tallies: list[Tally] = []
         #: The clock reading for the current turn of the loop.
         self.now = clock()
         self._timers: list[Timer] = []
@@ -187,6 +202,15 @@ class EventLoop:
 
     def time(self) -> float:
         return self._clock()
+
+    def add_tally(self, tally: Tally) -> None:
+        """Have ``tally.turn_ended(seconds)`` called after every turn its ``turn`` is not 0.
+
+        ``seconds``: from the turn's clock reading (``now``) to the end of its
+        events, one clock read for all tallies; the tally resets ``turn`` itself.
+        """
+        if tally not in self._tallies:  # (identity: a tally has no __eq__)
+            self._tallies.append(tally)
 
     def call_soon(self, callback: Callable[..., object], *args: Any) -> Handle:
         handle = Handle(callback, args)
@@ -357,6 +381,12 @@ class EventLoop:
                 key.data.handle_event(mask)
             except Exception:
                 log.exception("error handling events for %r", key.data)
+        end = 0.0
+        for tally in self._tallies:  # (one, the server's latency: per turn, not per batch)
+            if tally.turn:
+                if not end:
+                    end = self._clock()
+                tally.turn_ended(end - now)
         while timers and timers[0].when <= now:
             timer = heapq.heappop(timers)
             timer._loop = None

@@ -44,6 +44,7 @@ from .errors import ConnectionClosed, ServerError
 from .framing import LengthDecoder, make_decoder
 from .handler import Handler
 from .loop import EVENT_WRITE
+from .stats import Histogram
 from .transport import OPEN
 
 if TYPE_CHECKING:
@@ -69,6 +70,7 @@ class Connector:
     def __init__(self, loop: EventLoop) -> None:
         self.loop = loop
         self.conns: dict[Outbound, None] = {}  # an ordered set
+        self.latency = Histogram()  # (a connection's owner keeps one; nobody reads this)
 
     def connection_closed(self, conn: Connection) -> None:
         self.conns.pop(conn, None)  # type: ignore[call-overload]

@@ -77,6 +77,7 @@ from .listening import CannotListen, bind_addresses, bind_sockets
 from .loop import EVENT_READ, EventLoop
 from .outbound import connector_of
 from .staged import StagedConnection
+from .stats import Stats
 from .tls import RefusalAfterHandshake
 from .transport import LINGER_TIMEOUT
 from .tuning import release_free_memory
@@ -223,6 +224,9 @@ class Server:
         )
         #: Asked by a connection whose output queue grew (``Connection._output_grew``).
         self.max_output = settings.max_output
+        #: The counters (``muxsrv.stats``), and the latency histogram connections add to.
+        self.stats = Stats(settings.handler_name.split(" ")[0], {}, _version())
+        self.latency = self.stats.latency
         #: --udp: the datagram endpoint, on the same host and port.
         self.udp = None if settings.udp == "off" else DatagramEndpoint(
             loop, function=function, factory=factory, max_peers=settings.udp_max_peers,
@@ -299,6 +303,8 @@ class Server:
                       if stage is not None]
         kind = StagedConnection if stages else Connection
         conn = kind(self, sock, peer, decoder, self._function, handler, stages)
+        stats = self.stats
+        conn.id = stats.accepted + sum(stats.refused.values()) + 1
         if tls is not None and tls_stage is not None:
             tls.arm(self.loop, conn, tls_stage)
         return conn
@@ -347,6 +353,7 @@ class Server:
             if not proxying.trusts(peer):
                 self._refuse_log.warning("refusing %s: not in --proxy-from", format_address(peer),
                                          peer=peer)
+                self.stats.refuse("proxy_from")
                 sock.close()
                 return
         elif gate is not None:
@@ -374,6 +381,10 @@ class Server:
         else:
             conn = self._connection(sock, peer, handler, stage, header)
         self._conns[conn] = None
+        stats = self.stats
+        stats.accepted += 1
+        if len(self._conns) > stats.peak:
+            stats.peak = len(self._conns)
         if per_ip is not None:
             if header is None:
                 per_ip.add(conn, peer)
@@ -409,6 +420,8 @@ class Server:
         """Protected mode, a lock-out, an address's limit: an error frame, a lingering close."""
         (log_to or self._refuse_log).warning("refusing %s: %s", format_address(peer),
                                              reason.split(";")[0], peer=peer)
+        self.stats.refuse("per_ip" if log_to is not None
+                          else "protected" if "protected" in reason else "lockout")
         if len(self._refused) >= MAX_REFUSED_LINGERING:
             sock.close()
             return
@@ -430,6 +443,7 @@ class Server:
             "refusing %s: too many connections (--max-conns %d)",
             format_address(peer), self.settings.max_conns, peer=peer,
         )
+        self.stats.refuse("max_conns")
         if len(self._refused) >= MAX_REFUSED_LINGERING:
             sock.close()
             return
@@ -438,6 +452,7 @@ class Server:
     def _pause_accepting(self, exc: OSError) -> None:
         if not self._accept_paused:
             self._accept_paused = True
+            self.stats.emfile += 1
             log.warning(
                 "accept failed: %s; pausing accepts, still serving %d connections",
                 exc.strerror, len(self._conns),
@@ -464,8 +479,13 @@ class Server:
                 self.loop.unregister(listener.sock)
             self._listening = False
 
+    def connections(self) -> list[Connection]:
+        """The connections open now (a copy)."""
+        return list(self._conns)
+
     def connection_closed(self, conn: Connection) -> None:
-        self._conns.pop(conn, None)
+        if self._conns.pop(conn, False) is None:  # (a refused one is not among the closed)
+            self.stats.retire(conn.close_reason, conn.counts())
         if self._per_ip is not None:
             self._per_ip.forget(conn)
         if self.input_budget is not None:
@@ -563,6 +583,12 @@ class Server:
 
 #: Binds of the TCP+UDP pair for ``--port 0 --udp``, at most (the UDP port may be taken).
 _PAIR_TRIES: Final = 5
+
+
+def _version() -> str:
+    from .options import program_version
+
+    return program_version("muxsrv").split()[-1]
 
 
 def _bind(settings: Settings) -> list[socket.socket]:

@@ -65,6 +65,8 @@ class StagedConnection(Connection):
         except OSError as exc:
             self._fatal(exc, "recv")
             return
+        if self._counted:  # (not over TCP: the kernel counts those)
+            self._bin += len(data)
         if not data:
             self._stages.receive_eof()
             self._read_eof()

@@ -41,20 +41,25 @@ import contextlib
 import ctypes
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, Final
 
 from . import logs
 from . import server as _server
+from .address import format_address
 from .generations import KILL, SPAWN, TERM, Generations
 from .handover import ENV_LISTEN, ENV_READY, ENV_SUPERVISOR, FAILED, READY
 from .server import DRAIN_GRACE, HANDLER_CLEANUP_TIMEOUT, CannotListen, Settings
+from .workerstats import ENV_ADMIN_FD, ENV_STATS_DIR, ENV_WORKER, mark_dead
 
 __all__ = ["CannotStart", "open_listeners", "supervise"]
 
@@ -89,7 +94,8 @@ class CannotStart(Exception):
 
 
 def supervise(settings: Settings, count: int, argv: list[str],
-              on_listening: Callable[[], None] | None = None, log_file: bool = False) -> int:
+              on_listening: Callable[[], None] | None = None, log_file: bool = False,
+              admin: tuple[str, int] | None = None) -> int:
     """Run ``count`` workers (``python -m muxsrv *argv``) until a signal; the exit status.
 
     With ``log_file``, a SIGHUP also reopens the supervisor's ``--log-file`` and is
@@ -99,11 +105,19 @@ def supervise(settings: Settings, count: int, argv: list[str],
     CannotStart (once every worker has exited) if the first generation fails to start.
     """
     socks = open_listeners(settings)
+    admin_sock = stats_dir = None
     try:
+        if admin is not None:
+            admin_sock = _admin_listener(*admin)
+            stats_dir = Path(tempfile.mkdtemp(prefix="muxsrv-stats-"))
         if on_listening is not None:
             on_listening()  # the port is ours: the --pid-file
         supervisor = _Supervisor(settings, count, argv, socks)
         supervisor.log_file = log_file
+        if admin_sock is not None and stats_dir is not None:
+            supervisor.admin = (admin_sock.fileno(), stats_dir)
+            log.info("admin port on %s, every worker's numbers", format_address(
+                admin_sock.getsockname()))
         status = supervisor.run()
         if supervisor.gens.failed:
             raise CannotStart(supervisor.gens.failed)
@@ -111,6 +125,23 @@ def supervise(settings: Settings, count: int, argv: list[str],
     finally:
         for sock in socks:
             sock.close()
+        if admin_sock is not None:
+            admin_sock.close()
+        if stats_dir is not None:
+            shutil.rmtree(stats_dir, ignore_errors=True)
+
+
+def _admin_listener(host: str, port: int) -> socket.socket:
+    """The admin port every worker shares (``muxsrv.workerstats``)."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(64)
+    except OSError as exc:
+        sock.close()
+        raise CannotListen(host, port, exc) from exc
+    return sock
 
 
 class _Supervisor:
@@ -127,6 +158,10 @@ class _Supervisor:
         self.said: dict[int, str] = {}  # pid -> why it cannot start, in its own words
         self.old_mask: set[int | signal.Signals] = set()
         self.log_file = False
+        #: --admin-port: the shared socket's descriptor and the numbers' directory.
+        self.admin: tuple[int, Path] | None = None
+        self.numbers: dict[int, int] = {}  # pid -> its number (spawn order)
+        self.spawned = 0
 
     def run(self) -> int:
         gens = self.gens
@@ -205,7 +240,12 @@ class _Supervisor:
             os.set_blocking(ready_r, False)
             env = {**os.environ, ENV_LISTEN: ",".join(map(str, self.fds)),
                    ENV_READY: str(ready_w), ENV_SUPERVISOR: str(self.pid)}
-            proc = subprocess.Popen(self.command, env=env, pass_fds=(*self.fds, ready_w),
+            fds = (*self.fds, ready_w)
+            if self.admin is not None:
+                env.update({ENV_ADMIN_FD: str(self.admin[0]), ENV_STATS_DIR: str(self.admin[1]),
+                            ENV_WORKER: str(self.spawned)})
+                fds = (*fds, self.admin[0])
+            proc = subprocess.Popen(self.command, env=env, pass_fds=fds,
                                     preexec_fn=self.in_child)
         except (OSError, subprocess.SubprocessError) as exc:
             _close(ready_r)
@@ -218,6 +258,8 @@ class _Supervisor:
             _close(ready_w)
         self.procs[proc.pid] = proc
         self.pipes[proc.pid] = ready_r
+        self.numbers[proc.pid] = self.spawned
+        self.spawned += 1
         self.gens.spawned(proc.pid, generation, time.monotonic())
 
     def in_child(self) -> None:
@@ -257,6 +299,9 @@ class _Supervisor:
         if proc is None:
             return
         proc.returncode = code  # reaped here: Popen must never wait for this PID again
+        number = self.numbers.pop(pid, None)
+        if self.admin is not None and number is not None:
+            mark_dead(self.admin[1], number, pid)
         if pid in self.pipes:  # what it wrote just before it exited
             self.read_pipe(pid)
         fd = self.pipes.pop(pid, None)

@@ -42,6 +42,7 @@ from .loop import EVENT_READ, EVENT_WRITE, EventLoop
 from .proxying import Proxying
 from .staged import StagedConnection
 from .stages import Stage
+from .stats import Histogram
 
 if TYPE_CHECKING:  # at run time through __getattr__ (muxsrv.checks imports this module)
     from .checks import HandlerCheckFailed, check_handler
@@ -299,6 +300,8 @@ class Harness:
         self.sock = FakeSocket(peer)
         #: How many times the connection told its owner it closed (0 or 1).
         self.closed = 0
+        #: The latency histogram the connection adds to (as a server's).
+        self.latency = Histogram()
         self._gate = gate
         self._proxying = proxying
         self.handler = handler() if handler is not None else None

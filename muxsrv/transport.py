@@ -16,6 +16,12 @@ State decides the event mask: ``_update_mask`` computes it from state (the
 read side says whether it wants input, ``_wants_input``) and asks the loop to
 change the registration only when it changes.
 
+The wire bytes in and out (``byte_counts``) cost nothing per read or send
+over TCP: the kernel keeps them (``TCP_INFO``'s ``tcpi_bytes_received`` and
+``tcpi_bytes_acked``, less what waits in the receive queue, plus what waits in
+the send queue), asked only when someone wants them and once at the close.
+Other sockets (Unix, the tests' fakes) are counted as they are read and sent.
+
 Closing on purpose never loses queued output: flush, ``shutdown(SHUT_WR)``,
 then read and discard until the peer's EOF or a short timeout (the
 "lingering close").  Every socket error ends the connection through
@@ -27,8 +33,11 @@ from __future__ import annotations
 import _socket
 import contextlib
 import errno
+import fcntl
 import logging
 import socket
+import struct
+import termios
 from typing import TYPE_CHECKING, Any, Final
 
 from .address import format_address
@@ -87,7 +96,11 @@ class Transport:
     """A socket with an output queue and a lingering close; subclasses read."""
 
     __slots__ = (
+        "_asked",
         "_backlog",
+        "_bin",
+        "_bout",
+        "_counted",
         "_flags",
         "_loop",
         "_mask",
@@ -96,6 +109,7 @@ class Transport:
         "_sock",
         "_state",
         "_timer",
+        "_why",
         "last_active",
     )
 
@@ -110,6 +124,16 @@ class Transport:
         self._flags = 0  # IN_CALLBACK, WRITING_PAUSED, EOF, and the read side's own
         self._timer: Timer | None = None
         self.last_active = loop.now
+        # Wire bytes read and taken by the kernel: the kernel's own counts over TCP
+        # (``_counted`` False), else counted here; kept from the kernel at the close.
+        self._bin = self._bout = 0
+        # When the kernel was last asked (loop time): without an event since (every
+        # read, and every send but a handler's from a timer, which resets it), the
+        # counts it gave still hold: a scrape asks the kernel of busy connections only.
+        self._asked = -1.0
+        self._counted = not (_TCP_INFO and isinstance(sock, _socket.socket)
+                             and sock.family in _IP_FAMILIES)
+        self._why: str | None = None  # why it closed, once known (muxsrv.stats)
 
     # -- what the read side fills in ------------------------------------------
 
@@ -133,7 +157,19 @@ class Transport:
     def _output_grew(self) -> None:
         """Output the kernel did not take was queued (only then: not on the common path)."""
 
+    def _drained(self) -> None:
+        """The output queue emptied (only after the kernel once took less than all)."""
+
     # -- the public side ------------------------------------------------------
+
+    def byte_counts(self) -> tuple[int, int]:
+        """Wire bytes read and taken by the kernel so far (framing, TLS records included)."""
+        if self._counted or self._state == CLOSED or self.last_active < self._asked:
+            return self._bin, self._bout  # (over TCP: unchanged since asked, no event since)
+        self._asked = self._loop.now
+        self._bin, self._bout = _kernel_bytes(self._sock, self._bin, self._bout,
+                                              self._state == LINGER, bool(self._flags & EOF))
+        return self._bin, self._bout
 
     @property
     def peer(self) -> Any:
@@ -202,6 +238,8 @@ class Transport:
                 except OSError as exc:
                     self._fatal(exc, "send")
                     return
+                if self._counted:
+                    self._bout += sent
                 if sent != total:
                     backlog = self._backlog = OutputQueue()
                     backlog.extend(out)
@@ -234,9 +272,12 @@ class Transport:
         except OSError as exc:
             self._fatal(exc, "send")
             return
+        if self._counted:
+            self._bout += sent
         backlog.consume(sent)
         if not backlog.nbytes:
             self._backlog = None
+            self._drained()
 
     def _update_mask(self) -> None:
         """Compute the event mask from state; touch the registration only on change."""
@@ -298,6 +339,7 @@ class Transport:
         self._update_mask()
 
     def _flush_timed_out(self) -> None:
+        self._why = "flush_timeout"
         log.log(self._info, "closing %s: output not drained in %g s", self._peer_text(),
                 FLUSH_TIMEOUT, extra=self._extra())
         self._close(None)
@@ -314,6 +356,7 @@ class Transport:
     def _close(self, exc: BaseException | None) -> None:
         if self._state == CLOSED:
             return
+        lingered = self._state == LINGER
         self._state = CLOSED
         if self._timer is not None:
             self._timer.cancel()
@@ -322,6 +365,9 @@ class Transport:
             self._loop.unregister(self._sock)
             self._mask = 0
         self._out = self._backlog = None
+        if not self._counted:  # the kernel's counts, while it still has them
+            self._bin, self._bout = _kernel_bytes(self._sock, self._bin, self._bout,
+                                                  lingered, bool(self._flags & EOF))
         self._sock.close()
         self._closed(exc)
 
@@ -339,3 +385,43 @@ class Transport:
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self._peer_text()} state={self._state}>"
+
+
+_TCP_INFO: Final = getattr(socket, "TCP_INFO", 0)
+_IP_FAMILIES: Final = (socket.AF_INET, socket.AF_INET6)
+#: struct tcp_info through tcpi_bytes_received (Linux 4.2): tcpi_state, and the two counts.
+_TCP_INFO_LEN: Final = 136
+_BYTES: Final = struct.Struct("=QQ")  # tcpi_bytes_acked, tcpi_bytes_received at 120
+#: tcpi_state values (include/net/tcp_states.h) in which the peer's FIN was received,
+#: and in which ours was queued; the kernel counts each FIN as a byte.
+_FIN_IN: Final = frozenset((6, 8, 9, 11))  # TIME_WAIT, CLOSE_WAIT, LAST_ACK, CLOSING
+_FIN_OUT: Final = frozenset((4, 5, 6, 9, 11))  # FIN_WAIT1, FIN_WAIT2, TIME_WAIT, LAST_ACK, CLOSING
+_TCP_CLOSE: Final = 7  # after a reset, or the last ACK: which FINs, the caller knows
+_INT: Final = struct.Struct("=i")
+
+
+def _kernel_bytes(
+    sock: _socket.socket, b_in: int, b_out: int, lingered: bool, eof: bool
+) -> tuple[int, int]:
+    """Bytes read and taken, from the kernel's TCP counters (``b_in, b_out`` if it fails).
+
+    Read: received less what waits unread; taken: acknowledged plus what waits
+    in the send queue (unsent or unacknowledged); each less its FIN.
+    """
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, _TCP_INFO_LEN)
+        fd = sock.fileno()
+        buf = bytearray(4)  # (mutable: ioctl fills it in place)
+        fcntl.ioctl(fd, termios.FIONREAD, buf)  # SIOCINQ
+        (inq,) = _INT.unpack(buf)
+        fcntl.ioctl(fd, termios.TIOCOUTQ, buf)  # SIOCOUTQ
+        (outq,) = _INT.unpack(buf)
+    except OSError:
+        return b_in, b_out
+    if len(info) < _TCP_INFO_LEN:
+        return b_in, b_out
+    acked, received = _BYTES.unpack_from(info, 120)
+    state = info[0]
+    fin_in = state in _FIN_IN or (state == _TCP_CLOSE and eof)
+    fin_out = state in _FIN_OUT or (state == _TCP_CLOSE and lingered)
+    return max(0, received - inq - fin_in), max(0, acked + outq - fin_out)

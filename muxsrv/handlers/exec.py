@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Final
 
 from ..address import format_address
 from ..handler import Conn, Handler
+from ..stats import EXEC
 from . import exec_config
 from .exec_config import ExecConfig
 from .exec_process import Child
@@ -86,11 +87,13 @@ class Slots:
     def request(self, handler: ExecHandler) -> None:
         """``handler.slot_granted()`` is called now, or when a slot frees up."""
         self._waiting.append(handler)
+        EXEC.queued += 1
         self._grant()
 
     def cancel(self, handler: ExecHandler) -> None:
         if handler in self._waiting:
             self._waiting.remove(handler)
+            EXEC.queued -= 1
 
     def release(self) -> None:
         self.running -= 1
@@ -105,6 +108,7 @@ class Slots:
         try:
             while self._waiting and self.running < self.size:
                 self.running += 1
+                EXEC.queued -= 1
                 self._waiting.popleft().slot_granted()
         finally:
             self._granting = False
@@ -201,6 +205,7 @@ class ExecHandler(Handler):
             except Refused as exc:
                 log.info("exec %s: refused (%s): %s", self._peer, exc, _shown(self._queue[0]),
                          extra={"peer": self._peer, "outcome": "refused"})
+                EXEC.finished["refused"] += 1
                 self._answer(encode_reply(ExecResult(
                     NOT_FOUND, stderr=f"muxsrv: {exc}; nothing was run\n".encode()
                 )))
@@ -226,6 +231,8 @@ class ExecHandler(Handler):
             self._next()
             return
         self._child = child
+        EXEC.started += 1
+        EXEC.running += 1
         if log.isEnabledFor(logging.INFO):
             log.info("exec %s: pid %d started: %s", self._peer, child.pid, _shown(command),
                      extra={"peer": self._peer, "pid": child.pid})
@@ -233,6 +240,11 @@ class ExecHandler(Handler):
     def _child_done(self, child: Child) -> None:
         self._child = None
         took = self._loop.time() - child.started
+        EXEC.running -= 1
+        code = child.returncode
+        EXEC.finished["timeout" if child.timed_out else "truncated" if child.truncated
+                      else "signal" if child.abandoned or code is None or code < 0
+                      else "exit_0" if code == 0 else "nonzero"] += 1
         if child.abandoned:
             log.info("exec %s: pid %d killed, client gone after %.3f s",
                      self._peer, child.pid, took,
@@ -257,6 +269,7 @@ class ExecHandler(Handler):
         self._next()
 
     def _spawn_failed(self, command: bytes, exc: Exception) -> None:
+        EXEC.finished["refused"] += 1  # (could not start: nothing ran)
         log.warning("exec %s: cannot start %s: %s", self._peer, _shown(command), exc,
                     exc_info=not isinstance(exc, OSError), extra={"peer": self._peer})
         errno_ = exc.errno if isinstance(exc, OSError) else None
