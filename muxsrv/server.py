@@ -57,7 +57,6 @@ import _socket
 import errno
 import logging
 import socket
-import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
@@ -76,6 +75,7 @@ from .limits import (
 from .listening import CannotListen, bind_addresses, bind_sockets
 from .loop import EVENT_READ, EventLoop
 from .outbound import connector_of
+from .ratelog import RateLimitedLog
 from .staged import StagedConnection
 from .stats import Stats
 from .tls import RefusalAfterHandshake
@@ -138,28 +138,6 @@ class Settings:
     udp_allow_low_ports: bool = False  # --udp-allow-low-ports
 
 
-class _RateLimitedLog:
-    """Log the first event of a kind at once, then at most one summary per second."""
-
-    def __init__(self, interval: float = 1.0) -> None:
-        self.log = limits_log
-        self.interval = interval
-        self.last = -interval
-        self.suppressed = 0
-
-    def warning(self, msg: str, *args: object, peer: Any = None) -> None:
-        now = time.monotonic()
-        if now - self.last < self.interval:
-            self.suppressed += 1
-            return
-        if self.suppressed:
-            msg += f" ({self.suppressed} more like this not logged)"
-        self.suppressed = 0
-        self.last = now
-        self.log.warning(msg, *args,
-                         extra=None if peer is None else {"peer": format_address(peer)})
-
-
 class _Listener:
     __slots__ = ("server", "sock")
 
@@ -208,11 +186,11 @@ class Server:
         self._listeners: list[_Listener] = []
         self._accept_paused = False  # since EMFILE, until an accept succeeds
         self._listening = False  # the listeners are registered with the selector
-        self._refuse_log = _RateLimitedLog()
+        self._refuse_log = RateLimitedLog(limits_log)
         #: --max-conns-per-ip: its refusals have a log line (once a second) of their own.
         self._per_ip = (AddressCounts(settings.max_conns_per_ip)
                         if settings.max_conns_per_ip > 0 else None)
-        self._per_ip_log = _RateLimitedLog()
+        self._per_ip_log = RateLimitedLog(limits_log)
         #: Asked by a connection about to read more of a large message (--max-buffered).
         self.input_budget = InputBudget(settings.max_buffered) if settings.max_buffered else None
         self._limits = LimitSweep(
@@ -416,7 +394,7 @@ class Server:
         return None
 
     def _turn_away(self, sock: _socket.socket, peer: Any, reason: str,
-                   log_to: _RateLimitedLog | None = None) -> None:
+                   log_to: RateLimitedLog | None = None) -> None:
         """Protected mode, a lock-out, an address's limit: an error frame, a lingering close."""
         (log_to or self._refuse_log).warning("refusing %s: %s", format_address(peer),
                                              reason.split(";")[0], peer=peer)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 import support
 import tls_certs
+from udp_support import FakeLoop
 
 
 @pytest.fixture
@@ -17,3 +20,11 @@ def plugin_env() -> dict[str, str]:
 def certs(tmp_path_factory: pytest.TempPathFactory) -> tls_certs.Certs:
     """A throwaway CA with server and client certificates (see tls_certs.py)."""
     return tls_certs.make_certs(tmp_path_factory.mktemp("certs"))
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeLoop]:
+    """The real loop on a fake selector and clock, for the UDP endpoint's tests."""
+    f = FakeLoop()
+    yield f
+    f.close()

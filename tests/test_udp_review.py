@@ -3,32 +3,14 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from udp_support import FakeDatagramSocket, FakeLoop
+from udp_support import A, B, C, FakeDatagramSocket, FakeLoop, endpoint
 
 from muxsrv import Conn, Handler
 from muxsrv.udp import QUEUE_ENTRY_OVERHEAD, DatagramEndpoint
 from muxsrv.udp_peers import MAX_ALLOWANCE, VALIDATION_LIFETIME
-
-A = ("127.0.0.1", 40001)
-B = ("127.0.0.1", 40002)
-C = ("127.0.0.1", 40003)
-
-
-@pytest.fixture
-def fake() -> Iterator[FakeLoop]:
-    f = FakeLoop()
-    yield f
-    f.close()
-
-
-def endpoint(fake: FakeLoop, sock: FakeDatagramSocket, **kwargs: Any) -> DatagramEndpoint:
-    ep = DatagramEndpoint(fake.loop, **kwargs)
-    ep.listen("127.0.0.1", 0, [sock])  # type: ignore[list-item]
-    return ep
 
 
 def test_sweep_survives_a_connection_lost_that_closes_a_sibling(fake: FakeLoop) -> None:

@@ -9,6 +9,12 @@ from typing import Any
 from muxsrv.codec import Buffer
 from muxsrv.loop import EventLoop
 from muxsrv.testing import FakeClock, FakeSelector, FakeSocket
+from muxsrv.udp import DatagramEndpoint
+
+#: Peers of the fake endpoint.
+A = ("127.0.0.1", 40001)
+B = ("127.0.0.1", 40002)
+C = ("127.0.0.1", 40003)
 
 
 class FakeDatagramSocket(FakeSocket):
@@ -87,3 +93,10 @@ class FakeLoop:
 
     def close(self) -> None:
         self.loop.close()
+
+
+def endpoint(fake: FakeLoop, sock: FakeDatagramSocket, **kwargs: Any) -> DatagramEndpoint:
+    """An endpoint on the fake loop, listening on ``sock``."""
+    ep = DatagramEndpoint(fake.loop, **kwargs)
+    ep.listen("127.0.0.1", 0, [sock])  # type: ignore[list-item]
+    return ep
