@@ -1,7 +1,8 @@
 """The Locust kit's end of run: --mux-admin's server figures beside Locust's, and a final --csv.
 
 Runs are Locust headless against a real muxsrv, with the admin listener a
-stand-in (tests/fake_admin.py) that serves /stats as the contract shapes it.
+stand-in (tests/fake_admin.py) whose /stats has known figures, and once the
+server's own admin port.
 This process never imports Locust.
 """
 
@@ -15,6 +16,7 @@ from pathlib import Path
 
 from fake_admin import STATS, fake_admin
 from support import ROOT, running_server
+from test_admin import admin_address
 from test_locust import LOCUST_GRACE, LOCUSTFILE, locust_command, needs_locust, run_locust, tcp
 
 
@@ -87,3 +89,23 @@ def test_a_bad_mux_admin_is_refused_at_start() -> None:
     assert proc.stderr.count("\n") == 1, proc.stderr[-2000:]
     assert proc.stderr.rstrip().endswith(
         "error: argument --mux-admin: '9998': give HOST:PORT, such as 127.0.0.1:9998")
+
+
+@needs_locust
+def test_the_figures_of_a_real_admin_port(tmp_path: Path) -> None:
+    """Bugs caught: the kit and the server's /stats disagreeing on its shape (the kit was
+    written against a stand-in), the server's count not the messages Locust sent."""
+    with running_server("--handler", "echo", "--admin-port", "0") as srv:
+        host, port = admin_address(srv)
+        run = run_locust(tmp_path, tcp(srv.host, srv.port), "--mux-admin", f"{host}:{port}",
+                         users=2, seconds=1)
+    assert run.returncode == 0 and run.failures == 0, run.describe()
+    with (tmp_path / "locust_server.csv").open(newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["Handler", "Count", "p50_us", "p90_us", "p99_us", "p999_us", "max_us"]
+    assert [row[0] for row in rows[1:]] == ["echo"], rows
+    # Every request Locust counted was answered and timed by the server (the server may
+    # have answered a few more that the run's end cut off before Locust counted them).
+    assert run.requests <= int(rows[1][1]) <= run.requests + 10, (rows, run.describe())
+    p50, p90, p99, p999, most = (float(v) for v in rows[1][2:])
+    assert 0 < p50 <= p90 <= p99 <= p999 <= most, rows
