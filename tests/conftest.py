@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -28,3 +29,11 @@ def fake() -> Iterator[FakeLoop]:
     f = FakeLoop()
     yield f
     f.close()
+
+
+@pytest.fixture(autouse=True)
+def _no_gevent_in_this_process() -> Iterator[None]:
+    """Locust runs in processes of its own: importing it here would monkey-patch this
+    process with gevent (sockets, os.read, fork) and break the tests after it."""
+    yield
+    assert "gevent" not in sys.modules, "this test imported Locust (gevent) into pytest's process"

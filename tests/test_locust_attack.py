@@ -7,6 +7,7 @@ the good users' rows keep their own request type, the attackers' are of type
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import subprocess
 from pathlib import Path
@@ -135,8 +136,12 @@ def test_a_wrong_attack_option_is_refused_with_one_line(option: str, value: str,
 
 
 def test_attack_names_take_classes_names_and_all() -> None:
-    """Parsed without Locust running (the function is plain): the names a user types."""
-    pytest.importorskip("locust")
+    """Parsed without Locust running (the function is plain): the names a user types.
+
+    Locust is looked for, not imported: importing it here would monkey-patch this
+    process with gevent (sockets, os.read, fork) for every test after this one."""
+    if importlib.util.find_spec("locust") is None:
+        pytest.skip("Locust is not installed")
     result = subprocess.run(
         [*locust_command(LOCUSTFILE)[:1], "-c",
          "from muxsrv.locust_attack import attack_names as a, ATTACKS\n"
