@@ -30,7 +30,7 @@ import errno
 import selectors
 from collections import deque
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Self
 
 from .auth import Gate
 from .codec import MAX_FRAME_LIMIT, Buffer
@@ -49,6 +49,7 @@ if TYPE_CHECKING:  # at run time through __getattr__ (muxsrv.checks imports this
 
 __all__ = [
     "FakeClock",
+    "FakeLoop",
     "FakeSelector",
     "FakeSocket",
     "HandlerCheckFailed",
@@ -269,7 +270,52 @@ class FakeSelector(selectors.BaseSelector):
         self._keys.clear()
 
 
-class Harness:
+class FakeLoop:
+    """The real :class:`EventLoop` on a :class:`FakeSelector` and a :class:`FakeClock`.
+
+    ``run`` turns it until nothing more can happen without time passing;
+    ``advance`` lets time pass, firing timers on the way.  :class:`Harness`
+    is one with a connection on it; on its own it drives anything else a test
+    puts on the loop (the UDP endpoint, outbound connections).
+    """
+
+    def __init__(self, clock: FakeClock | None = None) -> None:
+        self.clock = clock if clock is not None else FakeClock()
+        self.selector = FakeSelector(self.clock)
+        self.loop = EventLoop(selector=self.selector, clock=self.clock)
+
+    def run(self, max_turns: int = 1_000_000) -> int:
+        """Turn the loop until nothing more happens without time passing; the turns."""
+        for turn in range(1, max_turns + 1):
+            self.loop.run_once()
+            if self.selector.settled:
+                return turn
+        raise AssertionError(f"the loop did not settle in {max_turns} turns")
+
+    def turn(self) -> None:
+        """Exactly one turn of the loop (a wake-up), with no waiting."""
+        self.loop.run_once(max_wait=0)
+
+    def advance(self, seconds: float) -> None:
+        """Let ``seconds`` pass, firing timers on the way, then settle."""
+        self.selector.until = self.clock.now + seconds
+        try:
+            self.run()
+        finally:
+            self.selector.until = None
+
+    def close(self) -> None:
+        """Release the loop (its wake-up socket pair)."""
+        self.loop.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Harness(FakeLoop):
     """One real :class:`Connection` on a real loop, over a fake socket and clock.
 
     Give it a handler class (or any factory of handler instances), or a
@@ -294,9 +340,7 @@ class Harness:
     ) -> None:
         if (handler is None) == (function is None):
             raise TypeError("Harness takes a handler factory or a function, not both")
-        self.clock = clock if clock is not None else FakeClock()
-        self.selector = FakeSelector(self.clock)
-        self.loop = EventLoop(selector=self.selector, clock=self.clock)
+        super().__init__(clock)
         self.sock = FakeSocket(peer)
         #: How many times the connection told its owner it closed (0 or 1).
         self.closed = 0
@@ -348,35 +392,6 @@ class Harness:
     def peer_sends(self, *segments: bytes) -> None:
         self.sock.peer_sends(*segments)
 
-    def run(self, max_turns: int = 1_000_000) -> int:
-        """Turn the loop until nothing more happens without time passing; the turns."""
-        for turn in range(1, max_turns + 1):
-            self.loop.run_once()
-            if self.selector.settled:
-                return turn
-        raise AssertionError(f"the loop did not settle in {max_turns} turns")
-
-    def turn(self) -> None:
-        """Exactly one turn of the loop (a wake-up), with no waiting."""
-        self.loop.run_once(max_wait=0)
-
-    def advance(self, seconds: float) -> None:
-        """Let ``seconds`` pass, firing timers on the way, then settle."""
-        self.selector.until = self.clock.now + seconds
-        try:
-            self.run()
-        finally:
-            self.selector.until = None
-
-    def close(self) -> None:
-        """Release the loop (its wake-up socket pair)."""
-        self.loop.close()
-
-    def __enter__(self) -> Harness:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     # -- what the peer got -----------------------------------------------------
 

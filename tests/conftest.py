@@ -8,7 +8,8 @@ from collections.abc import Iterator
 import pytest
 import support
 import tls_certs
-from udp_support import FakeLoop
+
+from muxsrv.testing import FakeLoop
 
 
 @pytest.fixture

@@ -7,8 +7,7 @@ from collections import deque
 from typing import Any
 
 from muxsrv.codec import Buffer
-from muxsrv.loop import EventLoop
-from muxsrv.testing import FakeClock, FakeSelector, FakeSocket
+from muxsrv.testing import FakeLoop, FakeSocket
 from muxsrv.udp import DatagramEndpoint
 
 #: Peers of the fake endpoint.
@@ -62,37 +61,6 @@ class FakeDatagramSocket(FakeSocket):
             self.capacity -= len(data)
         self.sent_to.append((data, address))
         return len(data)
-
-
-class FakeLoop:
-    """An EventLoop on a FakeSelector and FakeClock."""
-
-    def __init__(self) -> None:
-        self.clock = FakeClock()
-        self.selector = FakeSelector(self.clock)
-        self.loop = EventLoop(selector=self.selector, clock=self.clock)
-
-    def turn(self) -> None:
-        self.loop.run_once(max_wait=0)
-
-    def run(self, max_turns: int = 10_000) -> int:
-        """Turns until nothing more can happen without time passing; how many."""
-        for turns in range(1, max_turns + 1):
-            self.loop.run_once()
-            if self.selector.settled:
-                return turns
-        raise AssertionError("the loop did not settle")
-
-    def advance(self, seconds: float) -> None:
-        """Let ``seconds`` pass, firing timers on the way, then settle."""
-        self.selector.until = self.clock.now + seconds
-        try:
-            self.run()
-        finally:
-            self.selector.until = None
-
-    def close(self) -> None:
-        self.loop.close()
 
 
 def endpoint(fake: FakeLoop, sock: FakeDatagramSocket, **kwargs: Any) -> DatagramEndpoint:
